@@ -1,0 +1,105 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders", arXiv 2412.06410).
+
+  z = (x − b_dec) W_enc + b_enc,  r = ReLU(z)
+  training:   f = r · 1[r ≥ τ_batch], τ_batch the (k·batch)-th largest entry of r over the whole batch
+  inference:  f = r · 1[r > θ], θ = EMA of the smallest kept activation (τ_batch) during training (§3)
+  loss = ‖x − x̂‖² + α L_aux (AuxK as in TopK, α = 1/32)
+
+So the batch, not each token, has k·batch active latents: L0 averages k but varies per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sae.architectures.base import (
+    Forward,
+    Params,
+    UnitNormDecoder,
+    auxk_loss,
+    exact_top_k,
+    preacts,
+    squared_error,
+    tied_init,
+)
+
+
+def kth_largest_nonnegative(r: jax.Array, n: int) -> jax.Array:
+    """Exact n-th largest entry of a non-negative array, by bisection on its float32 bit pattern
+    (monotone for non-negative floats): 31 counting passes, no sort."""
+    bits = jax.lax.bitcast_convert_type(r.astype(jnp.float32), jnp.int32)
+
+    def body(_, lo_hi):
+        lo, hi = lo_hi  # invariant: count(bits >= lo) >= n > count(bits >= hi)
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(bits >= mid) >= n
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 31, body, (jnp.int32(0), jnp.int32(0x7F800001)))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def batch_threshold(r: jax.Array, k: int) -> jax.Array:
+    """τ: the (k·batch)-th largest entry of r: [batch, d_sae] (non-negative), exactly.
+
+    Bisects over each row's top-4k candidates, which is exact unless some row holds more than 4k of
+    the batch's top entries; that is checked, and the whole array is bisected in that rare case.
+    """
+    n = k * r.shape[0]
+    n_candidates = min(4 * k, r.shape[1])
+    candidates, _ = exact_top_k(r, n_candidates)
+    tau = kth_largest_nonnegative(candidates, n)
+    last = candidates[:, -1]
+    exact = (n_candidates == r.shape[1]) | jnp.all((last < tau) | (last == 0))
+    return jax.lax.cond(exact, lambda: tau, lambda: kth_largest_nonnegative(r, n))
+
+
+def update_threshold(threshold: jax.Array, tau: jax.Array, decay: float) -> jax.Array:
+    """EMA of the batch threshold; the first batch (threshold < 0: unset) sets it."""
+    return jnp.where(threshold < 0, tau, decay * threshold + (1 - decay) * tau)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchTopK(UnitNormDecoder):
+    def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
+        return tied_init(key, self.d_sae, self.d_in, b_dec)
+
+    def init_buffers(self):
+        return {"threshold": jnp.array(-1.0)}
+
+    def encode(self, params, x, buffers):
+        r = jax.nn.relu(preacts(params, x, pre_bias=True))
+        return r * (r > buffers["threshold"])
+
+    def batch_code(self, params, buffers, x):
+        """(f: [batch, d_sae] with k·batch active entries, z stop-gradient, updated buffers)."""
+        z = preacts(params, x, pre_bias=True)
+        r = jax.nn.relu(z)
+        tau = batch_threshold(jax.lax.stop_gradient(r), self.cfg.k)
+        f = r * ((r >= tau) & (r > 0))
+        threshold = update_threshold(buffers["threshold"], tau, self.cfg.threshold_ema_decay)
+        return f, jax.lax.stop_gradient(z), {**buffers, "threshold": threshold}
+
+    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+        f, z, buffers = self.batch_code(params, buffers, x)
+        x_hat = self.decode(params, f)
+        return dense_topk_family_loss(self, params, buffers, x, x_hat, z, f, dead, {})
+
+
+def dense_topk_family_loss(sae, params, buffers, x, x_hat, z, f, dead, extra_terms) -> Forward:
+    """‖x − x̂‖² (+ extra terms) + α·AuxK for a dense code f: [batch, d_sae]."""
+    mse = squared_error(x, x_hat)
+    aux = auxk_loss(params, x, x_hat, z, dead, sae.cfg.k_aux or sae.d_in // 2, pre_bias=True)
+    loss = sum(extra_terms.values(), mse) + sae.cfg.aux_coefficient * aux
+    active = f > 0
+    return Forward(
+        loss=loss,
+        x_hat=x_hat,
+        fired=jnp.any(active, axis=0),
+        l0=jnp.mean(jnp.sum(active, axis=-1)),
+        terms={"mse_loss": mse, "auxk_loss": aux, **extra_terms},
+        buffers=buffers,
+    )

@@ -1,0 +1,42 @@
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka
+Sparse Autoencoders", arXiv 2503.17547; Nabeshima 2024).
+
+BatchTopK activations f (see `batchtopk`), and the dictionary split into nested prefixes
+m₁ < m₂ < … < m_G = d_sae, each of which must reconstruct x on its own:
+
+  loss = Σ_g ‖x − (f_{:m_g} W_dec,{:m_g} + b_dec)‖² + α L_aux
+
+The prefix reconstructions are running sums of the groups' contributions, so the decoder costs one
+dense matmul in all. Early latents learn general features, later ones refinements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from sae.architectures.base import Forward, squared_error
+from sae.architectures.batchtopk import BatchTopK, dense_topk_family_loss
+
+
+def prefix_sizes(prefixes: list[int] | tuple[int, ...], d_sae: int) -> tuple[int, ...]:
+    """The nested prefix sizes, ending at d_sae; default (empty): d_sae/16, /8, /4, /2, d_sae."""
+    sizes = tuple(prefixes) or tuple(d_sae // 2**i for i in (4, 3, 2, 1) if d_sae // 2**i > 0)
+    return tuple(s for s in sizes if s < d_sae) + (d_sae,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Matryoshka(BatchTopK):
+    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+        f, z, buffers = self.batch_code(params, buffers, x)
+        x_hat = params["b_dec"]
+        prefix_losses = []
+        start = 0
+        for end in prefix_sizes(self.cfg.prefixes, self.d_sae):
+            x_hat = x_hat + f[:, start:end] @ params["W_dec"][start:end]
+            prefix_losses.append(squared_error(x, x_hat))
+            start = end
+        # The full-dictionary term is the usual mse_loss; the smaller prefixes add their own.
+        nested = {"prefix_loss": sum(prefix_losses[:-1], jnp.zeros(()))}
+        return dense_topk_family_loss(self, params, buffers, x, x_hat, z, f, dead, nested)

@@ -1,0 +1,51 @@
+"""ReLU SAE with L1 penalty and unit-norm decoder (Bricken et al. 2023, "Towards Monosemanticity").
+
+  f = ReLU((x − b_dec) W_enc + b_enc)
+  loss = ‖x − x̂‖² + λ ‖f‖₁
+
+Decoder rows are kept at unit norm: the gradient component parallel to each row is removed before
+the update, and rows are renormalised after it. b_dec starts at the geometric median of a sample;
+W_enc = W_decᵀ at init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sae.architectures.base import Forward, Params, UnitNormDecoder, preacts, squared_error, tied_init
+
+
+@dataclasses.dataclass(frozen=True)
+class ReLU(UnitNormDecoder):
+    def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
+        return tied_init(key, self.d_sae, self.d_in, b_dec)
+
+    def encode(self, params, x, buffers):
+        return jax.nn.relu(preacts(params, x, pre_bias=True))
+
+    @property
+    def sparsity_coefficient(self) -> float:
+        return self.cfg.l1_coefficient
+
+    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+        f = self.encode(params, x, buffers)
+        x_hat = self.decode(params, f)
+        return l1_loss(x, x_hat, f, jnp.sum(f, axis=-1), sparsity_coefficient, buffers)
+
+
+def l1_loss(x, x_hat, f, penalty_per_token, coefficient, buffers) -> Forward:
+    """‖x − x̂‖² + λ·mean(penalty_per_token) for the L1 families."""
+    mse = squared_error(x, x_hat)
+    l1 = jnp.mean(penalty_per_token)
+    active = f > 0
+    return Forward(
+        loss=mse + coefficient * l1,
+        x_hat=x_hat,
+        fired=jnp.any(active, axis=0),
+        l0=jnp.mean(jnp.sum(active, axis=-1)),
+        terms={"mse_loss": mse, "l1_loss": l1},
+        buffers=buffers,
+    )

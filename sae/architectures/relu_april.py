@@ -1,0 +1,39 @@
+"""ReLU SAE, Anthropic's April 2024 recipe (Circuits Updates, April 2024; SAELens "standard",
+dictionary_learning's StandardTrainerAprilUpdate).
+
+  f = ReLU(x W_enc + b_enc)                    (no pre-bias)
+  loss = ‖x − x̂‖² + λ Σ_i f_i ‖W_dec,i‖        (decoder norms inside the penalty, no constraint)
+
+Init: W_dec rows random with norm 0.1, W_enc = W_decᵀ, biases 0. The recipe's other parts live in the
+trainer and config: inputs scaled so E‖x‖ = √d_in (`sae.normalize_activations`), λ warmed up over the
+first 5%, lr decayed linearly to 0 over the last 20%, gradient norm clipped at 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sae.architectures.base import SAE, Forward, Params, preacts, tied_init
+from sae.architectures.relu import l1_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class ReLUApril(SAE):
+    def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
+        return tied_init(key, self.d_sae, self.d_in, jnp.zeros_like(b_dec), row_norm=0.1)
+
+    def encode(self, params, x, buffers):
+        return jax.nn.relu(preacts(params, x, pre_bias=False))
+
+    @property
+    def sparsity_coefficient(self) -> float:
+        return self.cfg.l1_coefficient
+
+    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+        f = self.encode(params, x, buffers)
+        x_hat = self.decode(params, f)
+        penalty = f @ jnp.linalg.norm(params["W_dec"], axis=-1)
+        return l1_loss(x, x_hat, f, penalty, sparsity_coefficient, buffers)

@@ -1,0 +1,64 @@
+"""TopK SAE with AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093).
+
+  z = (x − b_dec) W_enc + b_enc                          (eq. 2's pre-activations, pre-bias b_dec)
+  f = TopK(ReLU(z))                                      keeps the k largest per token (eq. 3)
+  loss = ‖x − x̂‖² + α L_aux,  α = 1/32                   (§2.4 and §A.2)
+  L_aux = ‖e − ê‖², e = x − x̂, ê = W_decᵀ TopK_aux(z_dead)  (k_aux dead latents)
+
+Tied init W_enc = W_decᵀ, unit-norm decoder rows (gradient projected, rows renormalised after each
+step), b_dec from the geometric median of a data sample. Only k latents per token are touched in the
+backward pass (see `base.sparse_preacts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sae.architectures.base import (
+    Forward,
+    Params,
+    UnitNormDecoder,
+    auxk_loss,
+    decode_sparse,
+    exact_top_k,
+    fired_from_indices,
+    preacts,
+    scatter_dense,
+    sparse_preacts,
+    squared_error,
+    tied_init,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(UnitNormDecoder):
+    def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
+        return tied_init(key, self.d_sae, self.d_in, b_dec)
+
+    def encode(self, params, x, buffers):
+        vals, idx = exact_top_k(jax.nn.relu(preacts(params, x, pre_bias=True)), self.cfg.k)
+        return scatter_dense(vals, idx, self.d_sae)
+
+    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+        z = jax.lax.stop_gradient(preacts(params, x, pre_bias=True))
+        _, idx = exact_top_k(jax.nn.relu(z), self.cfg.k)
+        vals = jax.nn.relu(sparse_preacts(params, x, idx, pre_bias=True))
+        x_hat = decode_sparse(params, vals, idx)
+        return topk_family_loss(self, params, buffers, x, x_hat, z, vals, idx, dead)
+
+
+def topk_family_loss(sae, params, buffers, x, x_hat, z, vals, idx, dead) -> Forward:
+    """Assemble ‖x − x̂‖² + α·AuxK for TopK-style codes given as (vals, idx): [batch, k]."""
+    mse = squared_error(x, x_hat)
+    aux = auxk_loss(params, x, x_hat, z, dead, sae.cfg.k_aux or sae.d_in // 2, pre_bias=True)
+    return Forward(
+        loss=mse + sae.cfg.aux_coefficient * aux,
+        x_hat=x_hat,
+        fired=fired_from_indices(vals, idx, sae.d_sae),
+        l0=jnp.mean(jnp.sum(vals > 0, axis=-1)),
+        terms={"mse_loss": mse, "auxk_loss": aux},
+        buffers=buffers,
+    )

@@ -1,0 +1,232 @@
+"""Typed config schemas (Hydra ConfigStore) and the checks on their values.
+
+Each group's yaml in conf/ extends one of these dataclasses, so a misspelt key or a wrong type fails
+when Hydra composes the config; `check` then rejects impossible values with a `ConfigError` that
+names the field. The same dataclasses drive a run from a notebook without Hydra.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the field and what was expected."""
+
+
+# --- sae -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SAEConfig:
+    name: str = MISSING
+    d_sae: int = 1024
+    normalize_activations: bool = False  # scale inputs so E‖x‖ = √d_in (folded into weights at export)
+
+
+@dataclass
+class ReLUConfig(SAEConfig):
+    l1_coefficient: float = 1.0
+
+
+@dataclass
+class GatedConfig(ReLUConfig):
+    pass
+
+
+@dataclass
+class TopKConfig(SAEConfig):
+    k: int = 32
+    k_aux: Optional[int] = None  # None: d_in // 2 (Gao et al.)
+    aux_coefficient: float = 1.0 / 32
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    threshold_ema_decay: float = 0.999
+
+
+@dataclass
+class MatryoshkaConfig(BatchTopKConfig):
+    prefixes: list[int] = field(default_factory=list)  # empty: d_sae/16, /8, /4, /2, d_sae
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    l0_coefficient: float = 1.0
+    threshold_init: float = 0.001
+    bandwidth: float = 0.001
+
+
+SAE_SCHEMAS = {
+    "relu": ReLUConfig,
+    "relu_april": ReLUConfig,
+    "topk": TopKConfig,
+    "batchtopk": BatchTopKConfig,
+    "jumprelu": JumpReLUConfig,
+    "gated": GatedConfig,
+    "matryoshka": MatryoshkaConfig,
+}
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    eval_tokens: int = 65536  # held-out tokens for the final evaluation
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    """Sparse non-negative combinations of ground-truth unit directions (see sae/data/synthetic.py)."""
+
+    d_in: int = 64
+    n_features: int = 512
+    mean_active: float = 6.0  # expected number of active features per token
+    probability_decay: float = 0.5  # feature i fires with probability ∝ (i + 1)^(−decay)
+    magnitude_mean: float = 1.0
+    magnitude_std: float = 0.25
+    n_correlated_groups: int = 0
+    group_size: int = 4
+    group_correlation: float = 0.0  # 0..1: how often a group's members fire together
+    noise_std: float = 0.0
+
+
+@dataclass
+class ArraysConfig(DataConfig):
+    path: str = MISSING  # a [n_tokens, d_in] float16/float32 .npy file
+
+
+# --- optimiser and trainer --------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    lr: Optional[float] = None  # None: 2e-4/√(d_sae/2¹⁴) for the TopK family, 1e-3 otherwise
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_fraction: float = 0.01  # linear lr warm-up over this fraction of steps
+    decay_fraction: float = 0.2  # linear lr decay to 0 over this final fraction of steps
+    grad_clip: Optional[float] = 1.0  # global-norm clipping; None disables
+    sparsity_warmup_fraction: float = 0.05  # λ warmed up linearly over this fraction of steps
+
+
+@dataclass
+class TrainerConfig:
+    total_tokens: int = 20_000_000
+    batch_size: int = 4096
+    log_every: int = 50  # steps between console / metrics.jsonl lines
+    dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
+    geometric_median_samples: int = 4096
+
+
+@dataclass
+class Config:
+    sae: Any = MISSING
+    data: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+
+
+def register() -> None:
+    """Register the schemas so conf/**.yaml can extend them (`defaults: [<name>_schema]`)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for name, schema in SAE_SCHEMAS.items():
+        cs.store(group="sae", name=f"{name}_schema", node=schema)
+    cs.store(group="data", name="synthetic_schema", node=SyntheticConfig)
+    cs.store(group="data", name="arrays_schema", node=ArraysConfig)
+
+
+# --- value checks ------------------------------------------------------------------------------
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(value: float, key: str) -> None:
+    _require(value is not None and value > 0 and math.isfinite(value), f"{key}={value} must be a positive number")
+
+
+def _fraction(value: float, key: str) -> None:
+    _require(0 <= value <= 1, f"{key}={value} must be a fraction in [0, 1]")
+
+
+def check(cfg: Config, d_in: int) -> None:
+    """Reject impossible values; `d_in` comes from the data. Raises ConfigError naming the field."""
+    sae, data, optim, trainer = cfg.sae, cfg.data, cfg.optim, cfg.trainer
+    _require(sae.name in SAE_SCHEMAS, f"sae.name={sae.name!r} is not one of {sorted(SAE_SCHEMAS)}")
+    _require(type(sae) is SAE_SCHEMAS[sae.name], f"sae.name={sae.name!r} does not match its schema")
+    _positive(sae.d_sae, "sae.d_sae")
+    for key in ("l1_coefficient", "l0_coefficient"):
+        if hasattr(sae, key):
+            _require(getattr(sae, key) >= 0, f"sae.{key}={getattr(sae, key)} must be ≥ 0")
+    if isinstance(sae, TopKConfig):
+        _require(0 < sae.k <= sae.d_sae, f"sae.k={sae.k} must be in 1..sae.d_sae={sae.d_sae}")
+        _require(sae.k_aux is None or 0 < sae.k_aux <= sae.d_sae,
+                 f"sae.k_aux={sae.k_aux} must be null or in 1..sae.d_sae={sae.d_sae}")
+        _require(sae.aux_coefficient >= 0, f"sae.aux_coefficient={sae.aux_coefficient} must be ≥ 0")
+    if isinstance(sae, BatchTopKConfig):
+        _require(0 <= sae.threshold_ema_decay < 1,
+                 f"sae.threshold_ema_decay={sae.threshold_ema_decay} must be in [0, 1)")
+    if isinstance(sae, MatryoshkaConfig):
+        p = list(sae.prefixes)
+        _require(all(0 < a < b for a, b in zip([0] + p, p)) and (not p or p[-1] <= sae.d_sae),
+                 f"sae.prefixes={p} must be strictly increasing positive sizes ≤ sae.d_sae={sae.d_sae}")
+    if isinstance(sae, JumpReLUConfig):
+        _positive(sae.bandwidth, "sae.bandwidth")
+        _positive(sae.threshold_init, "sae.threshold_init")
+
+    _positive(d_in, "data d_in")
+    _require(data.eval_tokens > 0, f"data.eval_tokens={data.eval_tokens} must be > 0")
+    if isinstance(data, SyntheticConfig):
+        _positive(data.n_features, "data.n_features")
+        _require(0 < data.mean_active <= data.n_features,
+                 f"data.mean_active={data.mean_active} must be in (0, data.n_features={data.n_features}]")
+        _require(data.probability_decay >= 0, f"data.probability_decay={data.probability_decay} must be ≥ 0")
+        _require(data.magnitude_std >= 0, f"data.magnitude_std={data.magnitude_std} must be ≥ 0")
+        _require(data.noise_std >= 0, f"data.noise_std={data.noise_std} must be ≥ 0")
+        _fraction(data.group_correlation, "data.group_correlation")
+        _require(data.n_correlated_groups >= 0 and data.group_size > 0
+                 and data.n_correlated_groups * data.group_size <= data.n_features,
+                 f"data.n_correlated_groups={data.n_correlated_groups} × data.group_size={data.group_size} "
+                 f"must be ≤ data.n_features={data.n_features}")
+
+    if optim.lr is not None:
+        _positive(optim.lr, "optim.lr")
+    _fraction(optim.beta1, "optim.beta1")
+    _fraction(optim.beta2, "optim.beta2")
+    _positive(optim.eps, "optim.eps")
+    _fraction(optim.warmup_fraction, "optim.warmup_fraction")
+    _fraction(optim.decay_fraction, "optim.decay_fraction")
+    _require(optim.warmup_fraction + optim.decay_fraction <= 1,
+             "optim.warmup_fraction + optim.decay_fraction must be ≤ 1")
+    _fraction(optim.sparsity_warmup_fraction, "optim.sparsity_warmup_fraction")
+    if optim.grad_clip is not None:
+        _positive(optim.grad_clip, "optim.grad_clip")
+
+    _positive(trainer.batch_size, "trainer.batch_size")
+    _require(trainer.total_tokens >= trainer.batch_size,
+             f"trainer.total_tokens={trainer.total_tokens} must be ≥ trainer.batch_size={trainer.batch_size}")
+    _positive(trainer.log_every, "trainer.log_every")
+    _positive(trainer.dead_tokens, "trainer.dead_tokens")
+    _positive(trainer.geometric_median_samples, "trainer.geometric_median_samples")
+
+
+def default_lr(sae: SAEConfig) -> float:
+    """Gao et al. / sparsify rule for the TopK family: 2e-4 / √(d_sae / 2¹⁴); 1e-3 otherwise."""
+    if sae.name in TOPK_FAMILY:
+        return 2e-4 / math.sqrt(sae.d_sae / 2**14)
+    return 1e-3
