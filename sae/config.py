@@ -8,7 +8,7 @@ names the field. The same dataclasses drive a run from a notebook without Hydra.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 @dataclass
 class SAEConfig:
     name: str = MISSING
-    d_sae: int = 1024
+    d_sae: int = 512
     normalize_activations: bool = False  # scale inputs so E‖x‖ = √d_in (folded into weights at export)
 
 
@@ -41,7 +41,7 @@ class GatedConfig(ReLUConfig):
 
 @dataclass
 class TopKConfig(SAEConfig):
-    k: int = 32
+    k: int = 6
     k_aux: Optional[int] = None  # None: d_in // 2 (Gao et al.)
     aux_coefficient: float = 1.0 / 32
 
@@ -89,7 +89,7 @@ class SyntheticConfig(DataConfig):
     """Sparse non-negative combinations of ground-truth unit directions (see sae/data/synthetic.py)."""
 
     d_in: int = 64
-    n_features: int = 512
+    n_features: int = 256
     mean_active: float = 6.0  # expected number of active features per token
     probability_decay: float = 0.5  # feature i fires with probability ∝ (i + 1)^(−decay)
     magnitude_mean: float = 1.0
@@ -122,7 +122,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    total_tokens: int = 20_000_000
+    total_tokens: int = 4_000_000
     batch_size: int = 4096
     log_every: int = 50  # steps between console / metrics.jsonl lines
     dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
@@ -230,3 +230,8 @@ def default_lr(sae: SAEConfig) -> float:
     if sae.name in TOPK_FAMILY:
         return 2e-4 / math.sqrt(sae.d_sae / 2**14)
     return 1e-3
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain dict of a config (for cfg.json metadata and logs)."""
+    return asdict(cfg)

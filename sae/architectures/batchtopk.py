@@ -45,16 +45,34 @@ def kth_largest_nonnegative(r: jax.Array, n: int) -> jax.Array:
 def batch_threshold(r: jax.Array, k: int) -> jax.Array:
     """τ: the (k·batch)-th largest entry of r: [batch, d_sae] (non-negative), exactly.
 
-    Bisects over each row's top-4k candidates, which is exact unless some row holds more than 4k of
-    the batch's top entries; that is checked, and the whole array is bisected in that rare case.
+    Bisects over each row's top-4k candidates. A row whose 4k-th candidate reaches that τ may hold
+    more of the batch's top entries than it offered ("overflows"): up to batch/32 such rows join the
+    pool in full (their candidates dropped) and τ is recomputed; beyond that the whole array is
+    bisected. A row not overflowing at τ cannot overflow at the recomputed τ' ≥ τ, so each is exact.
     """
-    n = k * r.shape[0]
-    n_candidates = min(4 * k, r.shape[1])
+    batch, d_sae = r.shape
+    n = k * batch
+    n_candidates = min(4 * k, d_sae)
     candidates, _ = exact_top_k(r, n_candidates)
     tau = kth_largest_nonnegative(candidates, n)
+    if n_candidates == d_sae:
+        return tau
     last = candidates[:, -1]
-    exact = (n_candidates == r.shape[1]) | jnp.all((last < tau) | (last == 0))
-    return jax.lax.cond(exact, lambda: tau, lambda: kth_largest_nonnegative(r, n))
+    overflow = (last >= tau) & (last > 0)
+    n_overflow = jnp.sum(overflow)
+    max_rows = max(1, batch // 32)
+
+    def with_full_rows():
+        _, rows = jax.lax.top_k(overflow.astype(jnp.float32), max_rows)  # the overflowing rows first
+        valid = overflow[rows]
+        pool = jnp.concatenate([
+            jnp.where(overflow[:, None], 0.0, candidates).reshape(-1),
+            jnp.where(valid[:, None], r[rows], 0.0).reshape(-1),
+        ])
+        return kth_largest_nonnegative(pool, n)
+
+    branch = jnp.where(n_overflow == 0, 0, jnp.where(n_overflow <= max_rows, 1, 2))
+    return jax.lax.switch(branch, [lambda: tau, with_full_rows, lambda: kth_largest_nonnegative(r, n)])
 
 
 def update_threshold(threshold: jax.Array, tau: jax.Array, decay: float) -> jax.Array:
@@ -80,7 +98,12 @@ class BatchTopK(UnitNormDecoder):
         r = jax.nn.relu(z)
         tau = batch_threshold(jax.lax.stop_gradient(r), self.cfg.k)
         f = r * ((r >= tau) & (r > 0))
-        threshold = update_threshold(buffers["threshold"], tau, self.cfg.threshold_ema_decay)
+        # θ tracks the smallest kept activation: τ itself, except when fewer than k·batch entries are
+        # positive (τ = 0, all positives kept), then the smallest positive one (0 if none), as in
+        # dictionary_learning's BatchTopK trainer.
+        smallest = jnp.min(jnp.where(f > 0, jax.lax.stop_gradient(f), jnp.inf))
+        kept_min = jnp.where(jnp.isfinite(smallest), smallest, 0.0)
+        threshold = update_threshold(buffers["threshold"], kept_min, self.cfg.threshold_ema_decay)
         return f, jax.lax.stop_gradient(z), {**buffers, "threshold": threshold}
 
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:

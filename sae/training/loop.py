@@ -1,0 +1,129 @@
+"""The training loop: wires a data source, an architecture and the train step; logs and evaluates.
+
+`train(cfg, out_dir)` is what `sae-train` runs; it needs no Hydra, so notebooks call it directly.
+Writes under out_dir: metrics.jsonl (one line per log interval), metrics.json (final held-out
+evaluation), sae/ (SAELens-format export), ground_truth.npy (synthetic data only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae import config as config_lib
+from sae.architectures import make_sae
+from sae.data import make_source
+from sae.evals import evaluate
+from sae.export import export_sae
+from sae.training.geometric_median import geometric_median
+from sae.training.step import init_state, make_optimizer, make_train_step
+
+
+def _format_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _format_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class ProgressLog:
+    """Console line and metrics.jsonl record per log interval, from metrics already on the host."""
+
+    def __init__(self, path: Path, n_steps: int, batch_size: int):
+        self.file = path.open("w")
+        self.n_steps, self.batch_size = n_steps, batch_size
+        self.start = time.perf_counter()
+        self.first: tuple[int, float] | None = None  # (step, time) after compilation
+
+    def write(self, step: int, metrics: dict) -> None:
+        now = time.perf_counter()
+        tokens = step * self.batch_size
+        if self.first is None:
+            self.first = (step, now)
+            rate = float("nan")
+        else:
+            rate = (step - self.first[0]) * self.batch_size / max(now - self.first[1], 1e-9)
+        record = {"step": step, "tokens": tokens, **{k: float(v) for k, v in metrics.items()}, "tokens_per_s": rate}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        eta = (self.n_steps - step) * self.batch_size / rate if rate == rate and rate > 0 else float("nan")
+        print(
+            f"step {step}/{self.n_steps} | tokens {_format_count(tokens)}/{_format_count(self.n_steps * self.batch_size)}"
+            f" | {_format_count(rate) if rate == rate else '-'} tok/s"
+            f" | ETA {_format_seconds(eta) if eta == eta else '-'}"
+            f" | loss {record['loss']:.4g} | L0 {record['l0']:.2f} | FVU {record['fvu']:.4f}"
+            f" | dead {100 * record['dead_fraction']:.1f}%",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def input_scale_for(sample: jax.Array, normalize: bool) -> float:
+    """Factor making E‖x‖ = √d_in (Anthropic April 2024 update), or 1."""
+    if not normalize:
+        return 1.0
+    return float(math.sqrt(sample.shape[-1]) / jnp.mean(jnp.linalg.norm(sample, axis=-1)))
+
+
+def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
+    """Train an SAE as configured; returns the final metrics (also written to out_dir/metrics.json)."""
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = cfg.trainer
+    source = make_source(cfg.data, trainer.batch_size, cfg.seed)
+    config_lib.check(cfg, source.d_in)
+    sae = make_sae(cfg.sae, source.d_in)
+    n_steps = trainer.total_tokens // trainer.batch_size
+    lr = cfg.optim.lr if cfg.optim.lr is not None else config_lib.default_lr(cfg.sae)
+
+    sample = source.sample(trainer.geometric_median_samples, cfg.seed)
+    input_scale = input_scale_for(sample, cfg.sae.normalize_activations)
+    params = sae.init_params(jax.random.PRNGKey(cfg.seed), geometric_median(sample * input_scale))
+    tx, schedule = make_optimizer(cfg.optim, lr, n_steps)
+    state = init_state(sae, params, tx, input_scale)
+    train_step = make_train_step(
+        sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens
+    )
+    if source.ground_truth is not None:
+        np.save(out_dir / "ground_truth.npy", np.asarray(source.ground_truth))
+
+    print(f"training {cfg.sae.name} SAE: d_in={sae.d_in} d_sae={sae.d_sae} lr={lr:.3g} "
+          f"steps={n_steps} batch={trainer.batch_size} -> {out_dir}", flush=True)
+    log = ProgressLog(out_dir / "metrics.jsonl", n_steps, trainer.batch_size)
+    pending = None  # (step, device metrics) of the last log step, fetched one step later
+    for step, x in enumerate(source.train_batches(trainer.batch_size, n_steps, cfg.seed), start=1):
+        state, metrics = train_step(state, x)
+        if pending is not None:
+            log.write(pending[0], jax.device_get(pending[1]))
+            pending = None
+        if step % trainer.log_every == 0 or step == n_steps:
+            pending = (step, metrics)
+    if pending is not None:
+        log.write(pending[0], jax.device_get(pending[1]))
+    log.close()
+
+    results = evaluate(sae, state.params, state.buffers, state.input_scale,
+                       source.eval_batches(trainer.batch_size), source.ground_truth)
+    results["dead_fraction"] = float(jnp.mean(state.tokens_since_fired >= trainer.dead_tokens))
+    results["architecture"] = cfg.sae.name
+    results["tokens"] = n_steps * trainer.batch_size
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    export_sae(out_dir / "sae", sae, state.params, state.buffers, float(state.input_scale),
+               metadata={"config": config_lib.to_dict(cfg)})
+    summary = {k: results[k] for k in ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "mmcs",
+                                       "recovered_fraction") if k in results}
+    print("final (held-out): " + " | ".join(f"{k} {v:.4g}" for k, v in summary.items()), flush=True)
+    return results

@@ -1,0 +1,80 @@
+"""Time the train step of each SAE family against one dense encoder matmul, in the same run.
+
+  python scripts/benchmark.py --arch topk --d-in 512 --d-sae 8192 --batch 4096 --k 32 --steps 10
+
+Prints one JSON line per architecture: arch, tokens_per_s, step_s (median), matmul_s (median time of
+one float32 [batch, d_in] × [d_in, d_sae] matmul, the floor of any step) and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from sae.architectures import make_sae
+from sae.config import SAE_SCHEMAS, OptimConfig, TopKConfig
+from sae.training.step import init_state, make_optimizer, make_train_step
+
+
+def median_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int) -> dict:
+    cfg = SAE_SCHEMAS[arch](name=arch, d_sae=d_sae)
+    if isinstance(cfg, TopKConfig):
+        cfg.k = k
+    sae = make_sae(cfg, d_in)
+    key_x, key_p = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(key_x, (batch, d_in))
+    params = sae.init_params(key_p, jnp.zeros((d_in,)))
+    tx, schedule = make_optimizer(OptimConfig(), 1e-4, steps + 1)
+    step = make_train_step(sae, tx, schedule, steps + 1, 0.0, 10**9)
+    state = init_state(sae, params, tx, 1.0)
+
+    def run_step():
+        nonlocal state
+        state, metrics = step(state, x)
+        return metrics["loss"]
+
+    step_s = median_seconds(run_step, steps)
+    w_enc = jax.random.normal(key_p, (d_in, d_sae))
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul_s = median_seconds(lambda: matmul(x, w_enc), steps)
+    return {
+        "arch": arch, "d_in": d_in, "d_sae": d_sae, "batch": batch, "k": k,
+        "tokens_per_s": batch / step_s, "step_s": step_s, "matmul_s": matmul_s,
+        "step_over_matmul": step_s / matmul_s, "device": str(jax.devices()[0].platform),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="all", help="comma-separated names, or 'all'")
+    parser.add_argument("--d-in", type=int, default=512)
+    parser.add_argument("--d-sae", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    archs = list(SAE_SCHEMAS) if args.arch == "all" else args.arch.split(",")
+    unknown = [a for a in archs if a not in SAE_SCHEMAS]
+    if unknown:
+        parser.error(f"--arch {','.join(unknown)}: expected some of {','.join(SAE_SCHEMAS)} or 'all'")
+    for arch in archs:
+        print(json.dumps(benchmark(arch, args.d_in, args.d_sae, args.batch, args.k, args.steps)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Shared test setup: JAX's persistent compilation cache (XLA compiles dominate on 2 cores)."""
+
+import os
+import tempfile
+
+import jax
+import pytest
+
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "sae-jax-test-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from sae.config import Config, OptimConfig, SAE_SCHEMAS, SyntheticConfig, TrainerConfig  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(name: str, total_tokens: int = 400_000, lr: float | None = 3e-3, **sae_fields) -> Config:
+    """A test-sized run: 48 ground-truth features in 24 dims, 96 latents, batch 1024."""
+    sae = SAE_SCHEMAS[name](name=name, d_sae=96, **sae_fields)
+    data = SyntheticConfig(name="synthetic", d_in=24, n_features=48, mean_active=3.0, eval_tokens=8192)
+    trainer = TrainerConfig(total_tokens=total_tokens, batch_size=1024, log_every=50, dead_tokens=50_000,
+                            geometric_median_samples=1024)
+    return Config(sae=sae, data=data, optim=OptimConfig(lr=lr), trainer=trainer, seed=0)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return tmp_path / "run"
