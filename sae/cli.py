@@ -6,6 +6,7 @@ file and a non-zero exit status; Hydra itself rejects unknown keys and wrong typ
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def _train(cfg: DictConfig) -> None:
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" at start-up
     from sae.data import DataError
     from sae.training import train
 

@@ -164,8 +164,8 @@ def _fraction(value: float, key: str) -> None:
     _require(0 <= value <= 1, f"{key}={value} must be a fraction in [0, 1]")
 
 
-def check(cfg: Config, d_in: int) -> None:
-    """Reject impossible values; `d_in` comes from the data. Raises ConfigError naming the field."""
+def check(cfg: Config) -> None:
+    """Reject impossible values before anything runs. Raises ConfigError naming the field."""
     sae, data, optim, trainer = cfg.sae, cfg.data, cfg.optim, cfg.trainer
     _require(sae.name in SAE_SCHEMAS, f"sae.name={sae.name!r} is not one of {sorted(SAE_SCHEMAS)}")
     _require(type(sae) is SAE_SCHEMAS[sae.name], f"sae.name={sae.name!r} does not match its schema")
@@ -189,9 +189,9 @@ def check(cfg: Config, d_in: int) -> None:
         _positive(sae.bandwidth, "sae.bandwidth")
         _positive(sae.threshold_init, "sae.threshold_init")
 
-    _positive(d_in, "data d_in")
     _require(data.eval_tokens > 0, f"data.eval_tokens={data.eval_tokens} must be > 0")
     if isinstance(data, SyntheticConfig):
+        _positive(data.d_in, "data.d_in")
         _positive(data.n_features, "data.n_features")
         _require(0 < data.mean_active <= data.n_features,
                  f"data.mean_active={data.mean_active} must be in (0, data.n_features={data.n_features}]")

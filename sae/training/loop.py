@@ -80,11 +80,11 @@ def input_scale_for(sample: jax.Array, normalize: bool) -> float:
 
 def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     """Train an SAE as configured; returns the final metrics (also written to out_dir/metrics.json)."""
-    out_dir = Path(out_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.check(cfg)
     trainer = cfg.trainer
     source = make_source(cfg.data, trainer.batch_size, cfg.seed)
-    config_lib.check(cfg, source.d_in)
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
     sae = make_sae(cfg.sae, source.d_in)
     n_steps = trainer.total_tokens // trainer.batch_size
     lr = cfg.optim.lr if cfg.optim.lr is not None else config_lib.default_lr(cfg.sae)
