@@ -48,7 +48,7 @@ class TopKConfig(SAEConfig):
 
 @dataclass
 class BatchTopKConfig(TopKConfig):
-    threshold_ema_decay: float = 0.999
+    threshold_ema_decay: float = 0.99  # SAELens's topk_threshold_lr = 0.01
 
 
 @dataclass

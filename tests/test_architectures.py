@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sae.architectures import make_sae
-from sae.architectures.base import exact_top_k, gather_dot, gather_sum
+from sae.architectures.base import exact_top_k, gather_sum, take_with_sparse_grad
 from sae.architectures.batchtopk import batch_threshold, kth_largest_nonnegative
 from sae.architectures.jumprelu import jumprelu, step
 from sae.architectures.matryoshka import prefix_sizes
@@ -391,9 +391,10 @@ def _one_hot(idx, n):
     return jax.nn.one_hot(idx, n, dtype=jnp.float32)  # [batch, k, n]
 
 
-def test_gather_dot_and_gather_sum_values_and_grads():
-    """gather_dot / gather_sum and their gradients w.r.t. both float inputs equal dense one-hot
-    einsums (indices repeat within and across rows, so the scatters must accumulate)."""
+def test_take_with_sparse_grad_and_gather_sum_values_and_grads():
+    """take_with_sparse_grad / gather_sum and their gradients equal dense one-hot einsums (indices
+    repeat within and across rows, so the scatters must accumulate); the former sends no gradient to
+    the precomputed xw."""
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((B, D_IN)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((D_SAE, D_IN)), jnp.float32)
@@ -405,27 +406,33 @@ def test_gather_dot_and_gather_sum_values_and_grads():
     g_dot = jnp.asarray(rng.standard_normal((B, K)), jnp.float32)
     g_sum = jnp.asarray(rng.standard_normal((B, D_IN)), jnp.float32)
 
-    def dense_dot(x, w):
+    def dense_dot(w):
         return jnp.einsum("bd,bjn,nd->bj", x, oh, w)
 
     def dense_sum(v, w):
         return jnp.einsum("bj,bjn,nd->bd", v, oh, w)
 
-    np.testing.assert_allclose(gather_dot(x, w, idx), dense_dot(x, w), **TOL)
+    def sparse_dot(w):
+        return take_with_sparse_grad(jax.lax.stop_gradient(x @ w.T), x, w.T, idx)
+
+    np.testing.assert_allclose(sparse_dot(w), dense_dot(w), **TOL)
     np.testing.assert_allclose(gather_sum(vals, w, idx), dense_sum(vals, w), **TOL)
     np.testing.assert_allclose(
-        gather_dot(x, w, idx), np.einsum("bd,bjd->bj", np.asarray(x), np.asarray(w)[np.asarray(idx)]), **TOL)
+        sparse_dot(w), np.einsum("bd,bjd->bj", np.asarray(x), np.asarray(w)[np.asarray(idx)]), **TOL)
 
-    grads = jax.jit(lambda x, w, v: (
-        jax.grad(lambda x, w: jnp.sum(g_dot * gather_dot(x, w, idx)), argnums=(0, 1))(x, w),
-        jax.grad(lambda x, w: jnp.sum(g_dot * dense_dot(x, w)), argnums=(0, 1))(x, w),
+    grads = jax.jit(lambda w, v: (
+        jax.grad(lambda w: jnp.sum(g_dot * sparse_dot(w)))(w),
+        jax.grad(lambda w: jnp.sum(g_dot * dense_dot(w)))(w),
         jax.grad(lambda v, w: jnp.sum(g_sum * gather_sum(v, w, idx)), argnums=(0, 1))(v, w),
         jax.grad(lambda v, w: jnp.sum(g_sum * dense_sum(v, w)), argnums=(0, 1))(v, w),
-    ))(x, w, vals)
-    (sx, sw), (dx, dw), (sv, sw2), (dv, dw2) = grads
-    for a, b in ((sx, dx), (sw, dw), (sv, dv), (sw2, dw2)):
+    ))(w, vals)
+    sw, dw, (sv, sw2), (dv, dw2) = grads
+    for a, b in ((sw, dw), (sv, dv), (sw2, dw2)):
         assert np.abs(np.asarray(b)).max() > 0
         np.testing.assert_allclose(a, b, **TOL)
+    xw = x @ w.T
+    g_xw = jax.grad(lambda xw: jnp.sum(g_dot * take_with_sparse_grad(xw, x, w.T, idx)))(xw)
+    assert not np.any(np.asarray(g_xw))
 
 
 def dense_topk_loss(params, x, topk_mask, aux_mask, alpha):
@@ -441,7 +448,7 @@ def dense_topk_loss(params, x, topk_mask, aux_mask, alpha):
 
 @pytest.mark.parametrize("n_dead", [0, 16])
 def test_topk_gradients_match_dense_reference(n_dead):
-    """∂loss/∂(W_enc, b_enc, W_dec, b_dec) of TopK's sparse forward (gather_dot / gather_sum custom
+    """∂loss/∂(W_enc, b_enc, W_dec, b_dec) of TopK's sparse forward (take_with_sparse_grad / gather_sum custom
     VJPs, AuxK included when latents are dead) equal those of a dense jnp implementation."""
     sae, _, _ = sae_and_fns("topk")
     params, x, dead = perturbed_params(sae, 11 + n_dead), inputs(11), dead_mask(n_dead)

@@ -3,11 +3,11 @@
 Notation (../shared/references.md): x: [batch, d_in]; W_enc: [d_in, d_sae]; W_dec: [d_sae, d_in]
 (row i is latent i's direction); b_enc: [d_sae]; b_dec: [d_in]; f: [batch, d_sae]; x̂ = f W_dec + b_dec.
 
-Sparse families (TopK, BatchTopK, Matryoshka) never form the dense `[batch, d_sae]` code in the
-backward pass: the active latents are chosen on a stop-gradient copy of the pre-activations, then
-their values are recomputed from k gathered encoder columns, and the decoder sums k gathered rows.
-`gather_dot` and `gather_sum` (each the other's transpose) make both backward passes scatters of
-k rows per token instead of dense `[d_in, d_sae]` matmuls.
+TopK never forms a dense `[batch, d_sae]` gradient: the active latents are chosen on the
+pre-activations computed without gradient, `take_with_sparse_grad` reads their values and sends
+the encoder's gradient to just those k columns per token, and the decoder (`gather_sum`) sums k
+gathered rows. Both backward passes are scatters of k rows per token instead of dense
+`[d_in, d_sae]` matmuls: one dense matmul per step remains.
 """
 
 from __future__ import annotations
@@ -118,31 +118,33 @@ def tied_init(key: jax.Array, d_sae: int, d_in: int, b_dec: jax.Array, row_norm:
 # --- encoder ------------------------------------------------------------------------------------
 
 
-def preacts(params: Params, x: jax.Array, pre_bias: bool, w: str = "W_enc", b: str = "b_enc") -> jax.Array:
-    """[batch, d_sae] pre-activations (x − b_dec) W + b, or x W + b without the pre-bias.
+def encoder_bias(params: Params, pre_bias: bool) -> jax.Array:
+    """[d_sae] b_enc − b_dec W_enc with the pre-bias, else b_enc.
 
-    The pre-bias is applied as x W − (b_dec W) so that b_dec's gradient through the encoder is a
+    Applying the pre-bias as x W − (b_dec W) makes b_dec's gradient through the encoder a
     vector–matrix product, not a `[batch, d_in]` one.
     """
-    z = x @ params[w] + params[b]
     if pre_bias:
-        z = z - params["b_dec"] @ params[w]
-    return z
+        return params["b_enc"] - params["b_dec"] @ params["W_enc"]
+    return params["b_enc"]
 
 
-def sparse_preacts(params: Params, x: jax.Array, idx: jax.Array, pre_bias: bool) -> jax.Array:
-    """Pre-activations of the latents idx: [batch, k] only, differentiable and sparse in backward."""
-    bias = params["b_enc"]
-    if pre_bias:
-        bias = bias - params["b_dec"] @ params["W_enc"]
-    return gather_dot(x, params["W_enc"].T, idx) + bias[idx]
+def preacts(params: Params, x: jax.Array, pre_bias: bool) -> jax.Array:
+    """[batch, d_sae] pre-activations (x − b_dec) W_enc + b_enc, or x W_enc + b_enc without the pre-bias."""
+    return x @ params["W_enc"] + encoder_bias(params, pre_bias)
+
+
+def selected_preacts(params: Params, x: jax.Array, xw: jax.Array, idx: jax.Array, pre_bias: bool) -> jax.Array:
+    """[batch, k] pre-activations of the latents idx, read from xw = x W_enc: [batch, d_sae] (computed
+    once, without gradient); the gradient reaches W_enc through k scattered columns per token."""
+    return take_with_sparse_grad(xw, x, params["W_enc"], idx) + encoder_bias(params, pre_bias)[idx]
 
 
 def _gather_dot(x, w_rows, idx):
     def body(j, out):
-        return out.at[:, j].set(jnp.sum(x * w_rows[idx[:, j]], axis=-1))
+        return out.at[j].set(jnp.sum(x * w_rows[idx[:, j]], axis=-1))
 
-    return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros(idx.shape, x.dtype))
+    return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros(idx.shape[::-1], x.dtype)).T
 
 
 def _gather_sum(vals, w_rows, idx):
@@ -163,21 +165,25 @@ def _scatter_outer(vals, x, idx, n_rows):
 
 
 @jax.custom_vjp
-def gather_dot(x: jax.Array, w_rows: jax.Array, idx: jax.Array) -> jax.Array:
-    """out[b, j] = x[b] · w_rows[idx[b, j]]. x: [batch, d], w_rows: [n, d], idx: [batch, k]."""
-    return _gather_dot(x, w_rows, idx)
+def take_with_sparse_grad(xw: jax.Array, x: jax.Array, w: jax.Array, idx: jax.Array) -> jax.Array:
+    """out[b, j] = xw[b, idx[b, j]], where xw = x w: [batch, n] was computed without gradient.
+
+    x: [batch, d]; w: [d, n]; idx: [batch, k]. The gradient reaches w as if out were x[b]·w[:, idx[b, j]]
+    (a scatter of k columns per token, not a dense matmul); none reaches xw or the data x.
+    """
+    return jnp.take_along_axis(xw, idx, axis=1)
 
 
-def _gather_dot_fwd(x, w_rows, idx):
-    return _gather_dot(x, w_rows, idx), (x, w_rows, idx)
+def _take_fwd(xw, x, w, idx):
+    return jnp.take_along_axis(xw, idx, axis=1), (x, w.shape[1], idx)
 
 
-def _gather_dot_bwd(res, g):
-    x, w_rows, idx = res
-    return _gather_sum(g, w_rows, idx), _scatter_outer(g, x, idx, w_rows.shape[0]), None
+def _take_bwd(res, g):
+    x, n, idx = res
+    return None, None, _scatter_outer(g, x, idx, n).T, None
 
 
-gather_dot.defvjp(_gather_dot_fwd, _gather_dot_bwd)
+take_with_sparse_grad.defvjp(_take_fwd, _take_bwd)
 
 
 @jax.custom_vjp
@@ -244,17 +250,18 @@ def squared_error(x: jax.Array, x_hat: jax.Array) -> jax.Array:
 
 
 def auxk_loss(
-    params: Params, x: jax.Array, x_hat: jax.Array, z: jax.Array, dead: jax.Array, k_aux: int, pre_bias: bool
+    params: Params, x: jax.Array, x_hat: jax.Array, xw: jax.Array, dead: jax.Array, k_aux: int, pre_bias: bool
 ) -> jax.Array:
     """AuxK (Gao et al. 2024, §A.2): MSE of reconstructing e = x − x̂ (stop-gradient) from the top
-    k_aux dead latents, ê = Σ TopK_aux(ReLU(z_dead)) W_dec (no b_dec). z: [batch, d_sae] stop-gradient
-    pre-activations. Computed only when some latent is dead (a `lax.cond`, one branch runs)."""
-    k_aux = min(k_aux, z.shape[-1])
+    k_aux dead latents, ê = Σ TopK_aux(ReLU(z_dead)) W_dec (no b_dec). xw: [batch, d_sae] = x W_enc,
+    without gradient. Computed only when some latent is dead (a `lax.cond`, one branch runs)."""
+    k_aux = min(k_aux, xw.shape[-1])
 
     def aux(_):
         residual = jax.lax.stop_gradient(x - x_hat)
+        z = xw + jax.lax.stop_gradient(encoder_bias(params, pre_bias))
         _, idx = exact_top_k(jnp.where(dead, z, -jnp.inf), k_aux)
-        vals = jax.nn.relu(sparse_preacts(params, x, idx, pre_bias)) * dead[idx]
+        vals = jax.nn.relu(selected_preacts(params, x, xw, idx, pre_bias)) * dead[idx]
         return squared_error(residual, gather_sum(vals, params["W_dec"], idx))
 
     return jax.lax.cond(jnp.any(dead), aux, lambda _: jnp.zeros((), x.dtype), None)

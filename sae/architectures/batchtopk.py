@@ -20,6 +20,7 @@ from sae.architectures.base import (
     Params,
     UnitNormDecoder,
     auxk_loss,
+    encoder_bias,
     exact_top_k,
     preacts,
     squared_error,
@@ -93,9 +94,9 @@ class BatchTopK(UnitNormDecoder):
         return r * (r > buffers["threshold"])
 
     def batch_code(self, params, buffers, x):
-        """(f: [batch, d_sae] with k·batch active entries, z stop-gradient, updated buffers)."""
-        z = preacts(params, x, pre_bias=True)
-        r = jax.nn.relu(z)
+        """(f: [batch, d_sae] with k·batch active entries, x W_enc without gradient, updated buffers)."""
+        xw = x @ params["W_enc"]
+        r = jax.nn.relu(xw + encoder_bias(params, pre_bias=True))
         tau = batch_threshold(jax.lax.stop_gradient(r), self.cfg.k)
         f = r * ((r >= tau) & (r > 0))
         # θ tracks the smallest kept activation: τ itself, except when fewer than k·batch entries are
@@ -104,18 +105,18 @@ class BatchTopK(UnitNormDecoder):
         smallest = jnp.min(jnp.where(f > 0, jax.lax.stop_gradient(f), jnp.inf))
         kept_min = jnp.where(jnp.isfinite(smallest), smallest, 0.0)
         threshold = update_threshold(buffers["threshold"], kept_min, self.cfg.threshold_ema_decay)
-        return f, jax.lax.stop_gradient(z), {**buffers, "threshold": threshold}
+        return f, jax.lax.stop_gradient(xw), {**buffers, "threshold": threshold}
 
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
-        f, z, buffers = self.batch_code(params, buffers, x)
+        f, xw, buffers = self.batch_code(params, buffers, x)
         x_hat = self.decode(params, f)
-        return dense_topk_family_loss(self, params, buffers, x, x_hat, z, f, dead, {})
+        return dense_topk_family_loss(self, params, buffers, x, x_hat, xw, f, dead, {})
 
 
-def dense_topk_family_loss(sae, params, buffers, x, x_hat, z, f, dead, extra_terms) -> Forward:
-    """‖x − x̂‖² (+ extra terms) + α·AuxK for a dense code f: [batch, d_sae]."""
+def dense_topk_family_loss(sae, params, buffers, x, x_hat, xw, f, dead, extra_terms) -> Forward:
+    """‖x − x̂‖² (+ extra terms) + α·AuxK for a dense code f: [batch, d_sae]; xw = x W_enc (no gradient)."""
     mse = squared_error(x, x_hat)
-    aux = auxk_loss(params, x, x_hat, z, dead, sae.cfg.k_aux or sae.d_in // 2, pre_bias=True)
+    aux = auxk_loss(params, x, x_hat, xw, dead, sae.cfg.k_aux or sae.d_in // 2, pre_bias=True)
     loss = sum(extra_terms.values(), mse) + sae.cfg.aux_coefficient * aux
     active = f > 0
     return Forward(

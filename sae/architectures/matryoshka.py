@@ -29,7 +29,7 @@ def prefix_sizes(prefixes: list[int] | tuple[int, ...], d_sae: int) -> tuple[int
 @dataclasses.dataclass(frozen=True)
 class Matryoshka(BatchTopK):
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
-        f, z, buffers = self.batch_code(params, buffers, x)
+        f, xw, buffers = self.batch_code(params, buffers, x)
         x_hat = params["b_dec"]
         prefix_losses = []
         start = 0
@@ -39,4 +39,4 @@ class Matryoshka(BatchTopK):
             start = end
         # The full-dictionary term is the usual mse_loss; the smaller prefixes add their own.
         nested = {"prefix_loss": sum(prefix_losses[:-1], jnp.zeros(()))}
-        return dense_topk_family_loss(self, params, buffers, x, x_hat, z, f, dead, nested)
+        return dense_topk_family_loss(self, params, buffers, x, x_hat, xw, f, dead, nested)

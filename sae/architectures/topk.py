@@ -7,7 +7,7 @@
 
 Tied init W_enc = W_decᵀ, unit-norm decoder rows (gradient projected, rows renormalised after each
 step), b_dec from the geometric median of a data sample. Only k latents per token are touched in the
-backward pass (see `base.sparse_preacts`).
+backward pass (see `base.take_with_sparse_grad`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from sae.architectures.base import (
     UnitNormDecoder,
     auxk_loss,
     decode_sparse,
+    encoder_bias,
     exact_top_k,
     fired_from_indices,
     preacts,
     scatter_dense,
-    sparse_preacts,
+    selected_preacts,
     squared_error,
     tied_init,
 )
@@ -43,22 +44,18 @@ class TopK(UnitNormDecoder):
         return scatter_dense(vals, idx, self.d_sae)
 
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
-        z = jax.lax.stop_gradient(preacts(params, x, pre_bias=True))
+        xw = jax.lax.stop_gradient(x @ params["W_enc"])  # the step's one dense matmul
+        z = xw + jax.lax.stop_gradient(encoder_bias(params, pre_bias=True))
         _, idx = exact_top_k(jax.nn.relu(z), self.cfg.k)
-        vals = jax.nn.relu(sparse_preacts(params, x, idx, pre_bias=True))
+        vals = jax.nn.relu(selected_preacts(params, x, xw, idx, pre_bias=True))
         x_hat = decode_sparse(params, vals, idx)
-        return topk_family_loss(self, params, buffers, x, x_hat, z, vals, idx, dead)
-
-
-def topk_family_loss(sae, params, buffers, x, x_hat, z, vals, idx, dead) -> Forward:
-    """Assemble ‖x − x̂‖² + α·AuxK for TopK-style codes given as (vals, idx): [batch, k]."""
-    mse = squared_error(x, x_hat)
-    aux = auxk_loss(params, x, x_hat, z, dead, sae.cfg.k_aux or sae.d_in // 2, pre_bias=True)
-    return Forward(
-        loss=mse + sae.cfg.aux_coefficient * aux,
-        x_hat=x_hat,
-        fired=fired_from_indices(vals, idx, sae.d_sae),
-        l0=jnp.mean(jnp.sum(vals > 0, axis=-1)),
-        terms={"mse_loss": mse, "auxk_loss": aux},
-        buffers=buffers,
-    )
+        mse = squared_error(x, x_hat)
+        aux = auxk_loss(params, x, x_hat, xw, dead, self.cfg.k_aux or self.d_in // 2, pre_bias=True)
+        return Forward(
+            loss=mse + self.cfg.aux_coefficient * aux,
+            x_hat=x_hat,
+            fired=fired_from_indices(vals, idx, self.d_sae),
+            l0=jnp.mean(jnp.sum(vals > 0, axis=-1)),
+            terms={"mse_loss": mse, "auxk_loss": aux},
+            buffers=buffers,
+        )
