@@ -21,14 +21,17 @@ from sae.config import SAE_SCHEMAS, OptimConfig, TopKConfig
 from sae.training.step import init_state, make_optimizer, make_train_step
 
 
-def median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile / warm up
-    times = []
+def interleaved_medians(fns, repeats: int) -> list[float]:
+    """Median seconds of each fn, timed in alternation so machine noise hits all of them alike."""
+    for fn in fns:
+        jax.block_until_ready(fn())  # compile / warm up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, record in zip(fns, times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            record.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int) -> dict:
@@ -48,10 +51,9 @@ def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int) 
         state, metrics = step(state, x)
         return metrics["loss"]
 
-    step_s = median_seconds(run_step, steps)
     w_enc = jax.random.normal(key_p, (d_in, d_sae))
     matmul = jax.jit(lambda a, b: a @ b)
-    matmul_s = median_seconds(lambda: matmul(x, w_enc), steps)
+    step_s, matmul_s = interleaved_medians([run_step, lambda: matmul(x, w_enc)], steps)
     return {
         "arch": arch, "d_in": d_in, "d_sae": d_sae, "batch": batch, "k": k,
         "tokens_per_s": batch / step_s, "step_s": step_s, "matmul_s": matmul_s,

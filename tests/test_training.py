@@ -21,7 +21,7 @@ from sae.training.step import init_state, make_optimizer, make_train_step
 RECOVERY_RUNS = {
     "topk": dict(k=3),
     "batchtopk": dict(k=3),
-    "jumprelu": dict(l0_coefficient=0.01, threshold_init=0.1, bandwidth=0.05),
+    "jumprelu": dict(l0_coefficient=0.3, threshold_init=0.1, bandwidth=0.05),
     "relu_april": dict(l1_coefficient=0.3),
 }
 
