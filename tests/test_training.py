@@ -9,7 +9,7 @@ import pytest
 from conftest import small_config
 
 from sae.architectures import make_sae
-from sae.config import OptimConfig
+from sae.config import ArraysConfig, OptimConfig
 from sae.data import SyntheticSource
 from sae.export import load_sae
 from sae.training import train
@@ -131,3 +131,21 @@ def test_geometric_median_is_the_weiszfeld_fixed_point():
     unit_sum = (diffs / np.linalg.norm(diffs, axis=1, keepdims=True)).sum(0)
     assert np.linalg.norm(unit_sum) < 1e-2 * len(points)
     assert np.linalg.norm(median) < 5 < np.linalg.norm(points.mean(0))
+
+
+def test_trains_from_a_users_float16_npy(tmp_path):
+    """data=arrays: a float16 [n_tokens, d_in] file, memory-mapped; the SAE learns it (FVU falls) and the
+    export reproduces the evaluated FVU on the held-out rows (the file's last tenth)."""
+    cfg = small_config("topk", total_tokens=200_000, k=3)
+    source = SyntheticSource(cfg.data, seed=1)
+    x = np.concatenate([np.asarray(source.sample(4096, seed=i)) for i in range(10)]).astype(np.float16)
+    np.save(tmp_path / "acts.npy", x)
+    cfg.data = ArraysConfig(name="arrays", path=str(tmp_path / "acts.npy"), eval_tokens=4096)
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["eval_tokens"] == 4096 and "mmcs" not in metrics
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["fvu"] < 0.7 * lines[0]["fvu"]  # first line: step 50
+    held_out = x[-4096:].astype(np.float32)
+    x_hat = np.asarray(load_sae(tmp_path / "run" / "sae")(jnp.asarray(held_out)))
+    fvu = np.sum((held_out - x_hat) ** 2) / np.sum((held_out - held_out.mean(0)) ** 2)
+    assert fvu == pytest.approx(metrics["fvu"], rel=1e-3)
