@@ -29,27 +29,30 @@ from sae.architectures.base import (
 
 
 def kth_largest_nonnegative(r: jax.Array, n: int) -> jax.Array:
-    """Exact n-th largest entry of a non-negative array, by bisection on its float32 bit pattern
-    (monotone for non-negative floats): 31 counting passes, no sort."""
-    bits = jax.lax.bitcast_convert_type(r.astype(jnp.float32), jnp.int32)
-
-    def body(_, lo_hi):
-        lo, hi = lo_hi  # invariant: count(bits >= lo) >= n > count(bits >= hi)
-        mid = lo + (hi - lo) // 2
-        ok = jnp.sum(bits >= mid) >= n
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, 31, body, (jnp.int32(0), jnp.int32(0x7F800001)))
-    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+    """Exact n-th largest entry of a non-negative array by radix select on its float32 bit pattern
+    (monotone for non-negative floats): four passes, each a 256-bin histogram of the next 8 bits
+    among the entries that share the bits chosen so far. No sort."""
+    bits = jax.lax.bitcast_convert_type(r.astype(jnp.float32), jnp.int32).reshape(-1)
+    bits = jnp.maximum(bits, 0)  # −0.0 has the sign bit set; rank it as 0
+    prefix, remaining = jnp.int32(0), jnp.int32(n)  # the answer's bits so far; rank within the prefix
+    for shift in (24, 16, 8, 0):
+        match = (bits >> (shift + 8)) == (prefix >> (shift + 8)) if shift < 24 else True
+        digit = (bits >> shift) & 255
+        counts = jnp.zeros(257, jnp.int32).at[jnp.where(match, digit, 256)].add(1)[:256]
+        at_least = jnp.cumsum(counts[::-1])[::-1]  # at_least[d]: matching entries with digit ≥ d
+        d = jnp.sum(at_least >= remaining) - 1  # the largest digit still holding the n-th entry
+        remaining = remaining - jnp.where(d < 255, at_least[jnp.minimum(d + 1, 255)], 0)
+        prefix = prefix | (d << shift)
+    return jax.lax.bitcast_convert_type(prefix, jnp.float32)
 
 
 def batch_threshold(r: jax.Array, k: int) -> jax.Array:
     """τ: the (k·batch)-th largest entry of r: [batch, d_sae] (non-negative), exactly.
 
-    Bisects over each row's top-4k candidates. A row whose 4k-th candidate reaches that τ may hold
+    Selects over each row's top-4k candidates. A row whose 4k-th candidate reaches that τ may hold
     more of the batch's top entries than it offered ("overflows"): up to batch/32 such rows join the
     pool in full (their candidates dropped) and τ is recomputed; beyond that the whole array is
-    bisected. A row not overflowing at τ cannot overflow at the recomputed τ' ≥ τ, so each is exact.
+    searched. A row not overflowing at τ cannot overflow at the recomputed τ' ≥ τ, so each is exact.
     """
     batch, d_sae = r.shape
     n = k * batch
