@@ -88,7 +88,7 @@ class ArraySource:
         rows = np.random.default_rng(seed).choice(self.n_train, size=min(n, self.n_train), replace=False)
         return jax.device_put(np.asarray(self.array[np.sort(rows)], np.float32))
 
-    def _train_rows(self, batch_size: int, n_batches: int, seed: int) -> Iterator[np.ndarray]:
+    def _train_rows(self, batch_size: int, n_batches: int, seed: int) -> Iterator[jax.Array]:
         rng = np.random.default_rng(seed)
         per_epoch = self.n_train // batch_size
         for i in range(n_batches):
