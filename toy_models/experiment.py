@@ -1,0 +1,157 @@
+"""One `toy-train` run: train every setting × seed at once, keep the best seed, analyse, save, plot.
+
+Writes to the run directory:
+- results.npz: W [S, m, n] (abs model: W1 [S, m, n], W2 [S, n, m]), b [S, n], loss [S],
+  feature_probability [S], importance [S, n] for the lowest-loss seed of each of the S settings, plus
+  relative_importance [S] (phase diagrams), loss_per_seed [n_seeds, S] and the loss curve.
+- metrics.json: the analysis per setting (features represented, D*, D_i, superposition, geometry,
+  phase, neuron monosemanticity) and the run's timing.
+- *.png: the figures that fit the model and experiment (see `_figures`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from toy_models import analysis
+from toy_models.config import Settings, ToyConfig, check, settings, to_dict
+from toy_models.train import Task, train
+
+MAX_PANELS = 8  # settings shown in the per-setting figures (evenly picked when there are more)
+
+
+def run(cfg: ToyConfig, out_dir: str | Path, log=print) -> dict:
+    """Train, analyse and save one experiment; returns the metrics written to metrics.json."""
+    check(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = settings(cfg)
+    n_seeds = cfg.train.n_seeds
+    task = Task(cfg.model.kind, cfg.model.n_features, cfg.model.n_hidden, cfg.train.batch_size,
+                cfg.data.correlated_pairs, cfg.data.anticorrelated_pairs, cfg.data.rng)
+    log(f"{cfg.experiment}: {len(grid)} settings × {n_seeds} seeds = {len(grid) * n_seeds} instances of the "
+        f"{cfg.model.kind} model (n={cfg.model.n_features}, m={cfg.model.n_hidden}), {cfg.train.steps} steps")
+    start = time.perf_counter()
+
+    def progress(step: int, loss: np.ndarray) -> None:
+        log(f"  step {step:>6}  mean loss {loss.mean():.5f}  {time.perf_counter() - start:.1f}s")
+
+    result = train(
+        task,
+        np.tile(grid.feature_probability, n_seeds),
+        np.tile(grid.importance, (n_seeds, 1)),
+        seed=cfg.seed,
+        steps=cfg.train.steps,
+        lr=cfg.train.lr,
+        schedule=cfg.train.schedule,
+        weight_decay=cfg.train.weight_decay,
+        steps_per_call=cfg.train.steps_per_call,
+        eval_batches=cfg.train.eval_batches,
+        on_progress=progress,
+    )
+    loss_per_seed = result.eval_loss.reshape(n_seeds, len(grid))
+    best = loss_per_seed.argmin(axis=0)  # [S]
+    chosen = best * len(grid) + np.arange(len(grid))  # instance index of each setting's best seed
+    params = {name: value[chosen] for name, value in result.params.items()}
+    loss_curve = result.loss_curve[:, chosen]
+
+    arrays = dict(params, loss=loss_per_seed.min(axis=0), feature_probability=grid.feature_probability,
+                  importance=grid.importance, loss_per_seed=loss_per_seed, best_seed=best,
+                  loss_curve=loss_curve, curve_steps=result.curve_steps)
+    if grid.relative_importance is not None:
+        arrays["relative_importance"] = grid.relative_importance
+    np.savez(out / "results.npz", **arrays)
+
+    metrics = {
+        "experiment": cfg.experiment,
+        "config": to_dict(cfg),
+        "n_settings": len(grid),
+        "n_instances": len(grid) * n_seeds,
+        "seconds": result.seconds,
+        "steps_per_s": cfg.train.steps / result.seconds,
+        "settings": [analyse_setting(cfg, grid, params, arrays["loss"], s) for s in range(len(grid))],
+    }
+    if cfg.figures:
+        metrics["figures"] = [p.name for p in _figures(cfg, grid, params, loss_curve, result.curve_steps, out)]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log(summary(metrics))
+    return metrics
+
+
+def analyse_setting(cfg: ToyConfig, grid: Settings, params: dict, loss: np.ndarray, s: int) -> dict:
+    """The analysis of setting s's best instance as plain JSON values."""
+    W = (params["W1"] if cfg.model.kind == "abs" else params["W"])[s]
+    is_represented = analysis.represented(W)
+    entry = {
+        "feature_probability": float(grid.feature_probability[s]),
+        "loss": float(loss[s]),
+        "n_represented": int(is_represented.sum()),
+        "represented": np.flatnonzero(is_represented).tolist(),
+        "dimensions_per_feature": analysis.dimensions_per_feature(W),
+        "feature_dimensionality": analysis.feature_dimensionality(W).round(4).tolist(),
+        "feature_norms": analysis.feature_norms(W).round(4).tolist(),
+        "superposition": analysis.superposition(W).round(4).tolist(),
+    }
+    if grid.relative_importance is not None:
+        entry["relative_importance"] = float(grid.relative_importance[s])
+        entry["phase"] = analysis.PHASES[analysis.phase(W)]
+    if cfg.model.n_hidden == 2 and cfg.model.kind != "abs":
+        entry["geometry"] = analysis.geometry_2d(W)
+    if cfg.model.kind in ("privileged", "abs"):
+        mono = analysis.neuron_monosemanticity(W)
+        entry["neuron_monosemanticity"] = mono.round(4).tolist()
+        entry["n_monosemantic_neurons"] = int((mono > 0.9).sum())
+    n_pairs = cfg.data.correlated_pairs + cfg.data.anticorrelated_pairs
+    if n_pairs:
+        entry["pair_cosines"] = [round(c, 4) for c in analysis.pair_cosines(W, n_pairs)]
+    return entry
+
+
+def summary(metrics: dict) -> str:
+    """One line per setting: what the best instance represents."""
+    lines = [f"{metrics['experiment']}: {metrics['n_instances']} instances in {metrics['seconds']:.1f}s "
+             f"({metrics['steps_per_s']:.0f} steps/s)"]
+    for s in metrics["settings"]:
+        extra = s.get("phase") or (s.get("geometry") or {}).get("label", "")
+        lines.append(f"  p={s['feature_probability']:<8.3g} loss={s['loss']:.3e} represented={s['n_represented']:>3} "
+                     f"D*={s['dimensions_per_feature']:.3f} {extra}")
+    return "\n".join(lines)
+
+
+def _shown(n_settings: int) -> np.ndarray:
+    """At most MAX_PANELS settings, evenly spread."""
+    return np.unique(np.linspace(0, n_settings - 1, min(n_settings, MAX_PANELS)).round().astype(int))
+
+
+def _figures(cfg: ToyConfig, grid: Settings, params: dict, loss_curve, curve_steps, out: Path) -> list[Path]:
+    """The paper's figures that apply to this run."""
+    from toy_models import figures  # matplotlib loads only when figures are drawn
+
+    W = params["W1"] if cfg.model.kind == "abs" else params["W"]
+    written = [figures.plot_loss_curves(curve_steps, loss_curve, grid.labels, out / "loss.png")]
+    if grid.relative_importance is not None:
+        phases = np.array([analysis.phase(w) for w in W])
+        written.append(figures.plot_phase(grid.feature_probability, grid.relative_importance, phases,
+                                          out / "phase.png", title=f"n={cfg.model.n_features}, m={cfg.model.n_hidden}"))
+        return written
+    shown = _shown(len(grid))
+    labels = [grid.labels[s] for s in shown]
+    if cfg.model.kind != "abs":
+        written.append(figures.plot_wtw(W[shown], labels, out / "wtw.png"))
+    if cfg.model.n_hidden == 2 and cfg.model.kind != "abs":
+        written.append(figures.plot_arrows_2d(W[shown], labels, out / "arrows.png", importance=grid.importance[shown]))
+    if cfg.model.kind in ("privileged", "abs"):
+        written.append(figures.plot_neurons(W[shown], labels, out / "neurons.png"))
+    if len(grid) >= 3:
+        written.append(figures.plot_dimensionality(
+            grid.feature_probability,
+            np.array([analysis.dimensions_per_feature(w) for w in W]),
+            np.stack([analysis.feature_dimensionality(w) for w in W]),
+            out / "dimensionality.png",
+            represented=np.stack([analysis.represented(w) for w in W]),
+        ))
+    return written
