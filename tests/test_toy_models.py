@@ -63,7 +63,7 @@ def test_correlated_and_anticorrelated_pairs():
 
 def numpy_forward(params, x, kind):
     """The paper's equations for one instance; x: [batch, n]."""
-    relu = lambda v: np.maximum(v, 0.0)  # noqa: E731
+    relu = lambda v: np.maximum(v, 0.0)
     if kind == "abs":
         return relu(relu(x @ params["W1"].T) @ params["W2"].T + params["b"])
     W, b = params["W"], params["b"]

@@ -31,7 +31,10 @@ def _train(cfg: DictConfig) -> None:
 
 
 def train() -> None:
-    """Console script `toy-train`."""
+    """Console script `toy-train`; on a CPU every core becomes a device training a share of the instances."""
+    from toy_models.train import use_all_cpu_cores
+
+    use_all_cpu_cores()
     if not (CONF_DIR / "toy_train.yaml").is_file():
         sys.exit(f"error: config directory {CONF_DIR} not found; install the project with `pip install -e .`")
     config_lib.register()

@@ -113,8 +113,9 @@ def analyse_setting(cfg: ToyConfig, grid: Settings, params: dict, loss: np.ndarr
 
 def summary(metrics: dict) -> str:
     """One line per setting: what the best instance represents."""
-    lines = [f"{metrics['experiment']}: {metrics['n_instances']} instances in {metrics['seconds']:.1f}s "
-             f"({metrics['steps_per_s']:.0f} steps/s)"]
+    head = (f"{metrics['experiment']}: {metrics['n_instances']} instances in {metrics['seconds']:.1f}s "
+            f"({metrics['steps_per_s']:.0f} steps/s)")
+    lines = [head]
     for s in metrics["settings"]:
         extra = s.get("phase") or (s.get("geometry") or {}).get("label", "")
         lines.append(f"  p={s['feature_probability']:<8.3g} loss={s['loss']:.3e} represented={s['n_represented']:>3} "

@@ -24,19 +24,24 @@ Params = dict[str, jax.Array]
 
 
 def init_params(key: jax.Array, kind: str, n_instances: int, n_features: int, n_hidden: int) -> Params:
-    """{'W': [I, m, n], 'b': [I, n]}; the abs model has 'W1': [I, m, n] and 'W2': [I, n, m] instead of W."""
+    """{'W': [I, m, n], 'b': [I, n]}; the abs model has 'W1': [I, m, n] and 'W2': [I, n, m] instead of W.
+
+    Instance i draws from fold_in(key, i), so an instance starts the same however many run beside it.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"model.kind={kind!r} is not one of {KINDS}")
     std = (2.0 / (n_features + n_hidden)) ** 0.5
-    b = jnp.zeros((n_instances, n_features))
-    if kind == "abs":
-        k1, k2 = jax.random.split(key)
-        return {
-            "W1": std * jax.random.normal(k1, (n_instances, n_hidden, n_features)),
-            "W2": std * jax.random.normal(k2, (n_instances, n_features, n_hidden)),
-            "b": b,
-        }
-    if kind in KINDS:
-        return {"W": std * jax.random.normal(key, (n_instances, n_hidden, n_features)), "b": b}
-    raise ValueError(f"model.kind={kind!r} is not one of {KINDS}")
+
+    def one(i: jax.Array) -> Params:
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        if kind == "abs":
+            return {"W1": std * jax.random.normal(k1, (n_hidden, n_features)),
+                    "W2": std * jax.random.normal(k2, (n_features, n_hidden))}
+        return {"W": std * jax.random.normal(k1, (n_hidden, n_features))}
+
+    params = jax.vmap(one)(jnp.arange(n_instances))
+    params["b"] = jnp.zeros((n_instances, n_features))
+    return params
 
 
 def hidden(params: Params, x: jax.Array, kind: str) -> jax.Array:
