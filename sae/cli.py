@@ -1,4 +1,5 @@
-"""Hydra entry points. `sae-train` and `python scripts/train_sae.py` are this same app.
+"""Hydra entry points. `sae-train` and `python scripts/train_sae.py` are this same app; `toy-sae`
+(`python scripts/toy_sae.py`) trains SAEs on a toy model's activations.
 
 User mistakes (bad config values, unreadable data) end the run with one line naming the field or
 file and a non-zero exit status; Hydra itself rejects unknown keys and wrong types the same way.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -19,22 +21,38 @@ from sae import config as config_lib
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def _train(cfg: DictConfig) -> None:
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" at start-up
-    from sae.data import DataError
-    from sae.training import train
+def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfig], None]:
+    """A Hydra task running job(typed config, output dir), with user mistakes reported in one line."""
 
-    try:
-        typed = OmegaConf.to_object(cfg)
-        train(typed, HydraConfig.get().runtime.output_dir)
-    except (config_lib.ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    def task(cfg: DictConfig) -> None:
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" at start-up
+        from sae.data import DataError
+
+        try:
+            job(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
+        except (config_lib.ConfigError, DataError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return task
+
+
+def _main(config_name: str, job: Callable[[config_lib.Config, str], object]) -> None:
+    if not (CONF_DIR / f"{config_name}.yaml").is_file():
+        sys.exit(f"error: config directory {CONF_DIR} not found; install the project with `pip install -e .`")
+    config_lib.register()
+    hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)(_run(job))()
 
 
 def train() -> None:
     """Console script `sae-train`."""
-    if not (CONF_DIR / "train.yaml").is_file():
-        sys.exit(f"error: config directory {CONF_DIR} not found; install the project with `pip install -e .`")
-    config_lib.register()
-    hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(_train)()
+    from sae.training import train as train_sae
+
+    _main("train", train_sae)
+
+
+def toy_sae() -> None:
+    """Console script `toy-sae`: one SAE per setting of a toy-train run (sae/toy_sae.py)."""
+    from sae.toy_sae import train_per_setting
+
+    _main("toy_sae", train_per_setting)

@@ -105,6 +105,14 @@ class ArraysConfig(DataConfig):
     path: str = MISSING  # a [n_tokens, d_in] float16/float32 .npy file
 
 
+@dataclass
+class ToyRunConfig(DataConfig):
+    """Hidden activations of a trained toy model (a `toy-train` run directory)."""
+
+    run: str = MISSING  # the toy-train output directory (results.npz + metrics.json)
+    setting: Optional[int] = None  # which setting's best model; toy-sae trains one SAE per setting when None
+
+
 # --- optimiser and trainer --------------------------------------------------------------------------
 
 
@@ -146,6 +154,7 @@ def register() -> None:
         cs.store(group="sae", name=f"{name}_schema", node=schema)
     cs.store(group="data", name="synthetic_schema", node=SyntheticConfig)
     cs.store(group="data", name="arrays_schema", node=ArraysConfig)
+    cs.store(group="data", name="toy_schema", node=ToyRunConfig)
 
 
 # --- value checks ------------------------------------------------------------------------------
@@ -203,6 +212,9 @@ def check(cfg: Config) -> None:
                  and data.n_correlated_groups * data.group_size <= data.n_features,
                  f"data.n_correlated_groups={data.n_correlated_groups} × data.group_size={data.group_size} "
                  f"must be ≤ data.n_features={data.n_features}")
+
+    if isinstance(data, ToyRunConfig):
+        _require(data.setting is None or data.setting >= 0, f"data.setting={data.setting} must be ≥ 0")
 
     if optim.lr is not None:
         _positive(optim.lr, "optim.lr")

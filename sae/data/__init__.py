@@ -1,4 +1,4 @@
-"""Activation sources for training: synthetic ground truth, a user's .npy arrays."""
+"""Activation sources for training: synthetic ground truth, a user's .npy arrays, a trained toy model."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from typing import Iterator
 
 import jax
 
-from sae.config import ArraysConfig, SyntheticConfig
+from sae.config import ArraysConfig, SyntheticConfig, ToyRunConfig
 from sae.data.arrays import ArraySource, DataError
 from sae.data.synthetic import SyntheticFeatures
+from sae.data.toy import ToyModelSource
 
 
 class SyntheticSource:
@@ -46,7 +47,9 @@ def make_source(cfg, batch_size: int, seed: int):
         return SyntheticSource(cfg, seed)
     if isinstance(cfg, ArraysConfig):
         return ArraySource(cfg, batch_size)
-    raise DataError(f"data.name={cfg.name!r} is not one of ['arrays', 'synthetic']")
+    if isinstance(cfg, ToyRunConfig):
+        return ToyModelSource(cfg, seed)
+    raise DataError(f"data.name={cfg.name!r} is not one of ['arrays', 'synthetic', 'toy']")
 
 
-__all__ = ["ArraySource", "DataError", "SyntheticFeatures", "SyntheticSource", "make_source"]
+__all__ = ["ArraySource", "DataError", "SyntheticFeatures", "SyntheticSource", "ToyModelSource", "make_source"]

@@ -1,0 +1,84 @@
+"""A trained toy model as an activation source: h = W x (or ReLU(W x)) on fresh sparse features.
+
+The toy model's feature directions W_i (its represented features, ‖W_i‖ > 0.5, normalised) are the
+ground truth an SAE on h should recover (Sharkey, Braun & Millidge 2022; ARENA 1.3.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae.config import ToyRunConfig
+from sae.data.arrays import DataError
+from toy_models import analysis, models
+from toy_models.train import Task
+
+
+def load_toy_run(run: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays of results.npz and the config recorded in metrics.json of a toy-train run directory."""
+    run = Path(run)
+    results, metrics = run / "results.npz", run / "metrics.json"
+    for path in (results, metrics):
+        if not path.is_file():
+            raise DataError(f"data.run='{run}': no {path.name} there (expected a toy-train output directory)")
+    try:
+        with np.load(results) as npz:
+            arrays = dict(npz)
+        config = json.loads(metrics.read_text())["config"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"data.run='{run}': unreadable toy-train output ({err})") from err
+    return arrays, config
+
+
+class ToyModelSource:
+    """Batches of a toy model's hidden activations for one setting: [batch, m]."""
+
+    def __init__(self, cfg: ToyRunConfig, seed: int):
+        arrays, config = load_toy_run(cfg.run)
+        n_settings = len(arrays["feature_probability"])
+        if cfg.setting is None or not 0 <= cfg.setting < n_settings:
+            raise DataError(f"data.setting={cfg.setting}: pick one of 0..{n_settings - 1} of the toy run '{cfg.run}'")
+        model, data = config["model"], config["data"]
+        self.kind = model["kind"]
+        self.params = {name: jnp.asarray(arrays[name][cfg.setting : cfg.setting + 1])
+                       for name in ("W", "W1", "W2", "b") if name in arrays}
+        self.feature_probability = jnp.asarray(arrays["feature_probability"][cfg.setting : cfg.setting + 1])
+        self.task = Task(self.kind, model["n_features"], model["n_hidden"], 0, data["correlated_pairs"],
+                         data["anticorrelated_pairs"], data["rng"])
+        W = np.asarray(models.feature_directions(self.params)[0])  # [m, n]
+        kept = analysis.represented(W)
+        self.ground_truth = jnp.asarray((W[:, kept] / analysis.feature_norms(W)[kept]).T)  # [n_represented, m]
+        self.d_in = model["n_hidden"]
+        self.eval_tokens = cfg.eval_tokens
+        self._seed = seed
+        self._hidden = jax.jit(self._hidden_batch, static_argnums=(1,))
+
+    def _hidden_batch(self, stream: jax.Array, batch_size: int, step: jax.Array) -> jax.Array:
+        task = dataclasses.replace(self.task, batch_size=batch_size)
+        x = task.batch(stream, step, self.feature_probability)  # [1, n, batch]
+        return models.hidden(self.params, x, self.kind)[0].T  # [batch, m]
+
+    @staticmethod
+    def _stream(purpose: int, seed: int) -> jax.Array:
+        """Distinct random streams for training, evaluation and samples (none is the toy model's own)."""
+        return jnp.uint32((seed * 3 + purpose + 1) * 0x9E3779B1 % 2**32)
+
+    def sample(self, n: int, seed: int) -> jax.Array:
+        return self._hidden(self._stream(2, seed), n, jnp.uint32(0))
+
+    def train_batches(self, batch_size: int, n_batches: int, seed: int) -> Iterator[jax.Array]:
+        stream = self._stream(0, seed)
+        for i in range(n_batches):
+            yield self._hidden(stream, batch_size, jnp.uint32(i))
+
+    def eval_batches(self, batch_size: int) -> Iterator[jax.Array]:
+        stream = self._stream(1, self._seed)
+        for i in range(-(-self.eval_tokens // batch_size)):
+            yield self._hidden(stream, batch_size, jnp.uint32(i))
