@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -42,7 +42,7 @@ class GatedConfig(ReLUConfig):
 @dataclass
 class TopKConfig(SAEConfig):
     k: int = 6
-    k_aux: Optional[int] = None  # None: d_in // 2 (Gao et al.)
+    k_aux: int | None = None  # None: d_in // 2 (Gao et al.)
     aux_coefficient: float = 1.0 / 32
 
 
@@ -110,7 +110,7 @@ class ToyRunConfig(DataConfig):
     """Hidden activations of a trained toy model (a `toy-train` run directory)."""
 
     run: str = MISSING  # the toy-train output directory (results.npz + metrics.json)
-    setting: Optional[int] = None  # which setting's best model; toy-sae trains one SAE per setting when None
+    setting: int | None = None  # which setting's best model; toy-sae trains one SAE per setting when None
 
 
 # --- optimiser and trainer --------------------------------------------------------------------------
@@ -118,13 +118,13 @@ class ToyRunConfig(DataConfig):
 
 @dataclass
 class OptimConfig:
-    lr: Optional[float] = None  # None: 2e-4/√(d_sae/2¹⁴) for the TopK family, 1e-3 otherwise
+    lr: float | None = None  # None: 2e-4/√(d_sae/2¹⁴) for the TopK family, 1e-3 otherwise
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
     warmup_fraction: float = 0.01  # linear lr warm-up over this fraction of steps
     decay_fraction: float = 0.2  # linear lr decay to 0 over this final fraction of steps
-    grad_clip: Optional[float] = 1.0  # global-norm clipping; None disables
+    grad_clip: float | None = 1.0  # global-norm clipping; None disables
     sparsity_warmup_fraction: float = 0.05  # λ warmed up linearly over this fraction of steps
 
 

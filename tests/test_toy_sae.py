@@ -5,12 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT
 
-from sae.config import Config, ToyRunConfig, TopKConfig, TrainerConfig
+from sae.config import Config, TopKConfig, ToyRunConfig, TrainerConfig
 from sae.data import DataError, make_source
 from sae.toy_sae import train_per_setting
 from toy_models.config import ToyConfig, ToyDataConfig, ToyModelConfig, to_dict
@@ -68,6 +67,7 @@ def test_toy_sae_recovers_each_settings_features(toy_run, tmp_path):
 
 def test_toy_sae_cli_rejects_a_missing_run(tmp_path):
     proc = subprocess.run([sys.executable, str(Path(ROOT) / "scripts" / "toy_sae.py"), f"data.run={tmp_path / 'nope'}",
-                           f"hydra.run.dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300)
+                           f"hydra.run.dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 2
     assert "no results.npz" in proc.stderr and "Traceback" not in proc.stderr
