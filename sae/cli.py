@@ -1,5 +1,6 @@
 """Hydra entry points. `sae-train` and `python scripts/train_sae.py` are this same app; `toy-sae`
-(`python scripts/toy_sae.py`) trains SAEs on a toy model's activations.
+(`python scripts/toy_sae.py`) trains SAEs on a toy model's activations; `sae-cache`
+(`python scripts/cache_activations.py`) writes an activation store.
 
 User mistakes (bad config values, unreadable data) end the run with one line naming the field or
 file and a non-zero exit status; Hydra itself rejects unknown keys and wrong types the same way.
@@ -15,6 +16,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from sae import config as config_lib
 
@@ -29,7 +31,13 @@ def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfi
         from sae.data import DataError
 
         try:
-            job(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
+            typed = OmegaConf.to_object(cfg)
+        except MissingMandatoryValue as err:  # a `???` left in the yaml, e.g. data.path
+            print(f"error: {err.full_key} is required: give it on the command line as {err.full_key}=...",
+                  file=sys.stderr)
+            sys.exit(2)
+        try:
+            job(typed, HydraConfig.get().runtime.output_dir)
         except (config_lib.ConfigError, DataError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
@@ -56,3 +64,10 @@ def toy_sae() -> None:
     from sae.toy_sae import train_per_setting
 
     _main("toy_sae", train_per_setting)
+
+
+def cache() -> None:
+    """Console script `sae-cache`: write an activation store from a source (sae/cache.py)."""
+    from sae.cache import cache as cache_store
+
+    _main("cache", cache_store)

@@ -106,6 +106,15 @@ class ArraysConfig(DataConfig):
 
 
 @dataclass
+class CachedConfig(DataConfig):
+    """An activation store written by sae-cache (sae/data/store.py)."""
+
+    path: str = MISSING  # the store directory (manifest.json + shards)
+    mixing_rows: int = 1_048_576  # rows shuffled together in memory (a window of whole shards)
+    verify: bool = True  # check each shard's checksum as it is loaded
+
+
+@dataclass
 class ToyRunConfig(DataConfig):
     """Hidden activations of a trained toy model (a `toy-train` run directory)."""
 
@@ -137,6 +146,46 @@ class TrainerConfig:
     geometric_median_samples: int = 4096
 
 
+# --- sae-cache: a source written into an activation store (sae/cache.py) ------------------------------
+
+
+@dataclass
+class ArraysSourceConfig:
+    name: str = MISSING
+    path: str = MISSING  # a [n, d_in] .npy, a .safetensors file, or a directory / glob of .npy files
+    tensor: str | None = None  # the tensor of a .safetensors file (may be omitted when it holds one)
+
+
+@dataclass
+class SyntheticSourceConfig(SyntheticConfig):
+    n_rows: int = 1_000_000  # eval_tokens (inherited) is unused by sae-cache
+
+
+@dataclass
+class ToySourceConfig:
+    name: str = MISSING
+    run: str = MISSING  # the toy-train output directory
+    setting: int = 0  # which setting's model
+    n_rows: int = 1_000_000
+
+
+SOURCE_SCHEMAS = {"arrays": ArraysSourceConfig, "synthetic": SyntheticSourceConfig, "toy": ToySourceConfig}
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class CacheConfig:
+    source: Any = MISSING
+    out: str = MISSING  # the store directory (relative to the current directory)
+    dtype: str = "float16"  # the store's dtype: float16, bfloat16 or float32
+    shard_rows: int = 262144  # rows per shard file
+    chunk_rows: int = 65536  # rows read or generated per step
+    seed: int = 0
+
+
+# --- sae-train ---------------------------------------------------------------------------------------
+
+
 @dataclass
 class Config:
     sae: Any = MISSING
@@ -155,6 +204,10 @@ def register() -> None:
     cs.store(group="data", name="synthetic_schema", node=SyntheticConfig)
     cs.store(group="data", name="arrays_schema", node=ArraysConfig)
     cs.store(group="data", name="toy_schema", node=ToyRunConfig)
+    cs.store(name="cache_schema", node=CacheConfig)
+    for name, schema in SOURCE_SCHEMAS.items():
+        cs.store(group="source", name=f"{name}_schema", node=schema)
+    cs.store(group="data", name="cached_schema", node=CachedConfig)
 
 
 # --- value checks ------------------------------------------------------------------------------
@@ -200,19 +253,10 @@ def check(cfg: Config) -> None:
 
     _require(data.eval_tokens > 0, f"data.eval_tokens={data.eval_tokens} must be > 0")
     if isinstance(data, SyntheticConfig):
-        _positive(data.d_in, "data.d_in")
-        _positive(data.n_features, "data.n_features")
-        _require(0 < data.mean_active <= data.n_features,
-                 f"data.mean_active={data.mean_active} must be in (0, data.n_features={data.n_features}]")
-        _require(data.probability_decay >= 0, f"data.probability_decay={data.probability_decay} must be ≥ 0")
-        _require(data.magnitude_std >= 0, f"data.magnitude_std={data.magnitude_std} must be ≥ 0")
-        _require(data.noise_std >= 0, f"data.noise_std={data.noise_std} must be ≥ 0")
-        _fraction(data.group_correlation, "data.group_correlation")
-        _require(data.n_correlated_groups >= 0 and data.group_size > 0
-                 and data.n_correlated_groups * data.group_size <= data.n_features,
-                 f"data.n_correlated_groups={data.n_correlated_groups} × data.group_size={data.group_size} "
-                 f"must be ≤ data.n_features={data.n_features}")
+        _check_synthetic(data, "data")
 
+    if isinstance(data, CachedConfig):
+        _positive(data.mixing_rows, "data.mixing_rows")
     if isinstance(data, ToyRunConfig):
         _require(data.setting is None or data.setting >= 0, f"data.setting={data.setting} must be ≥ 0")
 
@@ -235,6 +279,41 @@ def check(cfg: Config) -> None:
     _positive(trainer.log_every, "trainer.log_every")
     _positive(trainer.dead_tokens, "trainer.dead_tokens")
     _positive(trainer.geometric_median_samples, "trainer.geometric_median_samples")
+
+
+def _check_synthetic(c: SyntheticConfig, group: str) -> None:
+    _positive(c.d_in, f"{group}.d_in")
+    _positive(c.n_features, f"{group}.n_features")
+    _require(0 < c.mean_active <= c.n_features,
+             f"{group}.mean_active={c.mean_active} must be in (0, {group}.n_features={c.n_features}]")
+    _require(c.probability_decay >= 0, f"{group}.probability_decay={c.probability_decay} must be ≥ 0")
+    _require(c.magnitude_std >= 0, f"{group}.magnitude_std={c.magnitude_std} must be ≥ 0")
+    _require(c.noise_std >= 0, f"{group}.noise_std={c.noise_std} must be ≥ 0")
+    _fraction(c.group_correlation, f"{group}.group_correlation")
+    _require(c.n_correlated_groups >= 0 and c.group_size > 0
+             and c.n_correlated_groups * c.group_size <= c.n_features,
+             f"{group}.n_correlated_groups={c.n_correlated_groups} × {group}.group_size={c.group_size} "
+             f"must be ≤ {group}.n_features={c.n_features}")
+
+
+def check_cache(cfg: CacheConfig) -> None:
+    """Reject impossible sae-cache values before anything is read or written. Raises ConfigError."""
+    source = cfg.source
+    name = getattr(source, "name", None)
+    _require(name in SOURCE_SCHEMAS, f"source.name={name!r} is not one of {sorted(SOURCE_SCHEMAS)}")
+    _require(type(source) is SOURCE_SCHEMAS[name], f"source.name={name!r} does not match its schema")
+    _require(bool(cfg.out), "out must name the store directory")
+    _require(cfg.dtype in STORE_DTYPES, f"dtype={cfg.dtype!r} is not one of {list(STORE_DTYPES)}")
+    _require(cfg.shard_rows > 0, f"shard_rows={cfg.shard_rows} must be > 0")
+    _require(cfg.chunk_rows > 0, f"chunk_rows={cfg.chunk_rows} must be > 0")
+    if isinstance(source, ArraysSourceConfig):
+        _require(bool(source.path), "source.path must name a .npy / .safetensors file or a directory of .npy files")
+    else:
+        _require(source.n_rows > 0, f"source.n_rows={source.n_rows} must be > 0")
+    if isinstance(source, SyntheticSourceConfig):
+        _check_synthetic(source, "source")
+    if isinstance(source, ToySourceConfig):
+        _require(source.setting >= 0, f"source.setting={source.setting} must be ≥ 0")
 
 
 def default_lr(sae: SAEConfig) -> float:

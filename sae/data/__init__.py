@@ -1,4 +1,5 @@
-"""Activation sources for training: synthetic ground truth, a user's .npy arrays, a trained toy model."""
+"""Activation sources for training: synthetic ground truth, a user's .npy arrays, an activation store,
+a trained toy model."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from collections.abc import Iterator
 
 import jax
 
-from sae.config import ArraysConfig, SyntheticConfig, ToyRunConfig
+from sae.config import ArraysConfig, CachedConfig, SyntheticConfig, ToyRunConfig
 from sae.data.arrays import ArraySource, DataError
+from sae.data.cached import CachedSource
 from sae.data.synthetic import SyntheticFeatures
 from sae.data.toy import ToyModelSource
 
@@ -49,7 +51,9 @@ def make_source(cfg, batch_size: int, seed: int):
         return ArraySource(cfg, batch_size)
     if isinstance(cfg, ToyRunConfig):
         return ToyModelSource(cfg, seed)
-    raise DataError(f"data.name={cfg.name!r} is not one of ['arrays', 'synthetic', 'toy']")
+    if isinstance(cfg, CachedConfig):
+        return CachedSource(cfg, batch_size)
+    raise DataError(f"data.name={cfg.name!r} is not one of ['arrays', 'cached', 'synthetic', 'toy']")
 
 
-__all__ = ["ArraySource", "DataError", "SyntheticFeatures", "SyntheticSource", "ToyModelSource", "make_source"]
+__all__ = ["ArraySource", "CachedSource", "DataError", "SyntheticFeatures", "SyntheticSource", "ToyModelSource", "make_source"]

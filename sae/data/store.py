@@ -38,7 +38,7 @@ class StoreError(DataError):
 
 
 def checksum(path: Path, chunk: int = 1 << 24) -> str:
-    """BLAKE2b-128 of a file's bytes (about 1 GB/s)."""
+    """BLAKE2b-128 of a file's bytes (about 0.5 GB/s on this 2-core CPU)."""
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -254,6 +254,15 @@ class Store:
                 break
             data = np.load(self.path / self.shards[i].file, mmap_mode="r")
             parts.append(np.asarray(data[max(start, lo) - lo : min(stop, hi) - lo]).view(self.dtype))
+        return np.concatenate(parts) if parts else np.zeros((0, self.d_in), self.dtype)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The rows at sorted global indices `rows` (memory-mapped, unverified): [len(rows), d_in]."""
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        parts = []
+        for i in np.unique(shard_of):
+            data = np.load(self.path / self.shards[i].file, mmap_mode="r")
+            parts.append(np.asarray(data[rows[shard_of == i] - self.offsets[i]]).view(self.dtype))
         return np.concatenate(parts) if parts else np.zeros((0, self.d_in), self.dtype)
 
     def read_tokens(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:

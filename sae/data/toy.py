@@ -73,6 +73,10 @@ class ToyModelSource:
     def sample(self, n: int, seed: int) -> jax.Array:
         return self._hidden(self._stream(2, seed), n, jnp.uint32(0))
 
+    def block(self, index: int, batch_size: int, seed: int) -> jax.Array:
+        """Block `index` of the caching stream of `seed` (sae-cache): [batch_size, m], a function of its arguments."""
+        return self._hidden(self._stream(3, seed), batch_size, jnp.uint32(index))
+
     def train_batches(self, batch_size: int, n_batches: int, seed: int) -> Iterator[jax.Array]:
         stream = self._stream(0, seed)
         for i in range(n_batches):
