@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 from sae.data.loader import StoreLoader
-from sae.data.store import MANIFEST, PROGRESS, Store, StoreError, StoreWriter
+from sae.data.store import MANIFEST, PROGRESS, Store, StoreError, StoreWriter, checksum
 
 D_IN = 8
 
@@ -183,3 +183,22 @@ def test_killed_cache_run_resumes_to_the_same_store(tmp_path):
     resumed, uninterrupted = Store(tmp_path / "s"), Store(tmp_path / "u")
     assert resumed.shards == uninterrupted.shards  # same files, rows and checksums
     np.testing.assert_array_equal(resumed.read_rows(0, 1000), uninterrupted.read_rows(0, 1000))
+
+
+def test_nan_rows_are_found_when_loading_with_check_finite(tmp_path):
+    """A store whose shard holds a NaN (written by another tool, checksum consistent) fails on loading."""
+    store = write_store(tmp_path / "s", 600, 200)
+    shard = tmp_path / "s" / "shard_00001.npy"
+    rows = np.load(shard)
+    rows[42, 5] = np.nan
+    np.save(shard, rows)
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    manifest["shards"][1]["checksum"] = checksum(shard)
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
+    served(StoreLoader(Store(tmp_path / "s"), 100, mixing_rows=10_000), 6)  # unchecked: loads
+    with pytest.raises(StoreError, match="shard_00001.npy' row 42 contains NaN or Inf"):
+        served(StoreLoader(Store(tmp_path / "s"), 100, mixing_rows=10_000, check_finite=True), 6)
+    with pytest.raises(StoreError, match="row 42 contains NaN"):
+        Store(tmp_path / "s").verify()
+    with pytest.raises(StoreError, match="does not match its checksum"):
+        store.verify()  # opened before the edit: the old checksum

@@ -39,7 +39,8 @@ class CachedSource:
     def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[jax.Array]:
         with StoreLoader(self.store, batch_size, seed, self.cfg.mixing_rows, rows=(0, self.n_train),
                          process_index=jax.process_index(), process_count=jax.process_count(),
-                         start_batch=start_batch, verify=self.cfg.verify) as loader:
+                         start_batch=start_batch, verify=self.cfg.verify,
+                         check_finite=self.cfg.check_finite) as loader:
             for _, batch in zip(range(n_batches), loader):
                 yield jax.device_put(batch)
 

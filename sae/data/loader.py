@@ -3,7 +3,8 @@
 The loader serves an endless stream of epochs. In epoch e the store's segments (its shards, cut to the
 requested row range) are put in a random order, and process p of `process_count` takes every
 `process_count`-th of them, so processes read disjoint parts. A process's segments are grouped into
-windows of about `mixing_rows` rows; each window is loaded whole (checksums verified), its rows
+windows of about `mixing_rows` rows; each window is loaded whole (checksums verified, optionally
+scanned for NaN/Inf), its rows
 permuted, and the stream is the concatenation of the permuted windows. Batch b is rows [b·B, (b+1)·B)
 of that stream, so a batch mixes rows of every shard in its window, each row appears exactly once per
 epoch, and everything is a function of (seed, epoch, window): a loader started at batch b yields
@@ -39,9 +40,9 @@ class StoreLoader:
 
     def __init__(self, store: Store, batch_size: int, seed: int = 0, mixing_rows: int = 1 << 20,
                  rows: tuple[int, int] | None = None, process_index: int = 0, process_count: int = 1,
-                 start_batch: int = 0, prefetch: int = 4, verify: bool = True):
+                 start_batch: int = 0, prefetch: int = 4, verify: bool = True, check_finite: bool = False):
         self.store, self.batch_size, self.seed = store, batch_size, seed
-        self.mixing_rows, self.verify = mixing_rows, verify
+        self.mixing_rows, self.verify, self.check_finite = mixing_rows, verify, check_finite
         self.process_index, self.process_count = process_index, process_count
         start, stop = rows if rows is not None else (0, store.n_rows)
         self.segments = [
@@ -95,7 +96,8 @@ class StoreLoader:
     def _load_window(self, epoch: int, w: int) -> np.ndarray:
         """The window's rows, permuted: [rows, d_in]."""
         window = self.windows(epoch)[w]
-        rows = np.concatenate([self.store.read_shard(s.shard, self.verify)[s.start : s.stop] for s in window])
+        rows = np.concatenate([self.store.read_shard(s.shard, self.verify, self.check_finite)[s.start : s.stop]
+                               for s in window])
         return rows[np.random.default_rng([self.seed, epoch, w + 1]).permutation(len(rows))]
 
     def _produce(self) -> None:

@@ -237,13 +237,21 @@ class Store:
         if data.dtype != _ON_DISK[self.dtype_name]:
             raise StoreError(f"shard '{path}' holds {data.dtype}; the manifest says {self.dtype_name}")
 
-    def read_shard(self, index: int, verify: bool = True) -> np.ndarray:
-        """All rows of shard `index` in memory, [rows, d_in] of the store's dtype; checksum checked if `verify`."""
+    def read_shard(self, index: int, verify: bool = True, check_finite: bool = False) -> np.ndarray:
+        """All rows of shard `index` in memory, [rows, d_in] of the store's dtype.
+
+        `verify` checks the shard's checksum; `check_finite` scans it for NaN/Inf rows.
+        """
         shard = self.shards[index]
         path = self.path / shard.file
         if verify and checksum(path) != shard.checksum:
             raise StoreError(f"shard '{path}' does not match its checksum in the manifest (corrupted)")
-        return np.load(path).view(self.dtype)
+        rows = np.load(path).view(self.dtype)
+        if check_finite:
+            finite = np.isfinite(rows).all(axis=1)
+            if not finite.all():
+                raise StoreError(f"shard '{path}' row {int(np.flatnonzero(~finite)[0])} contains NaN or Inf")
+        return rows
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) in store order (memory-mapped, unverified): [stop − start, d_in]."""
@@ -281,10 +289,6 @@ class Store:
         return out[0], out[1]
 
     def verify(self) -> None:
-        """Check every shard's checksum and scan for NaN/Inf rows (reads the whole store)."""
-        for i, shard in enumerate(self.shards):
-            rows = self.read_shard(i).astype(np.float32)
-            finite = np.isfinite(rows).all(axis=1)
-            if not finite.all():
-                raise StoreError(f"shard '{self.path / shard.file}' row {int(np.flatnonzero(~finite)[0])} "
-                                 f"contains NaN or Inf")
+        """Check every shard's checksum and scan it for NaN/Inf rows (reads the whole store)."""
+        for i in range(len(self.shards)):
+            self.read_shard(i, verify=True, check_finite=True)
