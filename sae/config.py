@@ -139,6 +139,18 @@ class OptimConfig:
 
 
 @dataclass
+class MeshConfig:
+    """Devices as data × model (see sae/parallel.py); data null: every device not used by model."""
+
+    data: int | None = None
+    model: int = 1  # devices the latents (d_sae) are split over
+    distributed: bool = False  # call jax.distributed.initialize (multi-host); the fields below or the environment
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclass
 class TrainerConfig:
     total_tokens: int = 4_000_000
     batch_size: int = 4096
@@ -193,6 +205,7 @@ class Config:
     data: Any = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     seed: int = 0
 
 
@@ -200,6 +213,7 @@ def register() -> None:
     """Register the schemas so conf/**.yaml can extend them (`defaults: [<name>_schema]`)."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(group="mesh", name="mesh_schema", node=MeshConfig)
     for name, schema in SAE_SCHEMAS.items():
         cs.store(group="sae", name=f"{name}_schema", node=schema)
     cs.store(group="data", name="synthetic_schema", node=SyntheticConfig)
@@ -274,6 +288,12 @@ def check(cfg: Config) -> None:
     if optim.grad_clip is not None:
         _positive(optim.grad_clip, "optim.grad_clip")
 
+    _positive(cfg.mesh.model, "mesh.model")
+    if cfg.mesh.data is not None:
+        _positive(cfg.mesh.data, "mesh.data")
+        _require(trainer.batch_size % cfg.mesh.data == 0,
+                 f"trainer.batch_size={trainer.batch_size} must divide by mesh.data={cfg.mesh.data}")
+    _require(sae.d_sae % cfg.mesh.model == 0, f"sae.d_sae={sae.d_sae} must divide by mesh.model={cfg.mesh.model}")
     _positive(trainer.batch_size, "trainer.batch_size")
     _require(trainer.total_tokens >= trainer.batch_size,
              f"trainer.total_tokens={trainer.total_tokens} must be ≥ trainer.batch_size={trainer.batch_size}")

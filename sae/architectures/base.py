@@ -12,6 +12,8 @@ gathered rows. Both backward passes are scatters of k rows per token instead of 
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 from typing import Any, NamedTuple
 
@@ -204,6 +206,23 @@ def _gather_sum_bwd(res, g):
 gather_sum.defvjp(_gather_sum_fwd, _gather_sum_bwd)
 
 
+_TOPK_BARRIER = [True]
+
+
+@contextlib.contextmanager
+def without_topk_barrier():
+    """Trace top-k without its optimisation barrier, which XLA's SPMD partitioner cannot handle (sharded steps)."""
+    _TOPK_BARRIER.append(False)
+    try:
+        yield
+    finally:
+        _TOPK_BARRIER.pop()
+
+
+def _barrier(values):
+    return jax.lax.optimization_barrier(values) if _TOPK_BARRIER[-1] else values
+
+
 def exact_top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Row-wise top-k of z: [batch, n] -> (values, indices): [batch, k], exact; ~2× `lax.top_k` on CPU.
 
@@ -213,18 +232,19 @@ def exact_top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     an elementwise max of g contiguous slices. Falls back to `lax.top_k` where blocking does not pay.
 
     The results pass an optimisation barrier: XLA's CPU compiler otherwise rewrites a top-k whose
-    consumer slices it (e.g. takes the k-th column) into a full sort, 10× slower.
+    consumer slices it (e.g. takes the k-th column) into a full sort, 10× slower. Sharded steps trace
+    without it (`without_topk_barrier`).
     """
     batch, n = z.shape
     g = next((g for g in (32, 16, 8) if n % g == 0 and n // g >= 2 * k), None)
     if g is None:
-        return jax.lax.optimization_barrier(jax.lax.top_k(z, k))
+        return _barrier(jax.lax.top_k(z, k))
     blocks = z.reshape(batch, g, n // g)  # blocks[:, i, c] = z[:, c + i·n/g]
     _, block_idx = jax.lax.top_k(blocks.max(axis=1), k)  # [batch, k]
     members = jnp.take_along_axis(blocks, jnp.broadcast_to(block_idx[:, None, :], (batch, g, k)), axis=2)
     values, pos = jax.lax.top_k(members.reshape(batch, g * k), k)
     idx = jnp.take_along_axis(block_idx, pos % k, axis=1) + (n // g) * (pos // k)
-    return jax.lax.optimization_barrier((values, idx))
+    return _barrier((values, idx))
 
 
 def decode_sparse(params: Params, vals: jax.Array, idx: jax.Array) -> jax.Array:

@@ -19,6 +19,8 @@ from sae.data.store import Store, StoreError
 
 
 class CachedSource:
+    process_local = True  # each process reads its own shards (train_batches yields its rows only)
+
     def __init__(self, cfg: CachedConfig, batch_size: int):
         self.cfg = cfg
         self.store = Store(cfg.path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae import config as config_lib
+from sae import parallel
 from sae.architectures import make_sae
 from sae.data import make_source
 from sae.evals import evaluate
@@ -78,9 +80,29 @@ def input_scale_for(sample: jax.Array, normalize: bool) -> float:
     return float(math.sqrt(sample.shape[-1]) / jnp.mean(jnp.linalg.norm(sample, axis=-1)))
 
 
+def _global_batches(source, batch_size: int, n_batches: int, seed: int, shardings) -> Iterator[jax.Array]:
+    """The source's batches placed on the mesh: each process contributes its rows of the global batch.
+
+    A process-local source (an activation store) reads only this process's rows; others produce the
+    whole batch on every process (the same seed), of which each process keeps its own slice.
+    """
+    if shardings is None:
+        yield from source.train_batches(batch_size, n_batches, seed)
+        return
+    n_proc, index = jax.process_count(), jax.process_index()
+    local = batch_size // n_proc
+    if getattr(source, "process_local", False):
+        for x in source.train_batches(local, n_batches, seed):
+            yield parallel.global_batch(np.asarray(x), shardings[1])
+    else:
+        for x in source.train_batches(batch_size, n_batches, seed):
+            yield parallel.global_batch(np.asarray(x)[index * local : (index + 1) * local], shardings[1])
+
+
 def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     """Train an SAE as configured; returns the final metrics (also written to out_dir/metrics.json)."""
     config_lib.check(cfg)
+    parallel.initialize_distributed(cfg.mesh)
     trainer = cfg.trainer
     source = make_source(cfg.data, trainer.batch_size, cfg.seed)
     out_dir = Path(out_dir).absolute()
@@ -94,25 +116,36 @@ def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     params = sae.init_params(jax.random.PRNGKey(cfg.seed), geometric_median(sample * input_scale))
     tx, schedule = make_optimizer(cfg.optim, lr, n_steps)
     state = init_state(sae, params, tx, input_scale)
+    mesh = parallel.make_mesh(cfg.mesh)
+    shardings = None
+    if mesh.size > 1:
+        shardings = (parallel.state_shardings(state, sae.d_sae, mesh), parallel.batch_sharding(mesh),
+                     parallel.replicated(mesh))
+        state = jax.device_put(state, shardings[0])
     train_step = make_train_step(
-        sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens
+        sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens, shardings
     )
-    if source.ground_truth is not None:
+    lead = jax.process_index() == 0  # only process 0 logs, evaluates and exports
+    if lead and source.ground_truth is not None:
         np.save(out_dir / "ground_truth.npy", np.asarray(source.ground_truth))
 
-    print(f"training {cfg.sae.name} SAE: d_in={sae.d_in} d_sae={sae.d_sae} lr={lr:.3g} "
-          f"steps={n_steps} batch={trainer.batch_size} -> {out_dir}", flush=True)
-    log = ProgressLog(out_dir / "metrics.jsonl", n_steps, trainer.batch_size)
+    if lead:
+        print(f"training {cfg.sae.name} SAE: d_in={sae.d_in} d_sae={sae.d_sae} lr={lr:.3g} steps={n_steps} "
+              f"batch={trainer.batch_size} mesh={dict(mesh.shape)} -> {out_dir}", flush=True)
+    log = ProgressLog(out_dir / "metrics.jsonl", n_steps, trainer.batch_size) if lead else None
     pending = None  # (step, device metrics) of the last log step, fetched one step later
-    for step, x in enumerate(source.train_batches(trainer.batch_size, n_steps, cfg.seed), start=1):
+    for step, x in enumerate(_global_batches(source, trainer.batch_size, n_steps, cfg.seed, shardings), start=1):
         state, metrics = train_step(state, x)
-        if pending is not None:
+        if pending is not None and log is not None:
             log.write(pending[0], jax.device_get(pending[1]))
-            pending = None
+        pending = None
         if step % trainer.log_every == 0 or step == n_steps:
             pending = (step, metrics)
-    if pending is not None:
+    if pending is not None and log is not None:
         log.write(pending[0], jax.device_get(pending[1]))
+    state = parallel.to_host(state)
+    if not lead:
+        return {}
     log.close()
 
     results = evaluate(sae, state.params, state.buffers, state.input_scale,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from sae.architectures import SAE, Params
+from sae.architectures.base import without_topk_barrier
 from sae.config import OptimConfig
 from sae.training.schedules import lr_schedule, sparsity_warmup
 
@@ -63,8 +64,12 @@ def make_train_step(
     n_steps: int,
     sparsity_warmup_fraction: float,
     dead_tokens: int,
+    shardings: tuple | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """(state, x: [batch, d_in]) -> (state, metrics), compiled once, with the state donated."""
+    """(state, x: [batch, d_in]) -> (state, metrics), compiled once, with the state donated.
+
+    shardings: (state shardings, batch sharding, replicated) from sae/parallel.py, or None for one device.
+    """
     warmup = sparsity_warmup(n_steps, sparsity_warmup_fraction)
 
     def train_step(state: TrainState, x: jax.Array):
@@ -93,4 +98,13 @@ def make_train_step(
         }
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+
+    def sharded_step(state: TrainState, x: jax.Array):
+        with without_topk_barrier():
+            return train_step(state, x)
+
+    state_sharding, batch_sharding, replicated = shardings
+    return jax.jit(sharded_step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
