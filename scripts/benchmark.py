@@ -3,7 +3,8 @@
   python scripts/benchmark.py --arch topk --d-in 512 --d-sae 8192 --batch 4096 --k 32 --steps 10
 
 Prints one JSON line per architecture: arch, tokens_per_s, step_s (median), matmul_s (median time of
-one float32 [batch, d_in] × [d_in, d_sae] matmul, the floor of any step) and their ratio.
+one float32 [batch, d_in] × [d_in, d_sae] matmul, the floor of any step) and their ratio, and the bytes
+of params + optimizer state on one device. `--mesh 4x2` shards the step over a data × model mesh.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from sae import parallel
 from sae.architectures import make_sae
-from sae.config import SAE_SCHEMAS, OptimConfig, TopKConfig
+from sae.config import SAE_SCHEMAS, MeshConfig, OptimConfig, TopKConfig
 from sae.training.step import init_state, make_optimizer, make_train_step
 
 
@@ -34,7 +36,14 @@ def interleaved_medians(fns, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int) -> dict:
+def per_device_bytes(tree) -> int:
+    """Bytes of a pytree's arrays held by the first device (params + optimizer state + counters)."""
+    first = jax.devices()[0]
+    return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree) for shard in leaf.addressable_shards
+               if shard.device == first)
+
+
+def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, mesh: str | None = None) -> dict:
     cfg = SAE_SCHEMAS[arch](name=arch, d_sae=d_sae)
     if isinstance(cfg, TopKConfig):
         cfg.k = k
@@ -43,8 +52,17 @@ def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int) 
     x = jax.random.normal(key_x, (batch, d_in))
     params = sae.init_params(key_p, jnp.zeros((d_in,)))
     tx, schedule = make_optimizer(OptimConfig(), 1e-4, steps + 1)
-    step = make_train_step(sae, tx, schedule, steps + 1, 0.0, 10**9)
     state = init_state(sae, params, tx, 1.0)
+    shardings = None
+    if mesh is not None:
+        data, model = (int(n) for n in mesh.split("x"))
+        device_mesh = parallel.make_mesh(MeshConfig(data=data, model=model))
+        shardings = (parallel.state_shardings(state, d_sae, device_mesh), parallel.batch_sharding(device_mesh),
+                     parallel.replicated(device_mesh))
+        state = jax.device_put(state, shardings[0])
+        x = jax.device_put(x, shardings[1])
+    state_bytes = per_device_bytes(state)
+    step = make_train_step(sae, tx, schedule, steps + 1, 0.0, 10**9, shardings)
 
     def run_step():
         nonlocal state
@@ -58,6 +76,7 @@ def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int) 
         "arch": arch, "d_in": d_in, "d_sae": d_sae, "batch": batch, "k": k,
         "tokens_per_s": batch / step_s, "step_s": step_s, "matmul_s": matmul_s,
         "step_over_matmul": step_s / matmul_s, "device": str(jax.devices()[0].platform),
+        "mesh": mesh or "1x1", "state_bytes_per_device": state_bytes,
     }
 
 
@@ -69,13 +88,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--mesh", help="DATAxMODEL, e.g. 4x2 (with XLA_FLAGS=--xla_force_host_platform_device_count=8 "
+                                       "on a CPU); default one device")
     args = parser.parse_args()
     archs = list(SAE_SCHEMAS) if args.arch == "all" else args.arch.split(",")
     unknown = [a for a in archs if a not in SAE_SCHEMAS]
     if unknown:
         parser.error(f"--arch {','.join(unknown)}: expected some of {','.join(SAE_SCHEMAS)} or 'all'")
     for arch in archs:
-        print(json.dumps(benchmark(arch, args.d_in, args.d_sae, args.batch, args.k, args.steps)), flush=True)
+        print(json.dumps(benchmark(arch, args.d_in, args.d_sae, args.batch, args.k, args.steps, args.mesh)),
+              flush=True)
 
 
 if __name__ == "__main__":
