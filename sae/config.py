@@ -151,6 +151,18 @@ class MeshConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Several SAEs trained in one pass on the same batches, one per value (sae/training/sweep.py)."""
+
+    key: str | None = None  # sae.k (topk), sae.l1_coefficient (relu, relu_april, gated), sae.l0_coefficient (jumprelu)
+    values: list[float] = field(default_factory=list)
+
+
+SWEEP_KEYS = {"sae.k": ("topk",), "sae.l1_coefficient": ("relu", "relu_april", "gated"),
+              "sae.l0_coefficient": ("jumprelu",)}
+
+
+@dataclass
 class TrainerConfig:
     total_tokens: int = 4_000_000
     batch_size: int = 4096
@@ -206,6 +218,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
 
 
@@ -288,6 +301,17 @@ def check(cfg: Config) -> None:
     if optim.grad_clip is not None:
         _positive(optim.grad_clip, "optim.grad_clip")
 
+    if cfg.sweep.key is not None:
+        families = SWEEP_KEYS.get(cfg.sweep.key)
+        _require(families is not None, f"sweep.key={cfg.sweep.key!r} is not one of {sorted(SWEEP_KEYS)}")
+        _require(sae.name in families, f"sweep.key={cfg.sweep.key} applies to sae={'|'.join(families)}, "
+                                       f"not sae={sae.name}")
+        _require(len(cfg.sweep.values) >= 1, "sweep.values must list at least one value")
+        if cfg.sweep.key == "sae.k":
+            _require(all(float(v).is_integer() and 0 < v <= sae.d_sae for v in cfg.sweep.values),
+                     f"sweep.values={list(cfg.sweep.values)} must be integers k in 1..sae.d_sae={sae.d_sae}")
+        else:
+            _require(all(v >= 0 for v in cfg.sweep.values), f"sweep.values={list(cfg.sweep.values)} must be ≥ 0")
     _positive(cfg.mesh.model, "mesh.model")
     if cfg.mesh.data is not None:
         _positive(cfg.mesh.data, "mesh.data")

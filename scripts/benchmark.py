@@ -4,7 +4,8 @@
 
 Prints one JSON line per architecture: arch, tokens_per_s, step_s (median), matmul_s (median time of
 one float32 [batch, d_in] × [d_in, d_sae] matmul, the floor of any step) and their ratio, and the bytes
-of params + optimizer state on one device. `--mesh 4x2` shards the step over a data × model mesh.
+of params + optimizer state on one device. `--mesh 4x2` shards the step over a data × model mesh;
+`--instances 4` also times a one-pass sweep of 4 SAEs (sweep_speedup: 4 sequential steps ÷ one sweep step).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from sae import parallel
 from sae.architectures import make_sae
 from sae.config import SAE_SCHEMAS, MeshConfig, OptimConfig, TopKConfig
-from sae.training.step import init_state, make_optimizer, make_train_step
+from sae.training.step import init_state, make_optimizer, make_sweep_step, make_train_step, pure_train_step
 
 
 def interleaved_medians(fns, repeats: int) -> list[float]:
@@ -43,7 +44,28 @@ def per_device_bytes(tree) -> int:
                if shard.device == first)
 
 
-def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, mesh: str | None = None) -> dict:
+def sweep_runner(sae, params, tx, schedule, steps: int, x, instances: int):
+    """A call of the one-pass sweep step over `instances` copies of the SAE (k, k−1, … for TopK)."""
+    states = []
+    for i in range(instances):
+        state = init_state(sae, jax.tree.map(jnp.copy, params), tx, 1.0)  # own buffers: the step donates them
+        if isinstance(sae.cfg, TopKConfig) and sae.cfg.name == "topk":
+            state = state._replace(buffers={**state.buffers, "k": jnp.asarray(max(1, sae.cfg.k - i), jnp.int32)})
+        states.append(state)
+    states = tuple(states)
+    coefficients = [sae.sparsity_coefficient] * instances
+    sweep_step = make_sweep_step(pure_train_step(sae, tx, schedule, steps + 1, 0.0, 10**9), coefficients)
+
+    def run():
+        nonlocal states
+        states, metrics = sweep_step(states, x)
+        return metrics["loss"]
+
+    return run
+
+
+def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, mesh: str | None = None,
+              instances: int = 1) -> dict:
     cfg = SAE_SCHEMAS[arch](name=arch, d_sae=d_sae)
     if isinstance(cfg, TopKConfig):
         cfg.k = k
@@ -71,8 +93,16 @@ def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, 
 
     w_enc = jax.random.normal(key_p, (d_in, d_sae))
     matmul = jax.jit(lambda a, b: a @ b)
-    step_s, matmul_s = interleaved_medians([run_step, lambda: matmul(x, w_enc)], steps)
-    return {
+    fns = [run_step, lambda: matmul(x, w_enc)]
+    if instances > 1:
+        fns.append(sweep_runner(sae, params, tx, schedule, steps, x, instances))
+    step_s, matmul_s, *sweep_s = interleaved_medians(fns, steps)
+    sweep = {}
+    if sweep_s:
+        sweep = {"instances": instances, "sweep_step_s": sweep_s[0],
+                 "sweep_tokens_per_s": batch / sweep_s[0], "sequential_tokens_per_s": batch / (instances * step_s),
+                 "sweep_speedup": instances * step_s / sweep_s[0]}
+    return sweep | {
         "arch": arch, "d_in": d_in, "d_sae": d_sae, "batch": batch, "k": k,
         "tokens_per_s": batch / step_s, "step_s": step_s, "matmul_s": matmul_s,
         "step_over_matmul": step_s / matmul_s, "device": str(jax.devices()[0].platform),
@@ -90,13 +120,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--mesh", help="DATAxMODEL, e.g. 4x2 (with XLA_FLAGS=--xla_force_host_platform_device_count=8 "
                                        "on a CPU); default one device")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="also time a one-pass sweep of this many SAEs against as many sequential steps")
     args = parser.parse_args()
     archs = list(SAE_SCHEMAS) if args.arch == "all" else args.arch.split(",")
     unknown = [a for a in archs if a not in SAE_SCHEMAS]
     if unknown:
         parser.error(f"--arch {','.join(unknown)}: expected some of {','.join(SAE_SCHEMAS)} or 'all'")
     for arch in archs:
-        print(json.dumps(benchmark(arch, args.d_in, args.d_sae, args.batch, args.k, args.steps, args.mesh)),
+        print(json.dumps(benchmark(arch, args.d_in, args.d_sae, args.batch, args.k, args.steps, args.mesh,
+                                   args.instances)),
               flush=True)
 
 

@@ -34,6 +34,16 @@ from sae.architectures.base import (
 )
 
 
+def keep_first_k(vals: jax.Array, buffers: dict) -> jax.Array:
+    """In a sweep over k (buffers["k"]: this instance's k ≤ cfg.k), zero all but the k largest of each row.
+
+    vals: [batch, cfg.k], sorted in decreasing order by the top-k.
+    """
+    if "k" not in buffers:
+        return vals
+    return jnp.where(jnp.arange(vals.shape[-1]) < buffers["k"], vals, 0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class TopK(UnitNormDecoder):
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
@@ -41,13 +51,13 @@ class TopK(UnitNormDecoder):
 
     def encode(self, params, x, buffers):
         vals, idx = exact_top_k(jax.nn.relu(preacts(params, x, pre_bias=True)), self.cfg.k)
-        return scatter_dense(vals, idx, self.d_sae)
+        return scatter_dense(keep_first_k(vals, buffers), idx, self.d_sae)
 
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
         xw = jax.lax.stop_gradient(x @ params["W_enc"])  # the step's one dense matmul
         z = xw + jax.lax.stop_gradient(encoder_bias(params, pre_bias=True))
         _, idx = exact_top_k(jax.nn.relu(z), self.cfg.k)
-        vals = jax.nn.relu(selected_preacts(params, x, xw, idx, pre_bias=True))
+        vals = keep_first_k(jax.nn.relu(selected_preacts(params, x, xw, idx, pre_bias=True)), buffers)
         x_hat = decode_sparse(params, vals, idx)
         mse = squared_error(x, x_hat)
         aux = auxk_loss(params, x, x_hat, xw, dead, self.cfg.k_aux or self.d_in // 2, pre_bias=True)

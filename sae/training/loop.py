@@ -12,10 +12,12 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from sae import config as config_lib
 from sae import parallel
@@ -80,6 +82,27 @@ def input_scale_for(sample: jax.Array, normalize: bool) -> float:
     return float(math.sqrt(sample.shape[-1]) / jnp.mean(jnp.linalg.norm(sample, axis=-1)))
 
 
+class Start(NamedTuple):
+    n_steps: int
+    lr: float
+    input_scale: float
+    params: dict
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def initial_parameters(cfg: config_lib.Config, sae, source) -> Start:
+    """Steps, lr, input scale, initial params (b_dec at the geometric median of a sample) and optimiser."""
+    trainer = cfg.trainer
+    n_steps = trainer.total_tokens // trainer.batch_size
+    lr = cfg.optim.lr if cfg.optim.lr is not None else config_lib.default_lr(cfg.sae)
+    sample = source.sample(trainer.geometric_median_samples, cfg.seed)
+    input_scale = input_scale_for(sample, cfg.sae.normalize_activations)
+    params = sae.init_params(jax.random.PRNGKey(cfg.seed), geometric_median(sample * input_scale))
+    tx, schedule = make_optimizer(cfg.optim, lr, n_steps)
+    return Start(n_steps, lr, input_scale, params, tx, schedule)
+
+
 def _global_batches(source, batch_size: int, n_batches: int, seed: int, shardings) -> Iterator[jax.Array]:
     """The source's batches placed on the mesh: each process contributes its rows of the global batch.
 
@@ -100,22 +123,24 @@ def _global_batches(source, batch_size: int, n_batches: int, seed: int, sharding
 
 
 def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
-    """Train an SAE as configured; returns the final metrics (also written to out_dir/metrics.json)."""
+    """Train an SAE as configured; returns the final metrics (also written to out_dir/metrics.json).
+
+    With `sweep.key` set, trains every value of the sweep in one pass instead (sae/training/sweep.py).
+    """
     config_lib.check(cfg)
+    if cfg.sweep.key is not None:
+        from sae.training.sweep import train_sweep
+
+        return train_sweep(cfg, out_dir)
     parallel.initialize_distributed(cfg.mesh)
     trainer = cfg.trainer
     source = make_source(cfg.data, trainer.batch_size, cfg.seed)
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     sae = make_sae(cfg.sae, source.d_in)
-    n_steps = trainer.total_tokens // trainer.batch_size
-    lr = cfg.optim.lr if cfg.optim.lr is not None else config_lib.default_lr(cfg.sae)
-
-    sample = source.sample(trainer.geometric_median_samples, cfg.seed)
-    input_scale = input_scale_for(sample, cfg.sae.normalize_activations)
-    params = sae.init_params(jax.random.PRNGKey(cfg.seed), geometric_median(sample * input_scale))
-    tx, schedule = make_optimizer(cfg.optim, lr, n_steps)
-    state = init_state(sae, params, tx, input_scale)
+    start = initial_parameters(cfg, sae, source)
+    n_steps, lr, tx, schedule = start.n_steps, start.lr, start.tx, start.schedule
+    state = init_state(sae, start.params, tx, start.input_scale)
     mesh = parallel.make_mesh(cfg.mesh)
     shardings = None
     if mesh.size > 1:

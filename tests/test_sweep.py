@@ -1,0 +1,54 @@
+"""A sweep of SAEs trained in one pass ends where separate runs with the same seed end."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import small_config
+from safetensors.numpy import load_file
+
+from sae.config import ConfigError, SweepConfig
+from sae.training import train
+
+SWEEPS = {  # family -> (key, values, extra config)
+    "topk": ("sae.k", [2, 3, 5], {}),
+    "relu": ("sae.l1_coefficient", [0.3, 1.0], {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWEEPS))
+def test_sweep_matches_separate_runs(name, tmp_path):
+    key, values, extra = SWEEPS[name]
+    cfg = small_config(name, total_tokens=40_960, **extra)
+    cfg.trainer.log_every = 10
+    cfg.sweep = SweepConfig(key=key, values=values)
+    results = train(cfg, tmp_path / "sweep")
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    field = key.split(".")[1]
+    for value in values:
+        label = f"{field}={value:g}"
+        single = small_config(name, total_tokens=40_960, **{field: value}, **extra)
+        single.trainer.log_every = 10
+        expected = train(single, tmp_path / label)
+        got = load_file(tmp_path / "sweep" / label / "sae" / "sae_weights.safetensors")
+        want = load_file(tmp_path / label / "sae" / "sae_weights.safetensors")
+        for tensor in want:
+            scale = np.abs(want[tensor]).max() + 1e-12
+            assert np.abs(got[tensor] - want[tensor]).max() / scale <= 1e-4, (label, tensor)
+        assert summary[label]["l0"] == pytest.approx(expected["l0"], rel=1e-4)
+        assert results[label]["fvu"] == pytest.approx(expected["fvu"], rel=1e-3)
+        lines = (tmp_path / "sweep" / label / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == len((tmp_path / label / "metrics.jsonl").read_text().splitlines())
+        cfg_json = json.loads((tmp_path / "sweep" / label / "sae" / "cfg.json").read_text())
+        if field == "k":
+            assert cfg_json["k"] == value  # exported with its own k
+
+
+def test_bad_sweeps_are_named(tmp_path):
+    cfg = small_config("relu")
+    cfg.sweep = SweepConfig(key="sae.k", values=[2, 3])
+    with pytest.raises(ConfigError, match=r"sweep.key=sae.k applies to sae=topk, not sae=relu"):
+        train(cfg, tmp_path)
+    cfg.sweep = SweepConfig(key="sae.width", values=[1])
+    with pytest.raises(ConfigError, match="sweep.key='sae.width' is not one of"):
+        train(cfg, tmp_path)
