@@ -169,6 +169,8 @@ class TrainerConfig:
     log_every: int = 50  # steps between console / metrics.jsonl lines
     dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
     geometric_median_samples: int = 4096
+    compute_dtype: str = "float32"  # float32 | bfloat16: the forward and backward passes
+    param_dtype: str = "float32"  # float32 | bfloat16: parameters and Adam moments (float32 master weights)
 
 
 # --- sae-cache: a source written into an activation store (sae/cache.py) ------------------------------
@@ -324,6 +326,9 @@ def check(cfg: Config) -> None:
     _positive(trainer.log_every, "trainer.log_every")
     _positive(trainer.dead_tokens, "trainer.dead_tokens")
     _positive(trainer.geometric_median_samples, "trainer.geometric_median_samples")
+    for key in ("compute_dtype", "param_dtype"):
+        _require(getattr(trainer, key) in ("float32", "bfloat16"),
+                 f"trainer.{key}={getattr(trainer, key)!r} must be 'float32' or 'bfloat16'")
 
 
 def _check_synthetic(c: SyntheticConfig, group: str) -> None:

@@ -149,3 +149,15 @@ def test_trains_from_a_users_float16_npy(tmp_path):
     x_hat = np.asarray(load_sae(tmp_path / "run" / "sae")(jnp.asarray(held_out)))
     fvu = np.sum((held_out - x_hat) ** 2) / np.sum((held_out - held_out.mean(0)) ** 2)
     assert fvu == pytest.approx(metrics["fvu"], rel=1e-3)
+
+
+@pytest.mark.parametrize("name, extra", [("topk", {"k": 3}), ("batchtopk", {"k": 3}), ("relu_april", {})])
+def test_bfloat16_compute_and_parameters_train_like_float32(name, extra, tmp_path):
+    """trainer.compute_dtype / param_dtype = bfloat16 reach the float32 run's recovery and FVU closely."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = small_config(name, total_tokens=200_000, **extra)
+        cfg.trainer.compute_dtype = cfg.trainer.param_dtype = dtype
+        results[dtype] = train(cfg, tmp_path / dtype)
+    assert results["bfloat16"]["mmcs"] == pytest.approx(results["float32"]["mmcs"], abs=0.03)
+    assert results["bfloat16"]["fvu"] == pytest.approx(results["float32"]["fvu"], rel=0.2)

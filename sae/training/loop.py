@@ -99,6 +99,7 @@ def initial_parameters(cfg: config_lib.Config, sae, source) -> Start:
     sample = source.sample(trainer.geometric_median_samples, cfg.seed)
     input_scale = input_scale_for(sample, cfg.sae.normalize_activations)
     params = sae.init_params(jax.random.PRNGKey(cfg.seed), geometric_median(sample * input_scale))
+    params = jax.tree.map(lambda v: v.astype(trainer.param_dtype), params)
     tx, schedule = make_optimizer(cfg.optim, lr, n_steps)
     return Start(n_steps, lr, input_scale, params, tx, schedule)
 
@@ -148,7 +149,8 @@ def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
                      parallel.replicated(mesh))
         state = jax.device_put(state, shardings[0])
     train_step = make_train_step(
-        sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens, shardings
+        sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens, shardings,
+        trainer.compute_dtype,
     )
     lead = jax.process_index() == 0  # only process 0 logs, evaluates and exports
     if lead and source.ground_truth is not None:

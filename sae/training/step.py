@@ -65,9 +65,18 @@ def pure_train_step(
     n_steps: int,
     sparsity_warmup_fraction: float,
     dead_tokens: int,
+    compute_dtype: str = "float32",
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """The uncompiled step (state, x, λ) -> (state, metrics); λ is the sparsity coefficient before warm-up."""
+    """The uncompiled step (state, x, λ) -> (state, metrics); λ is the sparsity coefficient before warm-up.
+
+    The forward and backward passes run in `compute_dtype` (activations of any dtype are cast on the
+    device); gradients come back in the parameters' dtype for the optimiser.
+    """
     warmup = sparsity_warmup(n_steps, sparsity_warmup_fraction)
+    compute = jnp.dtype(compute_dtype)
+
+    def cast(params: Params) -> Params:
+        return jax.tree.map(lambda v: v.astype(compute) if jnp.issubdtype(v.dtype, jnp.floating) else v, params)
 
     def train_step(state: TrainState, x: jax.Array, base_coefficient: jax.Array):
         x = x.astype(jnp.float32) * state.input_scale
@@ -75,8 +84,8 @@ def pure_train_step(
         dead = state.tokens_since_fired >= dead_tokens
 
         def loss_fn(params):
-            out = sae.forward(params, state.buffers, x, dead, coefficient)
-            return out.loss, out
+            out = sae.forward(cast(params), state.buffers, x.astype(compute), dead, coefficient)
+            return out.loss.astype(jnp.float32), out
 
         (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = sae.project_grads(state.params, grads)
@@ -88,7 +97,7 @@ def pure_train_step(
             "loss": loss,
             **out.terms,
             "l0": out.l0,
-            "fvu": fraction_of_variance_unexplained(x, out.x_hat),
+            "fvu": fraction_of_variance_unexplained(x, out.x_hat.astype(jnp.float32)),
             "dead_fraction": jnp.mean(since >= dead_tokens),
             "lr": schedule(state.step),
             "sparsity_coefficient": coefficient,
@@ -106,12 +115,13 @@ def make_train_step(
     sparsity_warmup_fraction: float,
     dead_tokens: int,
     shardings: tuple | None = None,
+    compute_dtype: str = "float32",
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """(state, x: [batch, d_in]) -> (state, metrics), compiled once, with the state donated.
 
     shardings: (state shardings, batch sharding, replicated) from sae/parallel.py, or None for one device.
     """
-    step = pure_train_step(sae, tx, schedule, n_steps, sparsity_warmup_fraction, dead_tokens)
+    step = pure_train_step(sae, tx, schedule, n_steps, sparsity_warmup_fraction, dead_tokens, compute_dtype)
 
     def train_step(state: TrainState, x: jax.Array):
         return step(state, x, sae.sparsity_coefficient)

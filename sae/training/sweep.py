@@ -66,7 +66,7 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     states = tuple(states)
     coefficients = [make_sae(one.sae, source.d_in).sparsity_coefficient for one in configs]
     step = make_sweep_step(pure_train_step(sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction,
-                                           trainer.dead_tokens), coefficients)
+                                           trainer.dead_tokens, trainer.compute_dtype), coefficients)
 
     labels = [f"{cfg.sweep.key.split('.')[-1]}={value:g}" for value in cfg.sweep.values]
     print(f"training a sweep of {len(configs)} {cfg.sae.name} SAEs ({', '.join(labels)}) in one pass: "
