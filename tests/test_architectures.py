@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sae.architectures import make_sae
-from sae.architectures.base import exact_top_k, gather_sum, take_with_sparse_grad
+from sae.architectures.base import exact_top_k, gather_sum, latent_sharded_top_k, take_with_sparse_grad
 from sae.architectures.batchtopk import batch_threshold, kth_largest_nonnegative
 from sae.architectures.jumprelu import jumprelu, step
 from sae.architectures.matryoshka import prefix_sizes
@@ -623,3 +623,14 @@ def test_matryoshka_explicit_prefixes_match_numpy(prefixes=(8, 24)):
     xn = np.asarray(x, np.float64)
     by_hand = sum(np_sqerr(xn, f[:, :m] @ p["W_dec"][:m] + p["b_dec"]) for m in prefixes)
     np.testing.assert_allclose(out.terms["prefix_loss"], by_hand, **TOL)
+
+
+@pytest.mark.parametrize("shards, k", [(4, 5), (8, 40), (2, 1)])
+def test_latent_sharded_top_k_is_exact(shards, k):
+    """Local top-k per contiguous shard, then a global top-k over the candidates, equals lax.top_k."""
+    z = jax.random.normal(jax.random.PRNGKey(3), (16, 64))
+    with latent_sharded_top_k(shards):
+        values, idx = exact_top_k(z, k)
+    want_values, want_idx = jax.lax.top_k(z, k)
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(idx, want_idx)

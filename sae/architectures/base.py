@@ -206,21 +206,32 @@ def _gather_sum_bwd(res, g):
 gather_sum.defvjp(_gather_sum_fwd, _gather_sum_bwd)
 
 
-_TOPK_BARRIER = [True]
+_LATENT_SHARDS = [0]  # 0: one device (CPU path with the optimisation barrier); M: latents split M ways
 
 
 @contextlib.contextmanager
-def without_topk_barrier():
-    """Trace top-k without its optimisation barrier, which XLA's SPMD partitioner cannot handle (sharded steps)."""
-    _TOPK_BARRIER.append(False)
+def latent_sharded_top_k(model_shards: int):
+    """Trace top-k for latents split contiguously over `model_shards` devices (sharded train steps).
+
+    Each shard takes its local top-k, then one top-k runs over the M·k gathered candidates (OpenAI's
+    sharded top-k), so no device ever holds a whole [batch, d_sae] row. The CPU optimisation barrier is
+    left out: XLA's SPMD partitioner cannot handle it.
+    """
+    _LATENT_SHARDS.append(model_shards)
     try:
         yield
     finally:
-        _TOPK_BARRIER.pop()
+        _LATENT_SHARDS.pop()
 
 
-def _barrier(values):
-    return jax.lax.optimization_barrier(values) if _TOPK_BARRIER[-1] else values
+def _sharded_top_k(z: jax.Array, k: int, shards: int) -> tuple[jax.Array, jax.Array]:
+    """Exact top-k of z: [batch, n] as local top-k per contiguous block of n/shards, then a global one."""
+    batch, n = z.shape
+    local_k = min(k, n // shards)
+    vals, idx = jax.lax.top_k(z.reshape(batch, shards, n // shards), local_k)  # [batch, shards, local_k]
+    idx = idx + (n // shards) * jnp.arange(shards)[None, :, None]
+    values, pos = jax.lax.top_k(vals.reshape(batch, shards * local_k), k)
+    return values, jnp.take_along_axis(idx.reshape(batch, shards * local_k), pos, axis=1)
 
 
 def exact_top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -232,19 +243,22 @@ def exact_top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     an elementwise max of g contiguous slices. Falls back to `lax.top_k` where blocking does not pay.
 
     The results pass an optimisation barrier: XLA's CPU compiler otherwise rewrites a top-k whose
-    consumer slices it (e.g. takes the k-th column) into a full sort, 10× slower. Sharded steps trace
-    without it (`without_topk_barrier`).
+    consumer slices it (e.g. takes the k-th column) into a full sort, 10× slower. Sharded steps take
+    the sharded path instead (`latent_sharded_top_k`).
     """
     batch, n = z.shape
+    shards = _LATENT_SHARDS[-1]
+    if shards:
+        return _sharded_top_k(z, k, shards) if shards > 1 and n % shards == 0 else jax.lax.top_k(z, k)
     g = next((g for g in (32, 16, 8) if n % g == 0 and n // g >= 2 * k), None)
     if g is None:
-        return _barrier(jax.lax.top_k(z, k))
+        return jax.lax.optimization_barrier(jax.lax.top_k(z, k))
     blocks = z.reshape(batch, g, n // g)  # blocks[:, i, c] = z[:, c + i·n/g]
     _, block_idx = jax.lax.top_k(blocks.max(axis=1), k)  # [batch, k]
     members = jnp.take_along_axis(blocks, jnp.broadcast_to(block_idx[:, None, :], (batch, g, k)), axis=2)
     values, pos = jax.lax.top_k(members.reshape(batch, g * k), k)
     idx = jnp.take_along_axis(block_idx, pos % k, axis=1) + (n // g) * (pos // k)
-    return _barrier((values, idx))
+    return jax.lax.optimization_barrier((values, idx))
 
 
 def decode_sparse(params: Params, vals: jax.Array, idx: jax.Array) -> jax.Array:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from sae.architectures import SAE, Params
-from sae.architectures.base import without_topk_barrier
+from sae.architectures.base import latent_sharded_top_k
 from sae.config import OptimConfig
 from sae.training.schedules import lr_schedule, sparsity_warmup
 
@@ -129,11 +129,13 @@ def make_train_step(
     if shardings is None:
         return jax.jit(train_step, donate_argnums=0)
 
+    state_sharding, batch_sharding, replicated = shardings
+    model_shards = batch_sharding.mesh.shape.get("model", 1)
+
     def sharded_step(state: TrainState, x: jax.Array):
-        with without_topk_barrier():
+        with latent_sharded_top_k(model_shards):
             return train_step(state, x)
 
-    state_sharding, batch_sharding, replicated = shardings
     return jax.jit(sharded_step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, replicated), donate_argnums=0)
 
