@@ -13,7 +13,6 @@ gathered rows. Both backward passes are scatters of k rows per token instead of 
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 from typing import Any, NamedTuple
 
