@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from benchmark import interleaved_medians  # scripts/benchmark.py (this script's folder is on sys.path)
 
 from toy_models import models
 from toy_models.train import Task, instance_sharding, make_chunk, make_optimizer, use_all_cpu_cores
@@ -54,19 +53,6 @@ print(steps / (time.perf_counter() - start))
 def scanned(body, n_steps: int):
     """A jitted loop of n_steps calls of body(i) -> scalar, summed so nothing is dead code."""
     return jax.jit(lambda: jax.lax.fori_loop(0, n_steps, lambda i, acc: acc + body(i), 0.0))
-
-
-def medians(fns, repeats: int) -> list[float]:
-    """Median seconds of each fn, timed in alternation so machine noise hits all alike."""
-    for fn in fns:
-        jax.block_until_ready(fn())
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, record in zip(fns, times):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            record.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def benchmark(steps: int, repeats: int) -> dict:
@@ -106,7 +92,7 @@ def benchmark(steps: int, repeats: int) -> dict:
         "model": scanned(model_body, steps),
         "optimizer": scanned(optimizer_body, steps),
     }
-    seconds = dict(zip(parts, medians(list(parts.values()), repeats)))
+    seconds = dict(zip(parts, interleaved_medians(list(parts.values()), repeats)))
     return {
         "config": {"n_instances": N_INSTANCES, "n_features": N_FEATURES, "n_hidden": N_HIDDEN, "batch": BATCH},
         "steps": steps,
