@@ -115,7 +115,10 @@ def _global_batches(source, batch_size: int, n_batches: int, seed: int, sharding
         return
     n_proc, index = jax.process_count(), jax.process_index()
     local = batch_size // n_proc
-    if getattr(source, "process_local", False):
+    if n_proc == 1:  # one process: reshard on the devices, no trip through the host
+        for x in source.train_batches(batch_size, n_batches, seed):
+            yield jax.device_put(x, shardings[1])
+    elif getattr(source, "process_local", False):
         for x in source.train_batches(local, n_batches, seed):
             yield parallel.global_batch(np.asarray(x), shardings[1])
     else:
@@ -175,15 +178,23 @@ def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
         return {}
     log.close()
 
-    results = evaluate(sae, state.params, state.buffers, state.input_scale,
+    return finish(sae, cfg, state, state.buffers, source, out_dir)
+
+
+SUMMARY = ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "mmcs", "recovered_fraction")
+
+
+def finish(sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: Path) -> dict:
+    """Held-out evaluation (written to out_dir/metrics.json) and the SAELens-format export of a trained state."""
+    trainer = cfg.trainer
+    results = evaluate(sae, state.params, buffers, state.input_scale,
                        source.eval_batches(trainer.batch_size), source.ground_truth)
-    results["dead_fraction"] = float(jnp.mean(state.tokens_since_fired >= trainer.dead_tokens))
+    results["dead_fraction"] = float(np.mean(np.asarray(state.tokens_since_fired) >= trainer.dead_tokens))
     results["architecture"] = cfg.sae.name
-    results["tokens"] = n_steps * trainer.batch_size
+    results["tokens"] = trainer.total_tokens // trainer.batch_size * trainer.batch_size
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-    export_sae(out_dir / "sae", sae, state.params, state.buffers, float(state.input_scale),
+    export_sae(out_dir / "sae", sae, state.params, buffers, float(state.input_scale),
                metadata={"config": config_lib.to_dict(cfg)})
-    summary = {k: results[k] for k in ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "mmcs",
-                                       "recovered_fraction") if k in results}
-    print("final (held-out): " + " | ".join(f"{k} {v:.4g}" for k, v in summary.items()), flush=True)
+    print(f"final (held-out) {out_dir.name}: " + " | ".join(f"{k} {results[k]:.4g}" for k in SUMMARY if k in results),
+          flush=True)
     return results

@@ -23,12 +23,8 @@ from sae import config as config_lib
 from sae import parallel
 from sae.architectures import make_sae
 from sae.data import make_source
-from sae.evals import evaluate
-from sae.export import export_sae
-from sae.training.loop import ProgressLog, initial_parameters
+from sae.training.loop import ProgressLog, finish, initial_parameters
 from sae.training.step import init_state, make_sweep_step, pure_train_step
-
-SUMMARY = ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "mmcs", "recovered_fraction")
 
 
 def instance_configs(cfg: config_lib.Config) -> list[config_lib.Config]:
@@ -90,7 +86,7 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     for one, label, log, state in zip(configs, labels, logs, jax.device_get(states)):
         log.close()
         buffers = {name: value for name, value in state.buffers.items() if name != "k"}
-        results[label] = _finish(make_sae(one.sae, source.d_in), one, state, buffers, source, out_dir / label)
+        results[label] = finish(make_sae(one.sae, source.d_in), one, state, buffers, source, out_dir / label)
     (out_dir / "sweep.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -99,18 +95,3 @@ def _write(logs: list[ProgressLog], step: int, metrics: dict) -> None:
     metrics = jax.device_get(metrics)
     for i, log in enumerate(logs):
         log.write(step, {name: value[i] for name, value in metrics.items()})
-
-
-def _finish(sae, cfg: config_lib.Config, state, buffers, source, out_dir: Path) -> dict:
-    """Held-out evaluation and export of one instance, as a separate run writes them."""
-    results = evaluate(sae, state.params, buffers, state.input_scale,
-                       source.eval_batches(cfg.trainer.batch_size), source.ground_truth)
-    results["dead_fraction"] = float(np.mean(state.tokens_since_fired >= cfg.trainer.dead_tokens))
-    results["architecture"] = cfg.sae.name
-    results["tokens"] = cfg.trainer.total_tokens // cfg.trainer.batch_size * cfg.trainer.batch_size
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-    export_sae(out_dir / "sae", sae, state.params, buffers, float(state.input_scale),
-               metadata={"config": config_lib.to_dict(cfg)})
-    print(f"{out_dir.name} final (held-out): "
-          + " | ".join(f"{k} {results[k]:.4g}" for k in SUMMARY if k in results), flush=True)
-    return results
