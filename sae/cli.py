@@ -28,6 +28,7 @@ def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfi
 
     def task(cfg: DictConfig) -> None:
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" at start-up
+        from sae.checkpoint import Preempted, sigterm_exit_status
         from sae.data import DataError
 
         try:
@@ -41,6 +42,9 @@ def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfi
         except (config_lib.ConfigError, DataError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except Preempted as stop:  # SIGTERM: the checkpoint is written; the scheduler may requeue the command
+            print(stop, file=sys.stderr, flush=True)
+            sys.exit(sigterm_exit_status())
 
     return task
 
@@ -71,3 +75,28 @@ def cache() -> None:
     from sae.cache import cache as cache_store
 
     _main("cache", cache_store)
+
+
+def inspect() -> None:
+    """Console script `sae-inspect`: feature statistics, examples, plots and the HTML browser (sae/inspect/)."""
+    from sae.inspect import config as inspect_config
+    from sae.inspect.run import inspect_run
+
+    inspect_config.register()
+    # `data` is an open dict of overrides of the run's saved data config: let `data.path=X` add a key
+    # (Hydra's struct mode would ask for `+data.path=X`); unknown keys are rejected by inspect_run.
+    sys.argv = [f"+{a}" if a.startswith("data.") else a for a in sys.argv]
+    _main("inspect", lambda cfg, _output_dir: inspect_run(cfg))
+
+
+def lm_train() -> None:
+    """Console script `lm-train`: train the small transformer LM on a text corpus (sae/lm/train.py)."""
+    from sae.lm import config as lm_config
+    from sae.lm.train import train_lm
+
+    def job(cfg, run_dir: str):
+        logging.getLogger("absl").setLevel(logging.WARNING)  # no orbax INFO lines in the console
+        return train_lm(cfg, run_dir)
+
+    lm_config.register()
+    _main("lm_train", job)

@@ -14,6 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from sae.lm.config import LMSourceConfig
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message names the field and what was expected."""
@@ -162,6 +164,21 @@ SWEEP_KEYS = {"sae.k": ("topk",), "sae.l1_coefficient": ("relu", "relu_april", "
               "sae.l0_coefficient": ("jumprelu",)}
 
 
+# What the train step reports (sae/training/step.py); the loss terms exist only for their families.
+STEP_METRICS = ("loss", "mse_loss", "l1_loss", "auxk_loss", "l0_loss", "gate_aux_loss", "l0", "fvu", "dead_fraction")
+
+
+@dataclass
+class CheckpointConfig:
+    """Orbax checkpoints under <run dir>/checkpoints (sae/checkpoint.py)."""
+
+    every: int = 1000  # steps between checkpoints; one is also made at the end and on SIGTERM; 0: only those
+    keep: int = 2  # the most recent checkpoints kept
+    best_metric: str | None = "fvu"  # also keep the best checkpoint by this logged metric; null: the latest only
+    best_mode: str = "min"  # min | max: whether a lower or a higher best_metric is better
+    async_save: bool = True  # write in a background thread while training goes on
+
+
 @dataclass
 class TrainerConfig:
     total_tokens: int = 4_000_000
@@ -196,7 +213,8 @@ class ToySourceConfig:
     n_rows: int = 1_000_000
 
 
-SOURCE_SCHEMAS = {"arrays": ArraysSourceConfig, "synthetic": SyntheticSourceConfig, "toy": ToySourceConfig}
+SOURCE_SCHEMAS = {"arrays": ArraysSourceConfig, "synthetic": SyntheticSourceConfig, "toy": ToySourceConfig,
+                  "lm": LMSourceConfig}
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -213,6 +231,12 @@ class CacheConfig:
 # --- sae-train ---------------------------------------------------------------------------------------
 
 
+def _default_logger():
+    from sae.tracking import LoggerConfig  # sae.tracking imports this module
+
+    return LoggerConfig()
+
+
 @dataclass
 class Config:
     sae: Any = MISSING
@@ -221,7 +245,10 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: Any = field(default_factory=_default_logger)  # conf/logger: wandb | jsonl | none (sae/tracking.py)
     seed: int = 0
+    resume: str | None = None  # a run dir, its checkpoints/ or one step's dir; null: the run dir's own, if any
 
 
 def register() -> None:
@@ -238,6 +265,9 @@ def register() -> None:
     for name, schema in SOURCE_SCHEMAS.items():
         cs.store(group="source", name=f"{name}_schema", node=schema)
     cs.store(group="data", name="cached_schema", node=CachedConfig)
+    from sae.tracking import register_schemas  # sae.tracking imports this module
+
+    register_schemas(cs)
 
 
 # --- value checks ------------------------------------------------------------------------------
@@ -275,7 +305,7 @@ def check(cfg: Config) -> None:
                  f"sae.threshold_ema_decay={sae.threshold_ema_decay} must be in [0, 1)")
     if isinstance(sae, MatryoshkaConfig):
         p = list(sae.prefixes)
-        _require(all(0 < a < b for a, b in zip([0] + p, p)) and (not p or p[-1] <= sae.d_sae),
+        _require(all(a < b for a, b in zip([0] + p, p)) and (not p or p[-1] <= sae.d_sae),
                  f"sae.prefixes={p} must be strictly increasing positive sizes ≤ sae.d_sae={sae.d_sae}")
     if isinstance(sae, JumpReLUConfig):
         _positive(sae.bandwidth, "sae.bandwidth")
@@ -326,6 +356,15 @@ def check(cfg: Config) -> None:
     _positive(trainer.log_every, "trainer.log_every")
     _positive(trainer.dead_tokens, "trainer.dead_tokens")
     _positive(trainer.geometric_median_samples, "trainer.geometric_median_samples")
+    from sae.tracking import check_logger  # sae.tracking imports this module
+
+    check_logger(cfg.logger)
+    checkpoint = cfg.checkpoint
+    _require(checkpoint.every >= 0, f"checkpoint.every={checkpoint.every} must be ≥ 0 (0: only at the end)")
+    _require(checkpoint.keep >= 1, f"checkpoint.keep={checkpoint.keep} must be ≥ 1")
+    _require(checkpoint.best_mode in ("min", "max"), f"checkpoint.best_mode={checkpoint.best_mode!r} must be 'min' or 'max'")
+    _require(checkpoint.best_metric is None or checkpoint.best_metric in STEP_METRICS,
+             f"checkpoint.best_metric={checkpoint.best_metric!r} is not one of {list(STEP_METRICS)} (or null)")
     for key in ("compute_dtype", "param_dtype"):
         _require(getattr(trainer, key) in ("float32", "bfloat16"),
                  f"trainer.{key}={getattr(trainer, key)!r} must be 'float32' or 'bfloat16'")
@@ -364,6 +403,10 @@ def check_cache(cfg: CacheConfig) -> None:
         _check_synthetic(source, "source")
     if isinstance(source, ToySourceConfig):
         _require(source.setting >= 0, f"source.setting={source.setting} must be ≥ 0")
+    if isinstance(source, LMSourceConfig):
+        _require(bool(source.checkpoint), "source.checkpoint must name an lm-train run directory")
+        _require(source.split in ("train", "val"), f"source.split={source.split!r} is not one of ['train', 'val']")
+        _require(source.batch_size > 0, f"source.batch_size={source.batch_size} must be > 0")
 
 
 def default_lr(sae: SAEConfig) -> float:

@@ -32,9 +32,26 @@ def _batch_sums(sae: SAE):
             "l0": jnp.sum(f != 0),
             "l1": jnp.sum(jnp.abs(f)),
             "fires": jnp.sum(f != 0, axis=0),
+            "activation_sum": jnp.sum(f, axis=0),
+            "activation_max": jnp.max(f, axis=0),
         }
 
     return sums
+
+
+def _accumulate(sae: SAE, params: Params, buffers: dict, input_scale: float,
+                batches: Iterable[jax.Array]) -> dict[str, np.ndarray]:
+    """Per-batch sums added up over `batches` (maxima kept as maxima), in float64 on the host."""
+    sums = _batch_sums(sae)
+    totals: dict[str, np.ndarray] = {}
+    for x in batches:
+        for name, value in jax.device_get(sums(params, buffers, input_scale, x)).items():
+            value = np.asarray(value, np.float64)
+            if name not in totals:
+                totals[name] = value
+            else:
+                totals[name] = np.maximum(totals[name], value) if name == "activation_max" else totals[name] + value
+    return totals
 
 
 def max_cosines(ground_truth: jax.Array, w_dec: jax.Array) -> np.ndarray:
@@ -67,11 +84,7 @@ def evaluate(
     ground_truth: jax.Array | None = None,
 ) -> dict:
     """Metrics of the SAE's inference rule (`encode`) on held-out batches of raw activations."""
-    sums = _batch_sums(sae)
-    totals: dict[str, np.ndarray] = {}
-    for x in batches:
-        for name, value in jax.device_get(sums(params, buffers, input_scale, x)).items():
-            totals[name] = totals.get(name, 0) + np.asarray(value, np.float64)
+    totals = _accumulate(sae, params, buffers, input_scale, batches)
     n = totals["n"]
     total_variance = totals["x_squared"] - np.sum(np.square(totals["x_sum"])) / n
     fvu = totals["squared_error"] / total_variance
@@ -87,3 +100,30 @@ def evaluate(
     if ground_truth is not None:
         metrics.update(ground_truth_recovery(ground_truth, params["W_dec"]))
     return metrics
+
+
+def feature_table(
+    sae: SAE,
+    params: Params,
+    buffers: dict,
+    input_scale: float,
+    batches: Iterable[jax.Array],
+    ground_truth: jax.Array | None = None,
+) -> dict[str, np.ndarray]:
+    """One row per latent over held-out batches: {feature, density, mean_activation (over the tokens it
+    fires on), max_activation} and, with ground truth [n_features, d_in], {true_feature, true_cosine}: the
+    true direction closest to its decoder row and their cosine. Each value: [d_sae]."""
+    totals = _accumulate(sae, params, buffers, input_scale, batches)
+    fires = totals["fires"]
+    table = {
+        "feature": np.arange(sae.d_sae),
+        "density": fires / totals["n"],
+        "mean_activation": np.where(fires > 0, totals["activation_sum"] / np.maximum(fires, 1), 0.0),
+        "max_activation": np.maximum(totals["activation_max"], 0.0),
+    }
+    if ground_truth is not None:
+        unit = lambda w: w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
+        cosines = np.asarray(unit(params["W_dec"]) @ unit(ground_truth).T)  # [d_sae, n_features]
+        table["true_feature"] = cosines.argmax(axis=1)
+        table["true_cosine"] = cosines.max(axis=1)
+    return table

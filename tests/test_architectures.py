@@ -174,7 +174,7 @@ def np_batch_code(cfg, p, x, threshold):
 
 
 def np_forward(name, cfg, p, x, dead, lam, threshold=-1.0):
-    """dict(loss, terms, x_hat, f, l0, fired[, threshold]) of one training pass, from the equations."""
+    """dict(loss, terms, x_hat, f, l0, fire_counts[, threshold]) of one training pass, from the equations."""
     p, x = np64(p), np.asarray(x, np.float64)
     out = {}
     k_aux = getattr(cfg, "k_aux", None) or D_IN // 2
@@ -224,7 +224,7 @@ def np_forward(name, cfg, p, x, dead, lam, threshold=-1.0):
     else:
         raise ValueError(name)
     active = f != 0
-    out.update(loss=loss, terms=terms, x_hat=x_hat, f=f, l0=np.mean(active.sum(-1)), fired=active.any(0))
+    out.update(loss=loss, terms=terms, x_hat=x_hat, f=f, l0=np.mean(active.sum(-1)), fire_counts=active.sum(0))
     return out
 
 
@@ -235,7 +235,7 @@ def check_forward(name, fwd, ref):
     np.testing.assert_allclose(fwd.loss, ref["loss"], **TOL, err_msg=f"{name}.loss")
     np.testing.assert_allclose(fwd.x_hat, ref["x_hat"], **TOL, err_msg=f"{name}.x_hat")
     np.testing.assert_allclose(fwd.l0, ref["l0"], **TOL, err_msg=f"{name}.l0")
-    np.testing.assert_array_equal(np.asarray(fwd.fired), ref["fired"], err_msg=f"{name}.fired")
+    np.testing.assert_array_equal(np.asarray(fwd.fire_counts), ref["fire_counts"], err_msg=f"{name}.fire_counts")
     if "threshold" in ref:
         np.testing.assert_allclose(fwd.buffers["threshold"], ref["threshold"], **TOL, err_msg=f"{name}.threshold")
 
@@ -265,7 +265,7 @@ def test_encode_decode_match_numpy(name):
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("n_dead", [0, 2, 16])
 def test_forward_matches_numpy(name, n_dead):
-    """forward's loss, every named term, x_hat, l0, fired (and BatchTopK's threshold buffer) equal
+    """forward's loss, every named term, x_hat, l0, fire_counts (and BatchTopK's threshold buffer) equal
     the NumPy equations; n_dead = 16 exercises AuxK with k_aux < #dead, 2 with #dead < k_aux, 0 none
     (AuxK then exactly 0). TopK uses an explicit k_aux = 6, BatchTopK/Matryoshka the default d_in // 2."""
     sae, forward, _ = sae_and_fns(name)

@@ -25,15 +25,15 @@ Params = dict[str, jax.Array]
 class Forward(NamedTuple):
     """One training forward pass.
 
-    loss: scalar to minimise; x_hat: [batch, d_in]; fired: [d_sae] bool, latents active on any
-    token of the batch (feeds the dead-latent counters); l0: scalar, mean active latents per token;
+    loss: scalar to minimise; x_hat: [batch, d_in]; fire_counts: [d_sae] int32, the tokens of
+    the batch each latent is active on (feeds the dead-latent counters and the density histograms); l0: scalar, mean active latents per token;
     terms: named scalar loss terms for logging; buffers: the architecture's updated
     non-trainable state (e.g. BatchTopK's inference threshold).
     """
 
     loss: jax.Array
     x_hat: jax.Array
-    fired: jax.Array
+    fire_counts: jax.Array
     l0: jax.Array
     terms: dict[str, jax.Array]
     buffers: dict[str, jax.Array]
@@ -271,9 +271,9 @@ def scatter_dense(vals: jax.Array, idx: jax.Array, d_sae: int) -> jax.Array:
     return jnp.zeros((vals.shape[0], d_sae), vals.dtype).at[rows, idx].set(vals)
 
 
-def fired_from_indices(vals: jax.Array, idx: jax.Array, d_sae: int) -> jax.Array:
-    """[d_sae] bool: latents with a positive value anywhere in the batch."""
-    return jnp.zeros((d_sae,), bool).at[idx.reshape(-1)].max(vals.reshape(-1) > 0)
+def fire_counts_from_indices(vals: jax.Array, idx: jax.Array, d_sae: int) -> jax.Array:
+    """[d_sae] int32: for each latent, the tokens of the batch where its value is positive."""
+    return jnp.zeros((d_sae,), jnp.int32).at[idx.reshape(-1)].add((vals.reshape(-1) > 0).astype(jnp.int32))
 
 
 # --- losses -------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def dense_topk_family_loss(sae, params, buffers, x, x_hat, xw, f, dead, extra_te
     return Forward(
         loss=loss,
         x_hat=x_hat,
-        fired=jnp.any(active, axis=0),
+        fire_counts=jnp.sum(active, axis=0, dtype=jnp.int32),
         l0=jnp.mean(jnp.sum(active, axis=-1)),
         terms={"mse_loss": mse, "auxk_loss": aux, **extra_terms},
         buffers=buffers,

@@ -55,7 +55,7 @@ class Gated(UnitNormDecoder):
         return Forward(
             loss=mse + sparsity_coefficient * l1 + aux,
             x_hat=x_hat,
-            fired=jnp.any(active, axis=0),
+            fire_counts=jnp.sum(active, axis=0, dtype=jnp.int32),
             l0=jnp.mean(jnp.sum(active, axis=-1)),
             terms={"mse_loss": mse, "l1_loss": l1, "gate_aux_loss": aux},
             buffers=buffers,

@@ -90,7 +90,7 @@ class JumpReLU(UnitNormDecoder):
         return Forward(
             loss=mse + sparsity_coefficient * l0,
             x_hat=x_hat,
-            fired=jnp.any(active, axis=0),
+            fire_counts=jnp.sum(active, axis=0, dtype=jnp.int32),
             l0=jnp.mean(jnp.sum(active, axis=-1)),
             terms={"mse_loss": mse, "l0_loss": l0},
             buffers=buffers,

@@ -44,7 +44,7 @@ def l1_loss(x, x_hat, f, penalty_per_token, coefficient, buffers) -> Forward:
     return Forward(
         loss=mse + coefficient * l1,
         x_hat=x_hat,
-        fired=jnp.any(active, axis=0),
+        fire_counts=jnp.sum(active, axis=0, dtype=jnp.int32),
         l0=jnp.mean(jnp.sum(active, axis=-1)),
         terms={"mse_loss": mse, "l1_loss": l1},
         buffers=buffers,

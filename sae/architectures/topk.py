@@ -25,7 +25,7 @@ from sae.architectures.base import (
     decode_sparse,
     encoder_bias,
     exact_top_k,
-    fired_from_indices,
+    fire_counts_from_indices,
     preacts,
     scatter_dense,
     selected_preacts,
@@ -64,7 +64,7 @@ class TopK(UnitNormDecoder):
         return Forward(
             loss=mse + self.cfg.aux_coefficient * aux,
             x_hat=x_hat,
-            fired=fired_from_indices(vals, idx, self.d_sae),
+            fire_counts=fire_counts_from_indices(vals, idx, self.d_sae),
             l0=jnp.mean(jnp.sum(vals > 0, axis=-1)),
             terms={"mse_loss": mse, "auxk_loss": aux},
             buffers=buffers,

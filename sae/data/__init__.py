@@ -33,9 +33,10 @@ class SyntheticSource:
     def sample(self, n: int, seed: int) -> jax.Array:
         return self._sample(jax.random.fold_in(self._sample_key, seed), n)
 
-    def train_batches(self, batch_size: int, n_batches: int, seed: int) -> Iterator[jax.Array]:
+    def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[jax.Array]:
+        """Batches start_batch .. n_batches − 1 of the seed's stream (a resumed run starts past 0)."""
         key = jax.random.fold_in(self._train_key, seed)
-        for i in range(n_batches):
+        for i in range(start_batch, n_batches):
             yield self._sample(jax.random.fold_in(key, i), batch_size)
 
     def eval_batches(self, batch_size: int) -> Iterator[jax.Array]:

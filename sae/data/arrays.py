@@ -88,17 +88,17 @@ class ArraySource:
         rows = np.random.default_rng(seed).choice(self.n_train, size=min(n, self.n_train), replace=False)
         return jax.device_put(np.asarray(self.array[np.sort(rows)], np.float32))
 
-    def _train_rows(self, batch_size: int, n_batches: int, seed: int) -> Iterator[jax.Array]:
-        rng = np.random.default_rng(seed)
+    def _train_rows(self, batch_size: int, n_batches: int, seed: int, start_batch: int) -> Iterator[jax.Array]:
         per_epoch = self.n_train // batch_size
-        for i in range(n_batches):
-            if i % per_epoch == 0:
-                order = rng.permutation(self.n_train)
+        for i in range(start_batch, n_batches):
+            if i % per_epoch == 0 or i == start_batch:
+                order = np.random.default_rng([seed, i // per_epoch]).permutation(self.n_train)
             rows = np.sort(order[(i % per_epoch) * batch_size : (i % per_epoch + 1) * batch_size])
             yield jax.device_put(np.asarray(self.array[rows]))
 
-    def train_batches(self, batch_size: int, n_batches: int, seed: int) -> Iterator[jax.Array]:
-        return _prefetch(self._train_rows(batch_size, n_batches, seed))
+    def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[jax.Array]:
+        """Batches start_batch .. n_batches − 1: epoch e visits the rows in the permutation seeded by (seed, e)."""
+        return _prefetch(self._train_rows(batch_size, n_batches, seed, start_batch))
 
     def eval_batches(self, batch_size: int) -> Iterator[jax.Array]:
         for start in range(self.n_train, self.n_train + self.n_eval, batch_size):

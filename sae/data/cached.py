@@ -39,11 +39,12 @@ class CachedSource:
         return jax.device_put(self.store.take(rows).astype(np.float32))
 
     def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[jax.Array]:
+        """Batches start_batch .. n_batches − 1 of the seed's stream (a resumed run starts past 0)."""
         with StoreLoader(self.store, batch_size, seed, self.cfg.mixing_rows, rows=(0, self.n_train),
                          process_index=jax.process_index(), process_count=jax.process_count(),
                          start_batch=start_batch, verify=self.cfg.verify,
                          check_finite=self.cfg.check_finite) as loader:
-            for _, batch in zip(range(n_batches), loader):
+            for _, batch in zip(range(n_batches - start_batch), loader):
                 yield jax.device_put(batch)
 
     def eval_batches(self, batch_size: int) -> Iterator[jax.Array]:

@@ -77,9 +77,10 @@ class ToyModelSource:
         """Block `index` of the caching stream of `seed` (sae-cache): [batch_size, m], a function of its arguments."""
         return self._hidden(self._stream(3, seed), batch_size, jnp.uint32(index))
 
-    def train_batches(self, batch_size: int, n_batches: int, seed: int) -> Iterator[jax.Array]:
+    def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[jax.Array]:
+        """Batches start_batch .. n_batches − 1 of the seed's stream (a resumed run starts past 0)."""
         stream = self._stream(0, seed)
-        for i in range(n_batches):
+        for i in range(start_batch, n_batches):
             yield self._hidden(stream, batch_size, jnp.uint32(i))
 
     def eval_batches(self, batch_size: int) -> Iterator[jax.Array]:

@@ -1,12 +1,14 @@
-"""The training loop: wires a data source, an architecture and the train step; logs and evaluates.
+"""The training run: wires a data source, an architecture, the train step, checkpoints and tracking.
 
 `train(cfg, out_dir)` is what `sae-train` runs; it needs no Hydra, so notebooks call it directly.
-Writes under out_dir: metrics.jsonl (one line per log interval), metrics.json (final held-out
-evaluation), sae/ (SAELens-format export), ground_truth.npy (synthetic data only).
+Writes under out_dir: metrics.jsonl (one line per log interval), checkpoints/ (orbax), metrics.json
+(final held-out evaluation), sae/ (SAELens-format export), ground_truth.npy (synthetic data only),
+and the tracker's files (histograms.jsonl, wandb/).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -20,11 +22,13 @@ import numpy as np
 import optax
 
 from sae import config as config_lib
-from sae import parallel
-from sae.architectures import make_sae
+from sae import parallel, tracking
+from sae.architectures import SAE, make_sae
+from sae.checkpoint import CHECKPOINTS, Checkpointer
 from sae.data import make_source
-from sae.evals import evaluate
+from sae.evals import evaluate, feature_table
 from sae.export import export_sae
+from sae.training.driver import Hooks, decoder_norms, resume, run_steps, scratch_dir
 from sae.training.geometric_median import geometric_median
 from sae.training.step import init_state, make_optimizer, make_train_step
 
@@ -42,15 +46,23 @@ def _format_seconds(s: float) -> str:
 
 
 class ProgressLog:
-    """Console line and metrics.jsonl record per log interval, from metrics already on the host."""
+    """Console line and metrics.jsonl record per log interval, from metrics already on the host.
 
-    def __init__(self, path: Path, n_steps: int, batch_size: int):
+    A resumed run (resume_step > 0) keeps the file's records up to its checkpoint and appends after them.
+    """
+
+    def __init__(self, path: Path, n_steps: int, batch_size: int, resume_step: int = 0):
+        kept = []
+        if resume_step and path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
         self.file = path.open("w")
+        self.file.writelines(kept)
         self.n_steps, self.batch_size = n_steps, batch_size
-        self.start = time.perf_counter()
         self.first: tuple[int, float] | None = None  # (step, time) after compilation
 
-    def write(self, step: int, metrics: dict) -> None:
+    def write(self, step: int, metrics: dict) -> dict:
+        """Print and append the step's record; returns it (with tokens and tokens_per_s)."""
         now = time.perf_counter()
         tokens = step * self.batch_size
         if self.first is None:
@@ -70,6 +82,7 @@ class ProgressLog:
             f" | dead {100 * record['dead_fraction']:.1f}%",
             flush=True,
         )
+        return record
 
     def close(self) -> None:
         self.file.close()
@@ -104,32 +117,115 @@ def initial_parameters(cfg: config_lib.Config, sae, source) -> Start:
     return Start(n_steps, lr, input_scale, params, tx, schedule)
 
 
-def _global_batches(source, batch_size: int, n_batches: int, seed: int, shardings) -> Iterator[jax.Array]:
-    """The source's batches placed on the mesh: each process contributes its rows of the global batch.
+def _global_batches(source, batch_size: int, n_batches: int, seed: int, shardings,
+                    start_batch: int = 0) -> Iterator[jax.Array]:
+    """Batches start_batch .. n_batches − 1 of the source, placed on the mesh: each process contributes
+    its rows of the global batch.
 
     A process-local source (an activation store) reads only this process's rows; others produce the
     whole batch on every process (the same seed), of which each process keeps its own slice.
     """
     if shardings is None:
-        yield from source.train_batches(batch_size, n_batches, seed)
+        yield from source.train_batches(batch_size, n_batches, seed, start_batch)
         return
     n_proc, index = jax.process_count(), jax.process_index()
     local = batch_size // n_proc
     if n_proc == 1:  # one process: reshard on the devices, no trip through the host
-        for x in source.train_batches(batch_size, n_batches, seed):
+        for x in source.train_batches(batch_size, n_batches, seed, start_batch):
             yield jax.device_put(x, shardings[1])
     elif getattr(source, "process_local", False):
-        for x in source.train_batches(local, n_batches, seed):
+        for x in source.train_batches(local, n_batches, seed, start_batch):
             yield parallel.global_batch(np.asarray(x), shardings[1])
     else:
-        for x in source.train_batches(batch_size, n_batches, seed):
+        for x in source.train_batches(batch_size, n_batches, seed, start_batch):
             yield parallel.global_batch(np.asarray(x)[index * local : (index + 1) * local], shardings[1])
+
+
+@dataclasses.dataclass
+class Instance:
+    """One SAE of a run (a sweep has several): its family, config, run dir, progress log and tracker."""
+
+    sae: SAE
+    cfg: config_lib.Config
+    out_dir: Path
+    log: ProgressLog
+    tracker: tracking.Tracker
+
+
+def export_buffers(buffers: dict) -> dict:
+    """The architecture's buffers without a sweep's per-instance k (which the export takes from the config)."""
+    return {name: value for name, value in buffers.items() if name != "k"}
+
+
+class RunHooks(Hooks):
+    """Process 0's side of the loop: progress lines, metrics.jsonl and the tracker, for each instance.
+
+    stacked: the state is a tuple of TrainStates and metrics carry a leading instance axis (a sweep).
+    """
+
+    def __init__(self, instances: list[Instance], source, stacked: bool):
+        self.instances, self.source, self.stacked = instances, source, stacked
+
+    def _split(self, tree) -> list:
+        if not self.stacked:
+            return [tree]
+        if isinstance(tree, tuple):
+            return list(tree)
+        return [jax.tree.map(lambda v, i=i: v[i], tree) for i in range(len(self.instances))]
+
+    def log(self, step: int, metrics: dict) -> None:
+        for one, values in zip(self.instances, self._split(metrics)):
+            record = one.log.write(step, values)
+            one.tracker.log(step, {**record, "explained_variance": 1.0 - record["fvu"]})
+
+    def histograms(self, step: int, fire_counts: np.ndarray, decoder_norms: np.ndarray, window_tokens: int) -> None:
+        for one, counts, norms in zip(self.instances, self._split(fire_counts), self._split(decoder_norms)):
+            density = np.asarray(counts, np.float64) / max(window_tokens, 1)
+            log_density = np.log10(density + 1e-10)  # SAELens's log_feature_sparsity
+            one.tracker.log_histograms(step, {"feature_density_log10": log_density, "decoder_norm": norms})
+            one.tracker.log(step, {"mean_log10_feature_density": float(log_density.mean()),
+                                   "dead_features": int((density == 0).sum()),
+                                   "below_1e-5": int((density < 1e-5).sum()),
+                                   "below_1e-6": int((density < 1e-6).sum())})
+
+    def checkpointed(self, step: int, host_state, metrics: dict, best: bool) -> None:
+        if host_state is None:
+            return
+        for one, state in zip(self.instances, self._split(host_state)):
+            log_dictionary(one, state, self.source, step, ["latest"] + (["best"] if best else []))
+
+
+def log_dictionary(one: Instance, state, source, step: int, aliases: list[str]) -> None:
+    """The feature dictionary as a tracker artifact (type `sae`): the SAELens-format export plus a
+    per-feature table (density, mean and max activation on held-out data, the best true feature)."""
+    buffers = export_buffers(state.buffers)
+    table = feature_table(one.sae, state.params, buffers, state.input_scale,
+                          source.eval_batches(one.cfg.trainer.batch_size), source.ground_truth)
+    with scratch_dir(one.out_dir) as scratch:
+        export_sae(Path(scratch), one.sae, state.params, buffers, float(state.input_scale),
+                   metadata={"config": config_lib.to_dict(one.cfg), "step": step})
+        one.tracker.log_artifact(f"sae-{one.tracker.run_id}", "sae", Path(scratch), table=table,
+                                 metadata={"step": step, "architecture": one.cfg.sae.name, "d_sae": one.sae.d_sae},
+                                 aliases=aliases + [f"step-{step}"])
+
+
+def run_meta(cfg: config_lib.Config, d_in: int, trackers: list[tracking.Tracker]):
+    """meta(step): a checkpoint's JSON (see sae/checkpoint.py)."""
+    config = config_lib.to_dict(cfg)
+
+    def meta(step: int) -> dict:
+        return {"step": step, "tokens": step * cfg.trainer.batch_size, "seed": cfg.seed,
+                "data_position": {"batches": step}, "d_in": d_in, "config": config,
+                "wandb_run_ids": [t.run_id for t in trackers]}
+
+    return meta
 
 
 def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     """Train an SAE as configured; returns the final metrics (also written to out_dir/metrics.json).
 
-    With `sweep.key` set, trains every value of the sweep in one pass instead (sae/training/sweep.py).
+    Resumes from the run dir's newest checkpoint (or cfg.resume). With `sweep.key` set, trains every
+    value of the sweep in one pass instead (sae/training/sweep.py).
     """
     config_lib.check(cfg)
     if cfg.sweep.key is not None:
@@ -151,41 +247,47 @@ def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
         shardings = (parallel.state_shardings(state, sae.d_sae, mesh), parallel.batch_sharding(mesh),
                      parallel.replicated(mesh))
         state = jax.device_put(state, shardings[0])
+    checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
+    state, done, saved = resume(checkpointer, cfg.resume, out_dir, state, run_meta(cfg, sae.d_in, [])(0))
     train_step = make_train_step(
         sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens, shardings,
         trainer.compute_dtype,
     )
     lead = jax.process_index() == 0  # only process 0 logs, evaluates and exports
-    if lead and source.ground_truth is not None:
-        np.save(out_dir / "ground_truth.npy", np.asarray(source.ground_truth))
-
+    hooks, trackers = Hooks(), []
     if lead:
+        if source.ground_truth is not None:
+            np.save(out_dir / "ground_truth.npy", np.asarray(source.ground_truth))
         print(f"training {cfg.sae.name} SAE: d_in={sae.d_in} d_sae={sae.d_sae} lr={lr:.3g} steps={n_steps} "
               f"batch={trainer.batch_size} mesh={dict(mesh.shape)} -> {out_dir}", flush=True)
-    log = ProgressLog(out_dir / "metrics.jsonl", n_steps, trainer.batch_size) if lead else None
-    pending = None  # (step, device metrics) of the last log step, fetched one step later
-    for step, x in enumerate(_global_batches(source, trainer.batch_size, n_steps, cfg.seed, shardings), start=1):
-        state, metrics = train_step(state, x)
-        if pending is not None and log is not None:
-            log.write(pending[0], jax.device_get(pending[1]))
-        pending = None
-        if step % trainer.log_every == 0 or step == n_steps:
-            pending = (step, metrics)
-    if pending is not None and log is not None:
-        log.write(pending[0], jax.device_get(pending[1]))
+        run_ids = (saved or {}).get("wandb_run_ids") or [None]
+        trackers = [tracking.make_tracker(cfg.logger, out_dir, config_lib.to_dict(cfg), run_id=run_ids[0])]
+        log = ProgressLog(out_dir / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done)
+        hooks = RunHooks([Instance(sae, cfg, out_dir, log, trackers[0])], source, stacked=False)
+    state = run_steps(
+        state, train_step, _global_batches(source, trainer.batch_size, n_steps, cfg.seed, shardings, done),
+        first_step=done, n_steps=n_steps, batch_size=trainer.batch_size, log_every=trainer.log_every,
+        histogram_every=cfg.logger.histogram_every, checkpoint_every=cfg.checkpoint.every,
+        checkpointer=checkpointer, meta=run_meta(cfg, sae.d_in, trackers), hooks=hooks,
+        summaries=lambda s: (s.fire_counts, decoder_norms(s.params)), dictionaries=cfg.logger.name == "wandb",
+    )
+    checkpointer.close()
     state = parallel.to_host(state)
     if not lead:
         return {}
-    log.close()
-
-    return finish(sae, cfg, state, state.buffers, source, out_dir)
+    hooks.instances[0].log.close()
+    results = finish(sae, cfg, state, state.buffers, source, out_dir, trackers[0])
+    trackers[0].finish()
+    return results
 
 
 SUMMARY = ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "mmcs", "recovered_fraction")
 
 
-def finish(sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: Path) -> dict:
-    """Held-out evaluation (written to out_dir/metrics.json) and the SAELens-format export of a trained state."""
+def finish(sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: Path,
+           tracker: tracking.Tracker | None = None) -> dict:
+    """Held-out evaluation (written to out_dir/metrics.json, and to the tracker's summary) and the
+    SAELens-format export of a trained state."""
     trainer = cfg.trainer
     results = evaluate(sae, state.params, buffers, state.input_scale,
                        source.eval_batches(trainer.batch_size), source.ground_truth)
@@ -195,6 +297,8 @@ def finish(sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: P
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     export_sae(out_dir / "sae", sae, state.params, buffers, float(state.input_scale),
                metadata={"config": config_lib.to_dict(cfg)})
+    if tracker is not None:
+        tracker.log(int(state.step), {f"eval/{k}": results[k] for k in SUMMARY if k in results})
     print(f"final (held-out) {out_dir.name}: " + " | ".join(f"{k} {results[k]:.4g}" for k in SUMMARY if k in results),
           flush=True)
     return results

@@ -22,6 +22,8 @@ class TrainState(NamedTuple):
     """Everything that changes during training (a pytree).
 
     tokens_since_fired: [d_sae] int32, tokens since each latent last fired (dead ≥ trainer.dead_tokens);
+    fire_counts: [d_sae] uint32, tokens each latent has fired on, wrapping modulo 2³², so the density
+        over a window of fewer than 2³² tokens is the wrapped difference of two snapshots;
     input_scale: scalar, the factor x is multiplied by before the SAE (1 without normalisation).
     """
 
@@ -29,6 +31,7 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
     buffers: dict[str, jax.Array]
     tokens_since_fired: jax.Array
+    fire_counts: jax.Array
     step: jax.Array
     input_scale: jax.Array
 
@@ -48,6 +51,7 @@ def init_state(sae: SAE, params: Params, tx: optax.GradientTransformation, input
         opt_state=tx.init(params),
         buffers=sae.init_buffers(),
         tokens_since_fired=jnp.zeros((sae.d_sae,), jnp.int32),
+        fire_counts=jnp.zeros((sae.d_sae,), jnp.uint32),
         step=jnp.zeros((), jnp.int32),
         input_scale=jnp.asarray(input_scale, jnp.float32),
     )
@@ -91,8 +95,9 @@ def pure_train_step(
         grads = sae.project_grads(state.params, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = sae.post_update(optax.apply_updates(state.params, updates))
-        since = jnp.where(out.fired, 0, jnp.minimum(state.tokens_since_fired + x.shape[0], _COUNTER_CAP))
-        new_state = TrainState(params, opt_state, out.buffers, since, state.step + 1, state.input_scale)
+        since = jnp.where(out.fire_counts > 0, 0, jnp.minimum(state.tokens_since_fired + x.shape[0], _COUNTER_CAP))
+        counts = state.fire_counts + out.fire_counts.astype(jnp.uint32)
+        new_state = TrainState(params, opt_state, out.buffers, since, counts, state.step + 1, state.input_scale)
         metrics = {
             "loss": loss,
             **out.terms,

@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae import config as config_lib
-from sae import parallel
+from sae import parallel, tracking
 from sae.architectures import make_sae
+from sae.checkpoint import CHECKPOINTS, Checkpointer
 from sae.data import make_source
-from sae.training.loop import ProgressLog, finish, initial_parameters
+from sae.training.driver import decoder_norms, resume, run_steps
+from sae.training.loop import Instance, ProgressLog, RunHooks, export_buffers, finish, initial_parameters, run_meta
 from sae.training.step import init_state, make_sweep_step, pure_train_step
 
 
@@ -65,33 +67,35 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
                                            trainer.dead_tokens, trainer.compute_dtype), coefficients)
 
     labels = [f"{cfg.sweep.key.split('.')[-1]}={value:g}" for value in cfg.sweep.values]
+    checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
+    states, done, saved = resume(checkpointer, cfg.resume, out_dir, states, run_meta(cfg, sae.d_in, [])(0))
     print(f"training a sweep of {len(configs)} {cfg.sae.name} SAEs ({', '.join(labels)}) in one pass: "
           f"d_in={sae.d_in} d_sae={sae.d_sae} steps={n_steps} batch={trainer.batch_size} -> {out_dir}", flush=True)
-    logs = []
-    for label in labels:
+    run_ids = (saved or {}).get("wandb_run_ids") or [None] * len(labels)
+    instances = []
+    for one, label, run_id in zip(configs, labels, run_ids):
         (out_dir / label).mkdir(parents=True, exist_ok=True)
-        logs.append(ProgressLog(out_dir / label / "metrics.jsonl", n_steps, trainer.batch_size))
-    pending = None
-    for step_index, x in enumerate(source.train_batches(trainer.batch_size, n_steps, cfg.seed), start=1):
-        states, metrics = step(states, x)
-        if pending is not None:
-            _write(logs, *pending)
-        pending = None
-        if step_index % trainer.log_every == 0 or step_index == n_steps:
-            pending = (step_index, metrics)
-    if pending is not None:
-        _write(logs, *pending)
+        tracker = tracking.make_tracker(cfg.logger, out_dir / label, config_lib.to_dict(one), run_id=run_id,
+                                        name=f"{out_dir.name}/{label}")
+        log = ProgressLog(out_dir / label / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done)
+        instances.append(Instance(make_sae(one.sae, source.d_in), one, out_dir / label, log, tracker))
+    trackers = [one.tracker for one in instances]
+    states = run_steps(
+        states, step, source.train_batches(trainer.batch_size, n_steps, cfg.seed, done),
+        first_step=done, n_steps=n_steps, batch_size=trainer.batch_size, log_every=trainer.log_every,
+        histogram_every=cfg.logger.histogram_every, checkpoint_every=cfg.checkpoint.every,
+        checkpointer=checkpointer, meta=run_meta(cfg, sae.d_in, trackers),
+        hooks=RunHooks(instances, source, stacked=True), dictionaries=cfg.logger.name == "wandb",
+        summaries=lambda states: tuple(jnp.stack(v) for v in zip(*[(s.fire_counts, decoder_norms(s.params))
+                                                                    for s in states])),
+    )
+    checkpointer.close()
 
     results = {}
-    for one, label, log, state in zip(configs, labels, logs, jax.device_get(states)):
-        log.close()
-        buffers = {name: value for name, value in state.buffers.items() if name != "k"}
-        results[label] = finish(make_sae(one.sae, source.d_in), one, state, buffers, source, out_dir / label)
+    for one, state in zip(instances, jax.device_get(states)):
+        one.log.close()
+        results[one.out_dir.name] = finish(one.sae, one.cfg, state, export_buffers(state.buffers), source,
+                                           one.out_dir, one.tracker)
+        one.tracker.finish()
     (out_dir / "sweep.json").write_text(json.dumps(results, indent=2))
     return results
-
-
-def _write(logs: list[ProgressLog], step: int, metrics: dict) -> None:
-    metrics = jax.device_get(metrics)
-    for i, log in enumerate(logs):
-        log.write(step, {name: value[i] for name, value in metrics.items()})

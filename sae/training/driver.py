@@ -1,0 +1,138 @@
+"""The step loop shared by single runs and sweeps: train steps, logging, checkpoints, resume, SIGTERM.
+
+Nothing here waits on the device between steps except where a host value is needed: a log step's
+metrics are fetched one step later (after the next step is queued), histograms every
+`logger.histogram_every` steps and checkpoints every `checkpoint.every` steps read the state then.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae import parallel
+from sae.checkpoint import Checkpointer, Preempted, StopOnSigterm, check_compatible, resume_source
+
+
+def abstract(state: Any) -> Any:
+    """The state's shapes, dtypes and shardings (where a restore puts the arrays)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+
+
+def resume(checkpointer: Checkpointer, resume_from: str | None, run_dir: Path, state: Any,
+           meta: dict) -> tuple[Any, int, dict | None]:
+    """(state, steps already done, saved meta) from the checkpoint to resume, or (state, 0, None).
+
+    meta: this run's meta (its config and d_in), which the checkpoint's must match (check_compatible).
+    """
+    source = resume_source(resume_from, run_dir)
+    if source is None:
+        return state, 0, None
+    directory, step = source
+    reader = checkpointer if directory == checkpointer.directory else Checkpointer(
+        directory, checkpointer.cfg, read_only=True)
+    restored = reader.restore(abstract(state), lambda saved, path: check_compatible(saved, meta, path), step)
+    if restored is None:
+        return state, 0, None
+    if jax.process_index() == 0:
+        print(f"resuming from {restored.path} (step {restored.step})", flush=True)
+    return restored.state, restored.step, restored.meta
+
+
+class Hooks:
+    """What the loop calls on the host (process 0's are real; other processes pass no-ops).
+
+    log(step, metrics): a log step's metrics as host floats (per instance for a sweep);
+    histograms(step, fire_counts, decoder_norms, window_tokens): every histogram_every steps, the firing
+        counts over the last window of window_tokens tokens and the decoder rows' norms ([.., d_sae] each);
+    checkpointed(step, host_state, metrics, best): after each checkpoint, with the state on the host when
+        run_steps was asked for dictionaries (else None) and whether it is the best so far.
+    """
+
+    def log(self, step: int, metrics: dict) -> None: ...
+
+    def histograms(self, step: int, fire_counts: np.ndarray, decoder_norms: np.ndarray, window_tokens: int) -> None: ...
+
+    def checkpointed(self, step: int, host_state: Any, metrics: dict, best: bool) -> None: ...
+
+
+def run_steps(
+    state: Any,
+    train_step: Callable[[Any, jax.Array], tuple[Any, dict]],
+    batches: Iterable[jax.Array],
+    *,
+    first_step: int,
+    n_steps: int,
+    batch_size: int,
+    log_every: int,
+    histogram_every: int,
+    checkpoint_every: int,
+    checkpointer: Checkpointer,
+    meta: Callable[[int], dict],
+    hooks: Hooks,
+    summaries: Callable[[Any], tuple[jax.Array, jax.Array]],
+    dictionaries: bool = False,
+) -> Any:
+    """Steps first_step+1 .. n_steps on `batches`; saves a checkpoint every checkpoint_every steps and at
+    the end; on SIGTERM saves the step reached and raises Preempted. Returns the final state.
+
+    meta(step): the checkpoint's JSON; summaries(state): (firing counters [.., d_sae] uint32, decoder
+    norms [.., d_sae]) on the device; dictionaries: bring the state to the host at checkpoints for
+    hooks.checkpointed. Every process runs this (the host copies are collectives); only process 0's
+    hooks do anything.
+    """
+    summarise = jax.jit(summaries)
+    pending = None  # (step, device metrics) of the last log step, fetched after the next step is queued
+    window = (first_step, np.asarray(parallel.to_host(summarise(state)[0])))
+
+    def flush() -> None:
+        nonlocal pending
+        if pending is not None:
+            hooks.log(pending[0], jax.device_get(pending[1]))
+        pending = None
+
+    def save(step: int, state: Any, metrics: dict) -> None:
+        host = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+        checkpointer.save(step, state, meta(step), host)
+        host_state = parallel.to_host(state) if dictionaries else None
+        hooks.checkpointed(step, host_state, host, checkpointer.best_step() == step)
+
+    step, metrics = first_step, None
+    with StopOnSigterm() as stop:
+        for step, x in enumerate(batches, start=first_step + 1):
+            state, metrics = train_step(state, x)
+            flush()
+            if step % log_every == 0 or step == n_steps:
+                pending = (step, metrics)
+            if step % histogram_every == 0:
+                counts, norms = parallel.to_host(summarise(state))
+                hooks.histograms(step, counts - window[1], norms, (step - window[0]) * batch_size)
+                window = (step, counts)
+            if stop.requested:
+                flush()
+                save(step, state, metrics)
+                checkpointer.wait()
+                raise Preempted(step, checkpointer.directory)
+            if checkpoint_every and step % checkpoint_every == 0 and step < n_steps:
+                save(step, state, metrics)
+    flush()
+    if metrics is not None:
+        save(step, state, metrics)
+    checkpointer.wait()
+    return state
+
+
+def decoder_norms(params: dict) -> jax.Array:
+    """‖W_dec[i]‖ for every latent: [d_sae]."""
+    return jnp.linalg.norm(params["W_dec"].astype(jnp.float32), axis=-1)
+
+
+def scratch_dir(run_dir: Path) -> tempfile.TemporaryDirectory:
+    """A temporary folder beside the run (same file system) for exports handed to the tracker."""
+    return tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-")

@@ -1,0 +1,195 @@
+"""Checkpoints and resume: an interrupted run (SIGTERM, SIGKILL, a damaged checkpoint) ends bit-identical
+to an uninterrupted one; mismatched checkpoints refuse to load; the latest K plus the best are kept."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, small_config
+from safetensors.numpy import load_file
+
+from sae.checkpoint import CHECKPOINTS, UNREADABLE, CheckpointMismatch, Preempted, resume_source
+from sae.config import CheckpointConfig, ConfigError, SAE_SCHEMAS
+from sae.data import SyntheticSource
+from sae.training import train
+
+FAMILY_FIELDS = {"relu": {}, "relu_april": {}, "gated": {}, "jumprelu": {}, "topk": dict(k=3),
+                 "batchtopk": dict(k=3), "matryoshka": dict(k=3, prefixes=[16, 48, 96])}
+
+
+def _config(name: str, every: int = 8, **checkpoint):
+    cfg = small_config(name, total_tokens=40 * 512, **FAMILY_FIELDS[name])
+    cfg.trainer = replace(cfg.trainer, batch_size=512, log_every=5)
+    cfg.checkpoint = CheckpointConfig(every=every, **checkpoint)
+    return cfg
+
+
+def _outputs(run: Path) -> tuple[dict, dict, list]:
+    """(final weights, final metrics, per-step log without timings) of a finished run."""
+    weights = load_file(run / "sae" / "sae_weights.safetensors")
+    metrics = json.loads((run / "metrics.json").read_text())
+    log = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+           for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return weights, metrics, log
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    wa, ma, la = _outputs(a)
+    wb, mb, lb = _outputs(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        np.testing.assert_array_equal(wa[key], wb[key], err_msg=key)
+    assert ma == mb
+    assert la == lb
+
+
+def _sigterm_at(monkeypatch, step: int) -> None:
+    """Send this process SIGTERM while the batch of `step` is being handed to the train step."""
+    original = SyntheticSource.train_batches
+
+    def batches(self, batch_size, n_batches, seed, start_batch=0):
+        for i, x in enumerate(original(self, batch_size, n_batches, seed, start_batch), start=start_batch + 1):
+            if i == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield x
+
+    monkeypatch.setattr(SyntheticSource, "train_batches", batches)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_FIELDS))
+def test_sigterm_then_resume_is_bit_identical(name, tmp_path, monkeypatch):
+    """Every family: SIGTERM at step 13 checkpoints step 13 and stops; rerunning in the same directory
+    resumes there and ends with the uninterrupted run's weights, metrics and log, exactly."""
+    cfg = _config(name)
+    train(cfg, tmp_path / "whole")
+    with monkeypatch.context() as patch:
+        _sigterm_at(patch, 13)
+        with pytest.raises(Preempted) as stopped:
+            train(cfg, tmp_path / "cut")
+    assert stopped.value.step == 13
+    assert sorted(int(p.name) for p in (tmp_path / "cut" / CHECKPOINTS).iterdir() if p.name.isdigit()) == [8, 13]
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    train(cfg, tmp_path / "cut")
+    _assert_same_run(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_damaged_and_half_written_checkpoints_are_skipped(tmp_path, monkeypatch):
+    """The newest checkpoint damaged and a later one half-written (orbax's tmp folder): the run warns
+    naming the damaged one, moves it aside (not deleted), resumes from the one before, and still ends
+    bit-identical to an uninterrupted run."""
+    cfg = _config("topk", keep=5, best_metric=None)
+    train(cfg, tmp_path / "whole")
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as patch, pytest.raises(Preempted):
+        _sigterm_at(patch, 25)
+        train(cfg, cut)  # checkpoints 8, 16, 24, 25
+    damaged = cut / CHECKPOINTS / "25"
+    for path in damaged.rglob("*"):
+        if path.is_file() and path.parent.name != "meta":
+            path.write_bytes(b"\0" * 7)
+    half = cut / CHECKPOINTS / "30.orbax-checkpoint-tmp"
+    half.mkdir()
+    (half / "state").mkdir()
+    with pytest.warns(UserWarning, match=f"checkpoint {damaged} is unreadable"):
+        train(cfg, cut)
+    assert any(p.name.startswith("25-") for p in (cut.parent / "cut" / UNREADABLE).iterdir())
+    assert not half.exists()
+    _assert_same_run(tmp_path / "whole", cut)
+
+
+def test_other_architecture_or_width_refuses_to_resume(tmp_path):
+    cfg = _config("topk", every=0)
+    train(cfg, tmp_path)
+    wider = replace(cfg, sae=replace(cfg.sae, d_sae=128))
+    with pytest.raises(CheckpointMismatch, match=r"sae.d_sae=96 there but 128 here"):
+        train(wider, tmp_path)
+    relu = replace(cfg, sae=SAE_SCHEMAS["relu"](name="relu", d_sae=96))
+    with pytest.raises(CheckpointMismatch, match=r"sae.name='topk' there but 'relu' here"):
+        train(relu, tmp_path)
+
+
+def test_keeps_latest_and_best(tmp_path):
+    """keep=1 with best_metric=l0 (max): the newest checkpoint stays, and so does the one of highest L0."""
+    cfg = _config("relu", every=4, keep=1, best_metric="l0", best_mode="max")
+    cfg.trainer = replace(cfg.trainer, log_every=4)
+    train(cfg, tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / CHECKPOINTS).iterdir() if p.name.isdigit())
+    l0 = {line["step"]: line["l0"] for line in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    best = max((s for s in l0 if s % 4 == 0 or s == 40), key=lambda s: l0[s])
+    assert steps == sorted({40, best})
+    assert best != 40  # L0 falls as the sparsity penalty warms up: the best is an early one
+
+
+def test_resume_paths(tmp_path):
+    (tmp_path / CHECKPOINTS / "8" / "state").mkdir(parents=True)
+    assert resume_source(None, tmp_path) == (tmp_path / CHECKPOINTS, None)
+    assert resume_source(None, tmp_path / "fresh") is None
+    assert resume_source(str(tmp_path), tmp_path / "new") == (tmp_path / CHECKPOINTS, None)
+    assert resume_source(str(tmp_path / CHECKPOINTS / "8"), tmp_path / "new") == (tmp_path / CHECKPOINTS, 8)
+    with pytest.raises(ConfigError, match="resume="):
+        resume_source(str(tmp_path / "nothing"), tmp_path)
+
+
+# --- the CLI in a subprocess: SIGKILL and SIGTERM ----------------------------------------------------
+
+CLI_ARGS = ["data.d_in=24", "data.n_features=48", "data.mean_active=3", "data.eval_tokens=4096",
+            "sae.d_sae=512", "trainer.batch_size=256", "trainer.total_tokens=38400", "trainer.log_every=1",
+            "trainer.geometric_median_samples=512", "checkpoint.every=20", "optim.lr=0.003"]
+
+
+def _cli(run: Path, family: list[str]) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "scripts", "train_sae.py"), *family, *CLI_ARGS, f"hydra.run.dir={run}"]
+
+
+def _env() -> dict:
+    cache = os.path.join(tempfile.gettempdir(), "sae-jax-test-cache")
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+
+
+def _interrupt(run: Path, family: list[str], at: int, sig: int) -> tuple[int, str]:
+    """Start the CLI and send it `sig` once it reports step `at`; returns (exit status, rest of its output)."""
+    proc = subprocess.Popen(_cli(run, family), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), cwd=ROOT)
+    last = 0
+    for line in proc.stdout:
+        if line.startswith("step "):
+            last = int(line.split()[1].split("/")[0])
+            if last >= at:
+                proc.send_signal(sig)
+                break
+    rest = proc.communicate(timeout=120)[0]
+    assert last >= at, rest
+    return proc.returncode, rest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [["sae=topk", "sae.k=4"], ["sae=relu"]], ids=["topk", "relu"])
+def test_cli_sigkill_at_random_step_resumes_bit_identical(family, tmp_path):
+    at = random.Random().randint(25, 100)
+    subprocess.run(_cli(tmp_path / "whole", family), check=True, capture_output=True, env=_env(), cwd=ROOT)
+    code, _ = _interrupt(tmp_path / "cut", family, at, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    done = subprocess.run(_cli(tmp_path / "cut", family), capture_output=True, text=True, env=_env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stdout, f"killed at step {at}: {done.stdout[-2000:]}"
+    _assert_same_run(tmp_path / "whole", tmp_path / "cut")
+
+    if family[0] == "sae=topk":  # SIGTERM: a checkpoint of the step reached, exit status 143, then resume
+        at = random.Random().randint(25, 100)
+        code, out = _interrupt(tmp_path / "term", family, at, signal.SIGTERM)
+        assert code == 128 + signal.SIGTERM, out
+        stopped = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
+        assert stopped >= at
+        assert (tmp_path / "term" / CHECKPOINTS / str(stopped)).is_dir()
+        done = subprocess.run(_cli(tmp_path / "term", family), capture_output=True, text=True, env=_env(), cwd=ROOT)
+        assert f"(step {stopped})" in done.stdout, done.stdout[-2000:]
+        _assert_same_run(tmp_path / "whole", tmp_path / "term")
