@@ -37,6 +37,8 @@ CHECKPOINTS = "checkpoints"
 UNREADABLE = "checkpoints.unreadable"
 # Config fields that fix the shapes or meaning of the saved state: a checkpoint that differs refuses to load.
 MUST_MATCH = ("sae.name", "sae.d_sae", "d_in", "trainer.param_dtype", "sweep.key", "sweep.values")
+# Where and how a run is launched, not what it trains: free to change on resume (the state is resharded).
+NOT_COMPARED = ("resume", "mesh.")
 
 
 class CheckpointMismatch(ConfigError):
@@ -73,7 +75,8 @@ def check_compatible(saved: dict, current: dict, where: Path) -> None:
     """
     old = _flatten({**saved["config"], "d_in": saved["d_in"]})
     new = _flatten({**current["config"], "d_in": current["d_in"]})
-    differs = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and key != "resume")
+    differs = sorted(key for key in old.keys() | new.keys()
+                     if old.get(key) != new.get(key) and not key.startswith(NOT_COMPARED))
     fatal = [key for key in differs if key in MUST_MATCH]
     if fatal:
         raise CheckpointMismatch(
@@ -188,18 +191,19 @@ class StopOnSigterm:
     """Context: SIGTERM (a pre-emption notice) sets `requested` instead of killing the process.
 
     The loop checks the flag between steps, writes a checkpoint and stops. Only the main thread can
-    install signal handlers; elsewhere (a notebook's worker thread) this does nothing.
+    install signal handlers; elsewhere (a notebook's worker thread), or with install=False, this does nothing.
     """
 
-    def __init__(self):
+    def __init__(self, install: bool = True):
         self.requested = False
+        self._install = install
         self._previous = None
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self._install and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 

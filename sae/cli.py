@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -61,6 +62,20 @@ def train() -> None:
     from sae.training import train as train_sae
 
     _main("train", train_sae)
+
+
+def toy_train() -> None:
+    """Console script `toy-train` (toy_models/cli.py): a toy-models experiment, then its figures and
+    results to the tracker when `logger=wandb`."""
+    from sae.tracking import log_toy_run, register_schemas
+    from toy_models import cli as toy_cli
+
+    def log(cfg, out_dir: str) -> None:
+        if cfg.logger is not None and cfg.logger.name == "wandb":
+            log_toy_run(Path(out_dir), cfg.logger)
+
+    register_schemas(ConfigStore.instance())
+    toy_cli.main(after=log)
 
 
 def toy_sae() -> None:

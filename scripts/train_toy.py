@@ -1,6 +1,6 @@
 """Reproduce a toy-models experiment: `python scripts/train_toy.py toy=basic ...` (= `toy-train`)."""
 
-from toy_models.cli import train
+from sae.cli import toy_train
 
 if __name__ == "__main__":
-    train()
+    toy_train()

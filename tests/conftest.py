@@ -9,7 +9,7 @@ import pytest
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "sae-jax-test-cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-from sae.config import Config, OptimConfig, SAE_SCHEMAS, SyntheticConfig, TrainerConfig  # noqa: E402
+from sae.config import SAE_SCHEMAS, Config, OptimConfig, SyntheticConfig, TrainerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,3 +26,21 @@ def small_config(name: str, total_tokens: int = 400_000, lr: float | None = 3e-3
 @pytest.fixture
 def run_dir(tmp_path):
     return tmp_path / "run"
+
+
+WANDB_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DISABLED", "WANDB_DIR", "WANDB_DATA_DIR",
+             "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "NETRC", "WANDB_SILENT")
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """W&B isolated in tmp_path: offline, no API key, no network, HOME and every W&B folder under tmp_path."""
+    for key in WANDB_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for key in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        path = tmp_path / key.lower()
+        path.mkdir()
+        monkeypatch.setenv(key, str(path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path

@@ -17,7 +17,7 @@ from conftest import ROOT, small_config
 from safetensors.numpy import load_file
 
 from sae.checkpoint import CHECKPOINTS, UNREADABLE, CheckpointMismatch, Preempted, resume_source
-from sae.config import CheckpointConfig, ConfigError, SAE_SCHEMAS
+from sae.config import SAE_SCHEMAS, CheckpointConfig, ConfigError, SweepConfig
 from sae.data import SyntheticSource
 from sae.training import train
 
@@ -193,3 +193,16 @@ def test_cli_sigkill_at_random_step_resumes_bit_identical(family, tmp_path):
         done = subprocess.run(_cli(tmp_path / "term", family), capture_output=True, text=True, env=_env(), cwd=ROOT)
         assert f"(step {stopped})" in done.stdout, done.stdout[-2000:]
         _assert_same_run(tmp_path / "whole", tmp_path / "term")
+
+
+def test_sweep_resumes_bit_identical(tmp_path, monkeypatch):
+    """A one-pass sweep (two k) stopped by SIGTERM resumes every instance to its uninterrupted end."""
+    cfg = _config("topk")
+    cfg.sweep = SweepConfig(key="sae.k", values=[2, 3])
+    train(cfg, tmp_path / "whole")
+    with monkeypatch.context() as patch, pytest.raises(Preempted):
+        _sigterm_at(patch, 13)
+        train(cfg, tmp_path / "cut")
+    train(cfg, tmp_path / "cut")
+    for label in ("k=2", "k=3"):
+        _assert_same_run(tmp_path / "whole" / label, tmp_path / "cut" / label)

@@ -7,6 +7,7 @@ A run trains one instance per setting and seed. The settings are the feature pro
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 from hydra.core.config_store import ConfigStore
@@ -58,6 +59,7 @@ class ToyConfig:
     train: ToyTrainConfig = field(default_factory=ToyTrainConfig)
     seed: int = 0
     figures: bool = True
+    logger: Any = None  # the conf/logger group, used by the toy-train entry point (sae/cli.py), not here
 
 
 def register() -> None:

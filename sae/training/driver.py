@@ -52,7 +52,8 @@ class Hooks:
     histograms(step, fire_counts, decoder_norms, window_tokens): every histogram_every steps, the firing
         counts over the last window of window_tokens tokens and the decoder rows' norms ([.., d_sae] each);
     checkpointed(step, host_state, metrics, best): after each checkpoint, with the state on the host when
-        run_steps was asked for dictionaries (else None) and whether it is the best so far.
+        run_steps was asked for dictionaries (else None) and whether it is the best so far;
+    close(): at the end of the run, however it ends.
     """
 
     def log(self, step: int, metrics: dict) -> None: ...
@@ -60,6 +61,9 @@ class Hooks:
     def histograms(self, step: int, fire_counts: np.ndarray, decoder_norms: np.ndarray, window_tokens: int) -> None: ...
 
     def checkpointed(self, step: int, host_state: Any, metrics: dict, best: bool) -> None: ...
+
+    def close(self) -> None:
+        """Flush and close logs and trackers (also when the run stops early)."""
 
 
 def run_steps(
@@ -104,7 +108,10 @@ def run_steps(
         hooks.checkpointed(step, host_state, host, checkpointer.best_step() == step)
 
     step, metrics = first_step, None
-    with StopOnSigterm() as stop:
+    # One process: our SIGTERM flag. Several: JAX's preemption service (started by jax.distributed) takes
+    # SIGTERM and names a step every process reaches, so all of them save the same one.
+    multi_process = jax.process_count() > 1
+    with StopOnSigterm(install=not multi_process) as stop:
         for step, x in enumerate(batches, start=first_step + 1):
             state, metrics = train_step(state, x)
             flush()
@@ -114,7 +121,7 @@ def run_steps(
                 counts, norms = parallel.to_host(summarise(state))
                 hooks.histograms(step, counts - window[1], norms, (step - window[0]) * batch_size)
                 window = (step, counts)
-            if stop.requested:
+            if stop.requested or (multi_process and checkpointer.manager.reached_preemption(step)):
                 flush()
                 save(step, state, metrics)
                 checkpointer.wait()

@@ -176,17 +176,18 @@ class RunHooks(Hooks):
     def log(self, step: int, metrics: dict) -> None:
         for one, values in zip(self.instances, self._split(metrics)):
             record = one.log.write(step, values)
-            one.tracker.log(step, {**record, "explained_variance": 1.0 - record["fvu"]})
+            one.tracker.log(step, record)
 
     def histograms(self, step: int, fire_counts: np.ndarray, decoder_norms: np.ndarray, window_tokens: int) -> None:
         for one, counts, norms in zip(self.instances, self._split(fire_counts), self._split(decoder_norms)):
             density = np.asarray(counts, np.float64) / max(window_tokens, 1)
             log_density = np.log10(density + 1e-10)  # SAELens's log_feature_sparsity
             one.tracker.log_histograms(step, {"feature_density_log10": log_density, "decoder_norm": norms})
-            one.tracker.log(step, {"mean_log10_feature_density": float(log_density.mean()),
-                                   "dead_features": int((density == 0).sum()),
-                                   "below_1e-5": int((density < 1e-5).sum()),
-                                   "below_1e-6": int((density < 1e-6).sum())})
+
+    def close(self) -> None:
+        for one in self.instances:
+            one.log.close()
+            one.tracker.finish()
 
     def checkpointed(self, step: int, host_state, metrics: dict, best: bool) -> None:
         if host_state is None:
@@ -264,21 +265,19 @@ def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
         trackers = [tracking.make_tracker(cfg.logger, out_dir, config_lib.to_dict(cfg), run_id=run_ids[0])]
         log = ProgressLog(out_dir / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done)
         hooks = RunHooks([Instance(sae, cfg, out_dir, log, trackers[0])], source, stacked=False)
-    state = run_steps(
-        state, train_step, _global_batches(source, trainer.batch_size, n_steps, cfg.seed, shardings, done),
-        first_step=done, n_steps=n_steps, batch_size=trainer.batch_size, log_every=trainer.log_every,
-        histogram_every=cfg.logger.histogram_every, checkpoint_every=cfg.checkpoint.every,
-        checkpointer=checkpointer, meta=run_meta(cfg, sae.d_in, trackers), hooks=hooks,
-        summaries=lambda s: (s.fire_counts, decoder_norms(s.params)), dictionaries=cfg.logger.name == "wandb",
-    )
-    checkpointer.close()
-    state = parallel.to_host(state)
-    if not lead:
-        return {}
-    hooks.instances[0].log.close()
-    results = finish(sae, cfg, state, state.buffers, source, out_dir, trackers[0])
-    trackers[0].finish()
-    return results
+    try:
+        state = run_steps(
+            state, train_step, _global_batches(source, trainer.batch_size, n_steps, cfg.seed, shardings, done),
+            first_step=done, n_steps=n_steps, batch_size=trainer.batch_size, log_every=trainer.log_every,
+            histogram_every=cfg.logger.histogram_every, checkpoint_every=cfg.checkpoint.every,
+            checkpointer=checkpointer, meta=run_meta(cfg, sae.d_in, trackers), hooks=hooks,
+            summaries=lambda s: (s.fire_counts, decoder_norms(s.params)), dictionaries=cfg.logger.name == "wandb",
+        )
+        checkpointer.close()
+        state = parallel.to_host(state)
+        return finish(sae, cfg, state, state.buffers, source, out_dir, trackers[0]) if lead else {}
+    finally:  # also when stopped (SIGTERM, an error): the log flushed, the W&B run closed for a resume
+        hooks.close()
 
 
 SUMMARY = ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "mmcs", "recovered_fraction")

@@ -80,22 +80,22 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
         log = ProgressLog(out_dir / label / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done)
         instances.append(Instance(make_sae(one.sae, source.d_in), one, out_dir / label, log, tracker))
     trackers = [one.tracker for one in instances]
-    states = run_steps(
-        states, step, source.train_batches(trainer.batch_size, n_steps, cfg.seed, done),
-        first_step=done, n_steps=n_steps, batch_size=trainer.batch_size, log_every=trainer.log_every,
-        histogram_every=cfg.logger.histogram_every, checkpoint_every=cfg.checkpoint.every,
-        checkpointer=checkpointer, meta=run_meta(cfg, sae.d_in, trackers),
-        hooks=RunHooks(instances, source, stacked=True), dictionaries=cfg.logger.name == "wandb",
-        summaries=lambda states: tuple(jnp.stack(v) for v in zip(*[(s.fire_counts, decoder_norms(s.params))
-                                                                    for s in states])),
-    )
-    checkpointer.close()
-
-    results = {}
-    for one, state in zip(instances, jax.device_get(states)):
-        one.log.close()
-        results[one.out_dir.name] = finish(one.sae, one.cfg, state, export_buffers(state.buffers), source,
-                                           one.out_dir, one.tracker)
-        one.tracker.finish()
+    hooks = RunHooks(instances, source, stacked=True)
+    try:
+        states = run_steps(
+            states, step, source.train_batches(trainer.batch_size, n_steps, cfg.seed, done),
+            first_step=done, n_steps=n_steps, batch_size=trainer.batch_size, log_every=trainer.log_every,
+            histogram_every=cfg.logger.histogram_every, checkpoint_every=cfg.checkpoint.every,
+            checkpointer=checkpointer, meta=run_meta(cfg, sae.d_in, trackers), hooks=hooks,
+            dictionaries=cfg.logger.name == "wandb",
+            summaries=lambda states: tuple(jnp.stack(v) for v in zip(*[(s.fire_counts, decoder_norms(s.params))
+                                                                        for s in states])),
+        )
+        checkpointer.close()
+        results = {one.out_dir.name: finish(one.sae, one.cfg, state, export_buffers(state.buffers), source,
+                                            one.out_dir, one.tracker)
+                   for one, state in zip(instances, jax.device_get(states))}
+    finally:
+        hooks.close()
     (out_dir / "sweep.json").write_text(json.dumps(results, indent=2))
     return results
