@@ -9,6 +9,8 @@ the stream starts, because the writer resumes after the complete shards of an in
   generated in blocks of fixed size, block b from fold_in(key, b).
 - toy: a trained toy model's hidden activations, likewise in fixed blocks (ToyModelSource.block).
 Synthetic and toy stores also hold the ground-truth directions in `ground_truth.npy`.
+- lm: one site of an lm-train model over its corpus (sae/lm/source.py); it writes its own store, with
+  token ids and positions, and records the LM run and site in the manifest's provenance.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from safetensors import safe_open
 
 from sae import config as config_lib
-from sae.config import ArraysSourceConfig, CacheConfig, SyntheticSourceConfig, ToySourceConfig
+from sae.config import ArraysSourceConfig, CacheConfig, LMSourceConfig, SyntheticSourceConfig, ToySourceConfig
 from sae.data.arrays import DataError, open_activations
 from sae.data.store import MANIFEST, StoreError, StoreWriter
 from sae.data.synthetic import SyntheticFeatures
@@ -212,7 +214,12 @@ def open_source(cfg: CacheConfig):
         return SyntheticCacheSource(source, cfg.seed)
     if isinstance(source, ToySourceConfig):
         return ToyCacheSource(source, cfg.seed)
-    raise DataError(f"source.name={getattr(source, 'name', None)!r} is not one of ['arrays', 'synthetic', 'toy']")
+    if isinstance(source, LMSourceConfig):  # writes its own store, with token ids (sae/lm/source.py)
+        from sae.lm.source import LMCacheSource
+
+        return LMCacheSource(source, cfg.seed)
+    raise DataError(f"source.name={getattr(source, 'name', None)!r} is not one of "
+                    f"['arrays', 'synthetic', 'toy', 'lm']")
 
 
 # --- writing -----------------------------------------------------------------------------------------
@@ -302,4 +309,5 @@ def cache(cfg: CacheConfig, out_dir_ignored: str | None = None) -> dict:
     out = Path(cfg.out).expanduser().absolute()
     if (out / MANIFEST).exists():  # before opening (and scanning) the source
         raise StoreError(f"'{out}' already holds a complete store ({MANIFEST}); choose another out dir")
-    return write_store(open_source(cfg), cfg)
+    source = open_source(cfg)
+    return source.write_store(cfg) if hasattr(source, "write_store") else write_store(source, cfg)

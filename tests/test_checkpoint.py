@@ -206,3 +206,17 @@ def test_sweep_resumes_bit_identical(tmp_path, monkeypatch):
     train(cfg, tmp_path / "cut")
     for label in ("k=2", "k=3"):
         _assert_same_run(tmp_path / "whole" / label, tmp_path / "cut" / label)
+
+
+def test_resume_from_another_run_directory(tmp_path, monkeypatch):
+    """resume=<run dir> continues that run's checkpoint (and its log) in a new directory, leaving the old one
+    as it was."""
+    cfg = _config("relu")
+    train(cfg, tmp_path / "whole")
+    with monkeypatch.context() as patch, pytest.raises(Preempted):
+        _sigterm_at(patch, 13)
+        train(cfg, tmp_path / "first")
+    before = sorted(p.name for p in (tmp_path / "first" / CHECKPOINTS).iterdir())
+    train(replace(cfg, resume=str(tmp_path / "first")), tmp_path / "second")
+    assert sorted(p.name for p in (tmp_path / "first" / CHECKPOINTS).iterdir()) == before
+    _assert_same_run(tmp_path / "whole", tmp_path / "second")

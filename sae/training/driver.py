@@ -26,23 +26,24 @@ def abstract(state: Any) -> Any:
 
 
 def resume(checkpointer: Checkpointer, resume_from: str | None, run_dir: Path, state: Any,
-           meta: dict) -> tuple[Any, int, dict | None]:
-    """(state, steps already done, saved meta) from the checkpoint to resume, or (state, 0, None).
+           meta: dict) -> tuple[Any, int, dict | None, Path]:
+    """(state, steps already done, saved meta, the run dir it came from) from the checkpoint to resume,
+    or (state, 0, None, run_dir) for a fresh start.
 
     meta: this run's meta (its config and d_in), which the checkpoint's must match (check_compatible).
     """
     source = resume_source(resume_from, run_dir)
     if source is None:
-        return state, 0, None
+        return state, 0, None, run_dir
     directory, step = source
     reader = checkpointer if directory == checkpointer.directory else Checkpointer(
         directory, checkpointer.cfg, read_only=True)
     restored = reader.restore(abstract(state), lambda saved, path: check_compatible(saved, meta, path), step)
     if restored is None:
-        return state, 0, None
+        return state, 0, None, run_dir
     if jax.process_index() == 0:
         print(f"resuming from {restored.path} (step {restored.step})", flush=True)
-    return restored.state, restored.step, restored.meta
+    return restored.state, restored.step, restored.meta, directory.parent
 
 
 class Hooks:

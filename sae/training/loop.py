@@ -48,13 +48,15 @@ def _format_seconds(s: float) -> str:
 class ProgressLog:
     """Console line and metrics.jsonl record per log interval, from metrics already on the host.
 
-    A resumed run (resume_step > 0) keeps the file's records up to its checkpoint and appends after them.
+    A resumed run (resume_step > 0) starts the file with the records up to its checkpoint from `history`
+    (the run it resumes: this same file, or another run's) and appends after them.
     """
 
-    def __init__(self, path: Path, n_steps: int, batch_size: int, resume_step: int = 0):
+    def __init__(self, path: Path, n_steps: int, batch_size: int, resume_step: int = 0, history: Path | None = None):
         kept = []
-        if resume_step and path.exists():
-            kept = [line for line in path.read_text().splitlines(keepends=True)
+        history = history or path
+        if resume_step and history.exists():
+            kept = [line for line in history.read_text().splitlines(keepends=True)
                     if line.strip() and json.loads(line)["step"] <= resume_step]
         self.file = path.open("w")
         self.file.writelines(kept)
@@ -249,7 +251,7 @@ def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
                      parallel.replicated(mesh))
         state = jax.device_put(state, shardings[0])
     checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
-    state, done, saved = resume(checkpointer, cfg.resume, out_dir, state, run_meta(cfg, sae.d_in, [])(0))
+    state, done, saved, origin = resume(checkpointer, cfg.resume, out_dir, state, run_meta(cfg, sae.d_in, [])(0))
     train_step = make_train_step(
         sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens, shardings,
         trainer.compute_dtype,
@@ -263,7 +265,8 @@ def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
               f"batch={trainer.batch_size} mesh={dict(mesh.shape)} -> {out_dir}", flush=True)
         run_ids = (saved or {}).get("wandb_run_ids") or [None]
         trackers = [tracking.make_tracker(cfg.logger, out_dir, config_lib.to_dict(cfg), run_id=run_ids[0])]
-        log = ProgressLog(out_dir / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done)
+        log = ProgressLog(out_dir / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done,
+                          history=origin / "metrics.jsonl")
         hooks = RunHooks([Instance(sae, cfg, out_dir, log, trackers[0])], source, stacked=False)
     try:
         state = run_steps(

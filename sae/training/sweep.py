@@ -68,7 +68,7 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
 
     labels = [f"{cfg.sweep.key.split('.')[-1]}={value:g}" for value in cfg.sweep.values]
     checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
-    states, done, saved = resume(checkpointer, cfg.resume, out_dir, states, run_meta(cfg, sae.d_in, [])(0))
+    states, done, saved, origin = resume(checkpointer, cfg.resume, out_dir, states, run_meta(cfg, sae.d_in, [])(0))
     print(f"training a sweep of {len(configs)} {cfg.sae.name} SAEs ({', '.join(labels)}) in one pass: "
           f"d_in={sae.d_in} d_sae={sae.d_sae} steps={n_steps} batch={trainer.batch_size} -> {out_dir}", flush=True)
     run_ids = (saved or {}).get("wandb_run_ids") or [None] * len(labels)
@@ -77,7 +77,8 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
         (out_dir / label).mkdir(parents=True, exist_ok=True)
         tracker = tracking.make_tracker(cfg.logger, out_dir / label, config_lib.to_dict(one), run_id=run_id,
                                         name=f"{out_dir.name}/{label}")
-        log = ProgressLog(out_dir / label / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done)
+        log = ProgressLog(out_dir / label / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done,
+                          history=origin / label / "metrics.jsonl")
         instances.append(Instance(make_sae(one.sae, source.d_in), one, out_dir / label, log, tracker))
     trackers = [one.tracker for one in instances]
     hooks = RunHooks(instances, source, stacked=True)
