@@ -283,7 +283,25 @@ def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
         hooks.close()
 
 
-SUMMARY = ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "mmcs", "recovered_fraction")
+SUMMARY = ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "mmcs", "recovered_fraction", "ce_loss_score",
+           "kl_div")
+
+
+def lm_loss_recovered(sae: SAE, params: dict, buffers: dict, input_scale: float, source) -> dict:
+    """For activations cached from a language model (`sae-cache source=lm`): the CE-loss score and KL with
+    the SAE's reconstruction spliced in at the cached site, on the LM's held-out text (sae/lm/splice.py);
+    {} for any other source."""
+    store = getattr(source, "store", None)
+    if store is None or store.provenance.get("source") != "lm":
+        return {}
+    from sae.lm.splice import store_loss_recovered
+
+    def reconstruct(x: jax.Array) -> jax.Array:
+        return sae.decode(params, sae.encode(params, x.astype(jnp.float32) * input_scale, buffers)) / input_scale
+
+    scores = store_loss_recovered(store.path, reconstruct)
+    return {key: scores[key] for key in ("ce_loss_score", "kl_div", "ce_loss_clean", "ce_loss_zero_ablation",
+                                         "ce_loss_sae")}
 
 
 def finish(sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: Path,
@@ -296,6 +314,7 @@ def finish(sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: P
     results["dead_fraction"] = float(np.mean(np.asarray(state.tokens_since_fired) >= trainer.dead_tokens))
     results["architecture"] = cfg.sae.name
     results["tokens"] = trainer.total_tokens // trainer.batch_size * trainer.batch_size
+    results.update(lm_loss_recovered(sae, state.params, buffers, float(state.input_scale), source))
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     export_sae(out_dir / "sae", sae, state.params, buffers, float(state.input_scale),
                metadata={"config": config_lib.to_dict(cfg)})
