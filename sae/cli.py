@@ -29,6 +29,7 @@ def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfi
 
     def task(cfg: DictConfig) -> None:
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" at start-up
+        logging.getLogger("absl").setLevel(logging.WARNING)  # no orbax INFO lines in the console
         from sae.checkpoint import Preempted, sigterm_exit_status
         from sae.data import DataError
 
@@ -109,9 +110,5 @@ def lm_train() -> None:
     from sae.lm import config as lm_config
     from sae.lm.train import train_lm
 
-    def job(cfg, run_dir: str):
-        logging.getLogger("absl").setLevel(logging.WARNING)  # no orbax INFO lines in the console
-        return train_lm(cfg, run_dir)
-
     lm_config.register()
-    _main("lm_train", job)
+    _main("lm_train", train_lm)

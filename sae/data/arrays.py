@@ -48,7 +48,7 @@ def open_activations(path: str | Path) -> np.ndarray:
     return array
 
 
-def _prefetch(items: Iterator, depth: int = 4) -> Iterator:
+def prefetch(items: Iterator, depth: int = 4) -> Iterator:
     """Run `items` in a background thread, `depth` ahead of the consumer."""
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
@@ -98,7 +98,7 @@ class ArraySource:
 
     def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[jax.Array]:
         """Batches start_batch .. n_batches − 1: epoch e visits the rows in the permutation seeded by (seed, e)."""
-        return _prefetch(self._train_rows(batch_size, n_batches, seed, start_batch))
+        return prefetch(self._train_rows(batch_size, n_batches, seed, start_batch))
 
     def eval_batches(self, batch_size: int) -> Iterator[jax.Array]:
         for start in range(self.n_train, self.n_train + self.n_eval, batch_size):

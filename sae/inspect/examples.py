@@ -1,0 +1,93 @@
+"""Token context of the examples: the tokens around each example row and the feature's activation on each.
+
+A row's context is the rows r − before … r + after of the same sequence: row r + j belongs to it when
+it exists and its position is position[r] + j (stores cached from a model keep sequences contiguous).
+Activations on the context tokens are recomputed per (row, latent) pair, in row order: one dot product
+with the latent's encoder column each (`latent_values`), not a re-encoding of every row a window touches,
+which at 8192 latents × 32 examples × 12 tokens would be most rows of a 1M-row store again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae.export import LoadedSAE
+
+
+def context_rows(example_rows: np.ndarray, positions: np.ndarray, before: int, after: int) -> np.ndarray:
+    """example_rows [..., M] (−1: none), positions [n_rows] -> context rows [..., M, before + 1 + after] (−1: none)."""
+    offsets = np.arange(-before, after + 1)
+    rows = example_rows[..., None].astype(np.int64) + offsets  # [..., M, W]
+    inside = (example_rows[..., None] >= 0) & (rows >= 0) & (rows < len(positions))
+    safe_rows, safe_centre = np.where(inside, rows, 0), np.maximum(example_rows, 0)[..., None]
+    same = positions[safe_rows].astype(np.int64) - positions[safe_centre] == offsets
+    return np.where(inside & same, rows, -1).astype(np.int64)
+
+
+def latent_values(sae: LoadedSAE) -> Callable:
+    """jitted (params, x [P, d_in], features [P], floor [P]) -> [P]: latent features[p]'s activation on row x[p].
+
+    SAELens's inference rule (sae/export.py) for one latent at a time: one d_in dot product per pair instead
+    of encoding whole rows. TopK needs the row's floor (its k-th largest activation, from the statistics
+    pass; 0 when fewer than k latents are positive): the latent is active iff its pre-activation reaches it.
+    """
+    arch, pre_bias = sae.saelens_architecture, bool(sae.cfg["apply_b_dec_to_input"])
+
+    @jax.jit
+    def values(params, x: jax.Array, features: jax.Array, floor: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        u = x - params["b_dec"] if pre_bias else x
+        w = params["W_enc"].T[features]  # [P, d_in]
+        if arch == "gated":
+            gate = jnp.sum(u * w, axis=1) + params["b_gate"][features]
+            mag = jnp.sum(u * w, axis=1) * jnp.exp(params["r_mag"][features]) + params["b_mag"][features]
+            return jnp.where(gate > 0, jax.nn.relu(mag), 0.0)
+        pre = jnp.sum(u * w, axis=1) + params["b_enc"][features]
+        if arch == "jumprelu":
+            return jnp.where(pre > params["threshold"][features], jax.nn.relu(pre), 0.0)
+        if arch == "topk":  # 1e-5 relative slack: the floor came from a batched matmul, pre from a dot product
+            return jnp.where(pre >= floor * (1 - 1e-5), jax.nn.relu(pre), 0.0)
+        return jax.nn.relu(pre)
+
+    return values
+
+
+def feature_values(sae: LoadedSAE, take: Callable[[np.ndarray], np.ndarray], rows: np.ndarray,
+                   features: np.ndarray, row_floor: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """f[rows[i], features[i]] for pairs (rows [P] ≥ 0, features [P]): [P] float32.
+
+    Pairs go in row order, `chunk` at a time (the last one padded: one compile); each chunk reads its
+    distinct rows once with `take`.
+    """
+    out = np.zeros(len(rows), np.float32)
+    values = latent_values(sae)
+    order = np.argsort(rows, kind="stable")
+    for start in range(0, len(rows), chunk):
+        pairs = order[start : start + chunk]
+        unique, local = np.unique(rows[pairs], return_inverse=True)
+        x = np.asarray(take(unique))[local]
+        feats, floor = features[pairs], row_floor[rows[pairs]]
+        if len(pairs) < chunk:
+            pad = chunk - len(pairs)
+            x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
+            feats, floor = np.concatenate([feats, np.zeros(pad, feats.dtype)]), np.concatenate([floor, np.zeros(pad)])
+        out[pairs] = np.asarray(values(sae.params, x, feats.astype(np.int32), floor.astype(np.float32)))[: len(pairs)]
+    return out
+
+
+def example_context(sae: LoadedSAE, take: Callable[[np.ndarray], np.ndarray], token_ids: np.ndarray,
+                    positions: np.ndarray, example_rows: np.ndarray, before: int, after: int,
+                    row_floor: np.ndarray) -> dict[str, np.ndarray]:
+    """Context of example_rows [d_sae, M] (−1: none): `context_tokens` (−1: none) and `context_values`
+    [d_sae, M, before + 1 + after]: each context token's id and the example's feature's activation on it."""
+    ctx = context_rows(example_rows, positions, before, after)
+    feature = np.broadcast_to(np.arange(ctx.shape[0])[:, None, None], ctx.shape)
+    valid = ctx >= 0
+    values = np.zeros(ctx.shape, np.float32)
+    values[valid] = feature_values(sae, take, ctx[valid], feature[valid], row_floor)
+    tokens = np.where(valid, token_ids[np.maximum(ctx, 0)], -1).astype(np.int32)
+    return {"context_tokens": tokens, "context_values": values}

@@ -1,0 +1,129 @@
+"""The activations a run is inspected on, rebuilt from the data config saved with its SAE.
+
+Which rows: an activation store (`data=cached`) or a `.npy` (`data=arrays`) is read whole, in order
+(or its first `rows`), not only its held-out tail. Inspection describes what features respond to rather
+than how well the SAE generalises, and rare features need many rows: at the default held-out size
+(65,536 rows) a feature of density 1e-5 fires about once, while a 1M-row store shows it ten times.
+Row indices then are store rows, so token context can be read back. Generated data (synthetic, toy)
+has no store: `rows` rows (262,144 by default) are drawn from a stream seeded apart from training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sae.config import ArraysConfig, CachedConfig, ConfigError, SyntheticConfig, ToyRunConfig
+from sae.data import DataError, make_source
+from sae.data.arrays import open_activations, prefetch
+from sae.data.store import Store
+
+DATA_SCHEMAS = {"synthetic": SyntheticConfig, "arrays": ArraysConfig, "cached": CachedConfig, "toy": ToyRunConfig}
+GENERATED_ROWS = 262_144
+_SEED_OFFSET = 1_000_003  # generated rows use stream seed + this, never the training stream
+
+
+@dataclass
+class Rows:
+    """Rows to inspect. batches(batch_size) yields (first row index, x [≤ batch_size, d_in]) in order.
+
+    take(rows) -> x [len(rows), d_in] for sorted row indices; tokens -> (token ids, positions) [n_rows]
+    int32 when the rows carry token ids (stores cached from a model), else None.
+    """
+
+    n_rows: int
+    d_in: int
+    batches: Callable[[int], Iterator[tuple[int, np.ndarray]]]
+    description: str
+    take: Callable[[np.ndarray], np.ndarray] | None = None
+    tokens: tuple[np.ndarray, np.ndarray] | None = None
+    ground_truth: np.ndarray | None = None
+    store_path: Path | None = None
+
+
+def data_config(saved: dict, overrides: dict):
+    """The run's data config (a dict from cfg.json) with `data.*` overrides, as its typed dataclass."""
+    merged = {**saved, **overrides}
+    name = merged.get("name")
+    if name not in DATA_SCHEMAS:
+        raise ConfigError(f"data.name={name!r} is not one of {sorted(DATA_SCHEMAS)}")
+    schema = DATA_SCHEMAS[name]
+    fields = {f.name for f in dataclasses.fields(schema)}
+    for key in overrides:
+        if key not in fields:
+            raise ConfigError(f"data.{key} is not a field of data={name} (fields: {', '.join(sorted(fields))})")
+    return schema(**{k: v for k, v in merged.items() if k in fields})
+
+
+def _sliced(read: Callable[[int, int], np.ndarray], n_rows: int) -> Callable[[int], Iterator]:
+    def batches(batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        return prefetch((s, read(s, min(s + batch_size, n_rows))) for s in range(0, n_rows, batch_size))
+
+    return batches
+
+
+def open_rows(data, rows: int | None, seed: int, batch_size: int) -> Rows:
+    """The rows of a data config (see the module docstring). Raises DataError for unreadable data."""
+    if isinstance(data, CachedConfig):
+        store = Store(data.path)
+        n = store.n_rows if rows is None else min(rows, store.n_rows)
+        truth = store.provenance.get("ground_truth")
+        tokens = store.read_tokens(0, n) if store.with_tokens else None
+        return Rows(n, store.d_in, _sliced(store.read_rows, n), f"store '{store.path}' ({n} of {store.n_rows} rows)",
+                    take=store.take, tokens=tokens, store_path=store.path,
+                    ground_truth=np.load(store.path / truth) if truth else None)
+    if isinstance(data, ArraysConfig):
+        array = open_activations(data.path)
+        n = array.shape[0] if rows is None else min(rows, array.shape[0])
+        return Rows(n, array.shape[1], _sliced(lambda a, b: np.asarray(array[a:b]), n),
+                    f"'{data.path}' ({n} of {array.shape[0]} rows)", take=lambda r: np.asarray(array[r]))
+    if isinstance(data, (SyntheticConfig, ToyRunConfig)):
+        source = make_source(data, batch_size, seed)
+        n = GENERATED_ROWS if rows is None else rows
+
+        def generated(size: int) -> Iterator[tuple[int, jax.Array]]:
+            stream = source.train_batches(size, -(-n // size), seed + _SEED_OFFSET)
+            for i, x in enumerate(stream):
+                yield i * size, x[: n - i * size]
+
+        truth = None if source.ground_truth is None else np.asarray(source.ground_truth)
+        return Rows(n, source.d_in, generated, f"{n} generated {data.name} rows", ground_truth=truth)
+    raise DataError(f"data.name={getattr(data, 'name', None)!r} cannot be inspected")
+
+
+def load_vocab(path: str | Path | None, store_path: Path | None) -> list[str] | None:
+    """Token strings by id from a .json list / {id: string} or a .txt (one per line); None when absent.
+
+    With no path, `STORE/vocab.json` is used if the store has one.
+    """
+    if path is None:
+        if store_path is None or not (store_path / "vocab.json").is_file():
+            return None
+        path = store_path / "vocab.json"
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"vocab='{path}': no such file (expected a .json list or {{id: token}}, or a .txt)")
+    try:
+        if path.suffix == ".txt":
+            return path.read_text(encoding="utf-8").split("\n")
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"vocab='{path}': unreadable ({err})") from err
+    if isinstance(vocab, dict):
+        try:
+            items = {int(k): str(v) for k, v in vocab.items()}
+        except ValueError as err:
+            raise DataError(f"vocab='{path}': keys must be token ids ({err})") from err
+        out = [f"#{i}" for i in range(max(items, default=-1) + 1)]
+        for i, token in items.items():
+            out[i] = token
+        return out
+    if not isinstance(vocab, list):
+        raise DataError(f"vocab='{path}': expected a list of strings or a {{id: token}} object")
+    return [str(t) for t in vocab]

@@ -1,0 +1,120 @@
+"""`inspect_run`: statistics, examples, neighbours, ground truth, plots and the browser for one run directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sae.config import ConfigError
+from sae.data import DataError
+from sae.export import load_sae
+from sae.inspect import config as inspect_config
+from sae.inspect.config import InspectConfig
+from sae.inspect.examples import example_context
+from sae.inspect.report import Inspection
+from sae.inspect.rows import data_config, load_vocab, open_rows
+from sae.inspect.site import write_site
+from sae.inspect.stats import accumulate, decoder_neighbours, ground_truth_match
+
+
+def _load_labels(path: str | None, run: Path, d_sae: int) -> dict[int, str]:
+    """Feature labels from a .json {feature: label} (default RUN/labels.json when it exists)."""
+    if path is None:
+        if not (run / "labels.json").is_file():
+            return {}
+        path = run / "labels.json"
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        labels = {int(k): str(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError) as err:
+        raise DataError(f"labels='{path}': expected a JSON object {{feature id: label}} ({err})") from err
+    bad = [k for k in labels if not 0 <= k < d_sae]
+    if bad:
+        raise DataError(f"labels='{path}': feature ids {bad[:5]} are outside 0..{d_sae - 1}")
+    return labels
+
+
+def _progress(total: int, every_s: float = 5.0):
+    start = last = time.perf_counter()
+
+    def report(done: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every_s or done >= total:
+            last = now
+            rate = done / max(now - start, 1e-9)
+            print(f"inspect: {done:,}/{total:,} rows, {rate:,.0f} rows/s", flush=True)
+
+    return report
+
+
+def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
+    """Inspect a sae-train run directory; writes OUT/inspect (or cfg.out) and returns the Inspection.
+
+    cfg: an InspectConfig, or the run directory with InspectConfig fields as keyword overrides
+    (`inspect_run("OUT", rows=100_000, data={"path": "other_store"})`). Raises ConfigError / DataError
+    with one line naming the field or file for user mistakes.
+    """
+    if not isinstance(cfg, InspectConfig):
+        cfg = InspectConfig(run=str(cfg), **overrides)
+    inspect_config.check(cfg)
+    run = Path(cfg.run)
+    try:
+        sae = load_sae(run / "sae")
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"run='{run}': not a sae-train output directory ({err})") from None
+    saved = (sae.cfg.get("metadata") or {}).get("config", {}).get("data")
+    if saved is None and "name" not in cfg.data:
+        raise ConfigError(f"run='{run}': its sae/cfg.json records no data config; give data.name=... and data.path=...")
+    data = data_config(saved or {}, dict(cfg.data))
+    rows = open_rows(data, cfg.rows, cfg.seed, cfg.batch_size)
+    d_in, d_sae = int(sae.cfg["d_in"]), int(sae.cfg["d_sae"])
+    if rows.d_in != d_in:
+        raise DataError(f"{rows.description}: rows have d_in={rows.d_in}; the SAE in '{run / 'sae'}' expects {d_in}")
+    with_context = rows.tokens is not None and rows.take is not None
+    vocab = load_vocab(cfg.vocab, rows.store_path) if with_context else None  # user files are read up front
+    labels = _load_labels(cfg.labels, run, d_sae)
+    out = Path(cfg.out) if cfg.out else run / "inspect"
+    t0 = time.perf_counter()
+    print(f"inspect: {sae.architecture} SAE d_in={d_in} d_sae={d_sae} on {rows.description} -> {out}", flush=True)
+    arrays = accumulate(sae, rows.batches(cfg.batch_size), cfg.batch_size, cfg.bins_per_octave, cfg.hist_min, cfg.hist_max,
+                        cfg.top_k, cfg.n_random, cfg.random_stride, cfg.seed, _progress(rows.n_rows))
+    timings = {"stats_s": time.perf_counter() - t0}
+    row_floor = arrays.pop("row_floor")  # [n_rows]: needed for the context pass only, not saved
+    w_dec = np.asarray(sae.params["W_dec"])
+    arrays["neighbours"], arrays["neighbour_cosines"] = decoder_neighbours(w_dec, cfg.n_neighbours)
+    truth_path = run / "ground_truth.npy"
+    truth = np.load(truth_path) if truth_path.is_file() else rows.ground_truth
+    if truth is not None:
+        if truth.ndim != 2 or truth.shape[1] != d_in:
+            raise DataError(f"'{truth_path}': ground truth of shape {truth.shape}; expected [n_features, {d_in}]")
+        arrays.update(ground_truth_match(w_dec, truth))
+    if with_context:
+        t1 = time.perf_counter()
+        examples = np.concatenate([arrays["top_rows"], arrays["random_rows"]], axis=1)
+        arrays.update(example_context(sae, rows.take, rows.tokens[0], rows.tokens[1], examples,
+                                      cfg.context_before, cfg.context_after, row_floor))
+        timings["context_s"] = time.perf_counter() - t1
+    meta = {
+        "run": str(run.absolute()), "description": rows.description, "architecture": sae.architecture,
+        "d_in": d_in, "d_sae": d_sae, "context_before": cfg.context_before, "context_after": cfg.context_after,
+        "ultra_low_density": cfg.ultra_low_density, "config": {k: v for k, v in vars(cfg).items() if k != "data"},
+        "data": dict(cfg.data),
+    }
+    insp = Inspection(arrays, meta, vocab, labels)
+    insp.summary_plots(out)
+    write_site(insp, out, cfg.page_size, cfg.chunk_features)
+    timings["total_s"] = time.perf_counter() - t0
+    insp.meta["timings"] = timings
+    insp.save(out)
+    (out / "summary.json").write_text(json.dumps({**insp.summary(), "timings": timings}, indent=1))
+    line = (f"inspect: {rows.n_rows:,} rows in {timings['total_s']:.1f} s; {len(insp.dead)} dead, "
+            f"{len(insp.ultra_low_density)} below density {cfg.ultra_low_density}")
+    if insp.has_ground_truth:
+        line += " | " + " ".join(f"{k} {v:.4g}" for k, v in insp.mmcs().items())
+    print(line + f" -> {out / 'index.html'}", flush=True)
+    return insp

@@ -1,0 +1,136 @@
+"""Typed config schemas of the language-model workflow: `lm-train` (LMTrainConfig) and `sae-cache source=lm`.
+
+Registered with Hydra's ConfigStore by `register()`; `check_train` rejects impossible values with a
+`sae.config.ConfigError` naming the field. `LMSourceConfig` is one of `sae.config.SOURCE_SCHEMAS`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from sae.tracking import LoggerConfig, check_logger
+
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
+TOKENIZERS = ("bytes", "bpe")
+
+
+@dataclass
+class LMModelConfig:
+    """A decoder-only transformer (sae/lm/model.py); defaults: Bricken et al. 2023's one-layer model, scaled down."""
+
+    n_layers: int = 1
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512  # ReLU MLP neurons (the site `mlp_post` has this width)
+    n_ctx: int = 128  # context length in tokens
+
+
+@dataclass
+class CorpusConfig:
+    """Text with no downloads: the Python standard library's own source by default (sae/lm/text.py)."""
+
+    path: str | None = None  # a directory of text files; null: sysconfig's stdlib directory
+    pattern: str = "*.py"  # file-name glob, matched recursively under path
+    exclude: list[str] = field(default_factory=lambda: ["site-packages", "dist-packages", "test", "tests",
+                                                        "idle_test"])  # directory names skipped
+    val_fraction: float = 0.05  # files (by a hash of their relative path) held out for validation
+    tokenizer: str = "bpe"  # bpe (byte-level, trained on the training files) | bytes (256 bytes + end-of-file)
+    bpe_vocab_size: int = 1024  # bpe only: 256 bytes + end-of-file + merges
+
+
+@dataclass
+class LMOptimConfig:
+    """AdamW with linear warm-up and cosine decay to min_lr_fraction·lr."""
+
+    lr: float = 3e-3
+    min_lr_fraction: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # decoupled (AdamW), on ≥ 2-D weights only (not biases or LayerNorm scales)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # global norm; null disables
+
+
+@dataclass
+class LMTrainerConfig:
+    steps: int = 1000
+    batch_size: int = 64  # sequences of model.n_ctx tokens per step
+    steps_per_call: int = 25  # optimizer steps per jitted call (lax.scan)
+    log_every: int = 100  # steps between train-loss lines (rounded up to whole calls)
+    eval_every: int = 250  # steps between validation losses (rounded up to whole calls)
+    eval_sequences: int = 256  # validation windows of n_ctx tokens per evaluation (fixed set)
+    checkpoint_every: int = 500  # steps between orbax checkpoints (rounded up to whole calls; one also at the end)
+    keep_checkpoints: int = 2  # the most recent checkpoints kept
+    samples: int = 3  # samples printed and saved at the end
+    sample_tokens: int = 200
+    temperature: float = 0.8  # the first sample is greedy, the rest at this temperature
+
+
+@dataclass
+class LMTrainConfig:
+    model: LMModelConfig = field(default_factory=LMModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    optim: LMOptimConfig = field(default_factory=LMOptimConfig)
+    trainer: LMTrainerConfig = field(default_factory=LMTrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # metrics.jsonl is always written
+    seed: int = 0
+
+
+@dataclass
+class LMSourceConfig:
+    """`sae-cache source=lm`: activations at one site of an `lm-train` run, with token ids and positions."""
+
+    name: str = MISSING
+    checkpoint: str = MISSING  # the lm-train run directory (lm_config.json + checkpoints/)
+    site: str = "mlp_post"  # a site name (one of SITES; blocks/<layer>/<site> when n_layers > 1)
+    split: str = "train"  # train | val: which files' text
+    n_rows: int = 1_000_000  # tokens cached, rounded up to whole sequences of the LM's n_ctx
+    batch_size: int = 64  # sequences per forward pass
+
+
+def register() -> None:
+    """Register the lm-train schema (conf/lm_train.yaml extends `lm_train_schema`; `logger_schema` comes
+    from sae.config.register)."""
+    ConfigStore.instance().store(name="lm_train_schema", node=LMTrainConfig)
+
+
+def check_train(cfg: LMTrainConfig) -> None:
+    """Reject impossible lm-train values before anything runs. Raises ConfigError naming the field."""
+    from sae.config import ConfigError
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    def positive(value, key: str) -> None:
+        require(value is not None and value > 0 and math.isfinite(value), f"{key}={value} must be a positive number")
+
+    m, c, o, t = cfg.model, cfg.corpus, cfg.optim, cfg.trainer
+    for key in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx"):
+        positive(getattr(m, key), f"model.{key}")
+    require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must divide by model.n_heads={m.n_heads}")
+    require(0 < c.val_fraction < 1, f"corpus.val_fraction={c.val_fraction} must be in (0, 1)")
+    require(c.tokenizer in TOKENIZERS, f"corpus.tokenizer={c.tokenizer!r} is not one of {list(TOKENIZERS)}")
+    require(c.tokenizer != "bpe" or c.bpe_vocab_size > 257,
+            f"corpus.bpe_vocab_size={c.bpe_vocab_size} must be > 257 (256 bytes + end-of-file + merges)")
+    positive(o.lr, "optim.lr")
+    require(0 <= o.min_lr_fraction <= 1, f"optim.min_lr_fraction={o.min_lr_fraction} must be in [0, 1]")
+    require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be ≥ 0")
+    require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be ≥ 0")
+    for key in ("beta1", "beta2"):
+        require(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)} must be in [0, 1)")
+    positive(o.eps, "optim.eps")
+    if o.grad_clip is not None:
+        positive(o.grad_clip, "optim.grad_clip")
+    for key in ("steps", "batch_size", "steps_per_call", "log_every", "eval_every", "eval_sequences",
+                "checkpoint_every", "sample_tokens"):
+        positive(getattr(t, key), f"trainer.{key}")
+    positive(t.keep_checkpoints, "trainer.keep_checkpoints")
+    require(t.samples >= 0, f"trainer.samples={t.samples} must be ≥ 0")
+    positive(t.temperature, "trainer.temperature")
+    check_logger(cfg.logger)

@@ -1,0 +1,390 @@
+"""Feature inspection (sae/inspect/): streaming statistics against in-memory NumPy, ground-truth matches,
+token context, the `sae-inspect` CLI, and the static browser in a real headless Chromium."""
+
+import base64
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, small_config
+
+from sae.data import SyntheticSource
+from sae.data.store import StoreWriter
+from sae.export import LoadedSAE, load_sae
+from sae.inspect import inspect_run, load
+from sae.inspect.examples import context_rows, latent_values
+from sae.inspect.stats import column_top_k, float_bins, group_size, hash_priority
+from sae.training import train
+
+SCRIPT = str(Path(ROOT) / "scripts" / "inspect_features.py")
+N_ROWS, SEQ, VOCAB = 6000, 32, 40  # the token store: N_ROWS rows of SEQ-token sequences
+KW = {"batch_size": 1024, "top_k": 8, "n_random": 8, "random_stride": 4, "context_before": 3, "context_after": 2}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A TopK SAE trained on synthetic data with known ground truth (48 features in 24 dims, 96 latents)."""
+    out = tmp_path_factory.mktemp("inspect") / "run"
+    cfg = small_config("topk", k=3)
+    metrics = train(cfg, out)
+    return out, cfg, metrics
+
+
+@pytest.fixture(scope="module")
+def token_store(run, tmp_path_factory):
+    """A float32 store of N_ROWS synthetic rows with token ids, positions and a vocab.json."""
+    _, cfg, _ = run
+    path = tmp_path_factory.mktemp("store") / "store"
+    x = np.asarray(SyntheticSource(cfg.data, 7).sample(N_ROWS, 0))
+    rng = np.random.default_rng(0)
+    with StoreWriter(path, x.shape[1], "float32", shard_rows=2048, with_tokens=True) as writer:  # 3 shards
+        writer.append(x, tokens=rng.integers(0, VOCAB, N_ROWS), positions=np.arange(N_ROWS) % SEQ)
+    (path / "vocab.json").write_text(json.dumps([f"tok{i}" for i in range(VOCAB)]))
+    return path, x
+
+
+@pytest.fixture(scope="module")
+def store_inspection(run, token_store, tmp_path_factory):
+    run_dir, _, _ = run
+    (run_dir / "labels.json").write_text(json.dumps({"5": "planted label"}))
+    out = tmp_path_factory.mktemp("site") / "inspect"
+    insp = inspect_run(run_dir, data={"name": "cached", "path": str(token_store[0])}, out=str(out), **KW)
+    return insp, out
+
+
+def test_ground_truth_matches_recover_planted_features(run, tmp_path):
+    """Best matches agree with NumPy and with training's MMCS; matched latents fire as often as their feature."""
+    run_dir, cfg, metrics = run
+    insp = inspect_run(run_dir, rows=32768, out=str(tmp_path / "inspect"), **KW)
+    truth = np.load(run_dir / "ground_truth.npy")
+    w_dec = np.asarray(load_sae(run_dir / "sae").params["W_dec"])
+    unit = lambda w: w / np.linalg.norm(w, axis=1, keepdims=True)
+    sims = unit(w_dec) @ unit(truth).T
+    np.testing.assert_array_equal(insp.arrays["gt_match"], sims.argmax(1))
+    np.testing.assert_allclose(insp.arrays["gt_cosine"], sims.max(1), atol=1e-5)
+    assert insp.mmcs()["mmcs"] == pytest.approx(metrics["mmcs"], abs=1e-5)
+    recovered = set(insp.arrays["gt_match"][insp.arrays["gt_cosine"] > 0.9])
+    assert len(recovered) >= 0.9 * len(truth)
+    # A latent matched at cos > 0.97 fires on about the rows where its planted feature fires.
+    p = np.asarray(SyntheticSource(cfg.data, cfg.seed).features.probabilities)
+    good = np.flatnonzero(insp.arrays["gt_cosine"] > 0.97)
+    good = good[p[insp.arrays["gt_match"][good]] > 0.02]  # enough firings to estimate the density
+    assert len(good) >= 10
+    ratio = insp.density[good] / p[insp.arrays["gt_match"][good]]
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.15), ratio
+    assert set(insp.plots) == {"density", "l0", "recovery"}
+    np.testing.assert_array_equal(insp.l0[1][3], 32768)  # TopK k=3: every row has L0 = 3
+    # Neighbours against a NumPy reference (self excluded, most similar first).
+    cos = unit(w_dec) @ unit(w_dec).T
+    np.fill_diagonal(cos, -np.inf)
+    np.testing.assert_allclose(insp.arrays["neighbour_cosines"], -np.sort(-cos, axis=1)[:, :8], atol=1e-5)
+
+
+def test_streaming_statistics_equal_in_memory(store_inspection, token_store, run):
+    """On a small store (6000 rows, batches of 1024: the last one padded), every statistic equals NumPy's
+    over all rows at once: density, mean, max, histogram, L0, top-k, the hash-priority random sample."""
+    insp, _ = store_inspection
+    _, x = token_store
+    f = np.asarray(load_sae(run[0] / "sae").encode(jnp.asarray(x)))  # [N_ROWS, d_sae]
+    active = f > 0
+    np.testing.assert_array_equal(insp.arrays["fires"], active.sum(0))
+    np.testing.assert_allclose(insp.arrays["total"], f.sum(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(insp.arrays["max"], f.max(0))
+    np.testing.assert_array_equal(insp.l0[1], np.bincount(active.sum(1), minlength=f.shape[1] + 1))
+    edges = insp.arrays["hist_edges"]
+    for j in range(f.shape[1]):
+        v = np.clip(f[active[:, j], j], edges[0], edges[-1] * 0.999)
+        np.testing.assert_array_equal(insp.arrays["hist"][j], np.histogram(v, edges)[0], err_msg=f"feature {j}")
+    # Top-k: values and rows of a full sort.
+    order = np.argsort(-f, axis=0, kind="stable")[:8].T  # [d_sae, 8]
+    expected = np.take_along_axis(f.T, order, axis=1)
+    np.testing.assert_array_equal(insp.arrays["top_values"], expected)
+    np.testing.assert_array_equal(insp.arrays["top_rows"], np.where(expected > 0, order, -1))
+    # Random sample: the 8 highest hash priorities among firing rows of every 4th row, in memory.
+    rows = np.arange(0, N_ROWS, 4)
+    prio = np.asarray(hash_priority(jnp.asarray(rows)[:, None], jnp.arange(f.shape[1])[None, :], 0))
+    prio = np.where(active[rows], prio, -1.0)
+    for j in range(f.shape[1]):
+        chosen = rows[np.argsort(-prio[:, j], kind="stable")[:8]]
+        chosen = chosen[active[chosen, j]]
+        got = insp.arrays["random_rows"][j]
+        assert set(got[got >= 0]) == set(chosen), j
+        np.testing.assert_array_equal(insp.arrays["random_values"][j][got >= 0], f[got[got >= 0], j])
+
+
+def test_token_context_and_search(store_inspection, token_store, run):
+    """Context windows stay in their sequence; each token's activation is the feature's own value there."""
+    insp, _ = store_inspection
+    _, x = token_store
+    f = np.asarray(load_sae(run[0] / "sae").encode(jnp.asarray(x)))
+    tokens = np.random.default_rng(0).integers(0, VOCAB, N_ROWS)
+    j = int(np.argmax(insp.arrays["fires"]))
+    feat = insp.feature(j)
+    assert feat.label is None and insp.feature(5).label == "planted label"
+    assert len(feat.top) == 8 and len(feat.random) == 8
+    for ex in feat.top + feat.random:
+        r = ex.row
+        window = [q for q in range(r - 3, r + 3) if 0 <= q < N_ROWS and q // SEQ == r // SEQ]
+        assert ex.tokens == [f"tok{tokens[q]}" for q in window]
+        np.testing.assert_allclose(ex.values, f[window, j], rtol=1e-5, atol=1e-6)
+        assert window[ex.centre] == r and ex.values[ex.centre] == pytest.approx(ex.value)
+    # Quantiles: top examples sit high in the distribution, random ones spread below.
+    assert feat.top[0].quantile > 0.9 and min(e.quantile for e in feat.random) < 0.5
+    hits = dict(insp.features_by_token(feat.top[0].tokens[feat.top[0].centre], k=len(f.T)))
+    assert j in hits
+    idx, cos = insp.features_by_direction(np.asarray(load_sae(run[0] / "sae").params["W_dec"])[j] * 3.0, k=3)
+    assert idx[0] == j and cos[0] == pytest.approx(1.0, abs=1e-5)
+    # The saved inspection loads back equal.
+    again = load(store_inspection[1])
+    assert again.feature(j).top[0].tokens == feat.top[0].tokens and again.vocab == insp.vocab
+
+
+def test_column_top_k_and_float_bins():
+    """Grouped top-k equals a full top-k (also with k above the number of groups); bins are exact float32 edges."""
+    rng = np.random.default_rng(0)
+    for n, d, k in ((1024, 7, 8), (64, 5, 10)):
+        values = rng.exponential(size=(n, d)).astype(np.float32) * (rng.random((n, d)) < 0.3)
+        top, rows = column_top_k(jnp.asarray(values), k, group_size(n, k))
+        np.testing.assert_array_equal(np.asarray(top), -np.sort(-values.T, axis=1)[:, :k])
+        np.testing.assert_array_equal(np.take_along_axis(values.T, np.asarray(rows), axis=1), np.asarray(top))
+    assert group_size(4096, 16) == 16 and group_size(96, 1) == 8
+    _, _, n_bins, edges = float_bins(4, 1.0, 2.0)
+    assert n_bins == 5 and edges.tolist() == [1.0, 1.25, 1.5, 1.75, 2.0, 2.5]
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "gated"])
+def test_latent_values_match_full_encode(arch):
+    """One latent at a time (the context pass) equals SAELens's rule on whole rows, for every architecture."""
+    rng = np.random.default_rng(1)
+    d_in, d_sae, n = 6, 10, 64
+    names = {"standard": ["b_enc"], "topk": ["b_enc"], "jumprelu": ["b_enc", "threshold"],
+             "gated": ["b_gate", "r_mag", "b_mag"]}[arch]
+    params = {"W_enc": rng.normal(size=(d_in, d_sae)), "W_dec": rng.normal(size=(d_sae, d_in)),
+              "b_dec": rng.normal(size=d_in) * 0.1, **{k: rng.normal(size=d_sae) * 0.3 for k in names}}
+    if arch == "jumprelu":
+        params["threshold"] = np.abs(params["threshold"])
+    cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": arch != "jumprelu", "k": 3}
+    sae = LoadedSAE(arch, {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, cfg)
+    x = rng.normal(size=(n, d_in)).astype(np.float32)
+    f = np.asarray(sae.encode(jnp.asarray(x)))
+    active = f > 0
+    floor = np.where(active.sum(1) >= 3, np.where(active, f, np.inf).min(1), 0.0).astype(np.float32)
+    rows, feats = np.repeat(np.arange(n), d_sae), np.tile(np.arange(d_sae), n)
+    got = np.asarray(latent_values(sae)(sae.params, x[rows], feats, floor[rows]))
+    np.testing.assert_allclose(got.reshape(n, d_sae), f, rtol=1e-5, atol=1e-6)
+
+
+def test_context_rows_respect_sequences():
+    positions = np.array([0, 1, 2, 0, 1, 2, 3])
+    got = context_rows(np.array([[0, 2, 4, -1]]), positions, before=2, after=1)
+    np.testing.assert_array_equal(got[0], [[-1, -1, 0, 1], [0, 1, 2, -1], [-1, 3, 4, 5], [-1, -1, -1, -1]])
+
+
+def test_cli_without_token_ids(run, tmp_path):
+    """`sae-inspect` on a synthetic run: statistics, plots and the browser, examples without text panels."""
+    run_dir, _, _ = run
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, SCRIPT, f"run={run_dir}", f"out={out}", "rows=9000", "batch_size=1024",
+                           "top_k=8", "n_random=8", "chunk_features=32"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mmcs" in proc.stdout
+    for name in ("index.html", "features.js", "density.png", "l0.png", "recovery.png", "stats.npz", "meta.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_rows"] == 9000 and summary["l0_mean"] == 3.0 and summary["mmcs"] > 0.9
+    assert summary["plots"]["density"] == str(out / "density.png")
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["chunk_00000.js", "chunk_00001.js", "chunk_00002.js"]
+    chunk = json.loads((out / "data" / "chunk_00001.js").read_text()[len("SAE_CHUNK("):-3])
+    assert chunk["tokens"] == [] and all(len(ex) == 3 for feat in chunk["features"] for ex in feat["top"])
+    assert chunk["features"][0]["id"] == 32
+    assert not load(out).has_tokens and load(out).n_rows == 9000
+
+
+MISTAKES = {  # overrides -> the text the one-line error must contain
+    "no_run": (["run={tmp}/nope"], "not a sae-train output directory"),
+    "unknown_data_key": (["run={run}", "data.nope=1"], "data.nope is not a field of data=synthetic"),
+    "negative_rows": (["run={run}", "rows=-5"], "rows=-5 must be null or > 0"),
+}
+
+
+def test_cli_user_mistakes(run, tmp_path):
+    """Each mistake (run as concurrent processes) exits non-zero with one line naming it, no traceback."""
+    procs = {name: subprocess.Popen([sys.executable, SCRIPT, *(a.format(tmp=tmp_path, run=run[0]) for a in args),
+                                     f"out={tmp_path / name}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, cwd=tmp_path)
+             for name, (args, _) in MISTAKES.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and MISTAKES[name][1] in err, (name, err[-2000:])
+        assert "Traceback" not in err, (name, err[-2000:])
+        assert not (tmp_path / name / "index.html").exists(), name
+    assert not (tmp_path / "nope").exists()  # nothing is created for a run that is not there
+
+
+# --- the browser -------------------------------------------------------------------------------------
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+class Chromium:
+    """Headless Chromium driven by the DevTools protocol over --remote-debugging-pipe (stdlib only:
+    NUL-separated JSON on fds 3 and 4). The network is closed: a dead proxy and no name resolution."""
+
+    def __init__(self, binary: str, profile: str):
+        to_chrome, from_chrome = os.pipe(), os.pipe()
+        # The child's ends sit above 4 so that bash can move them onto 3 and 4 (no preexec_fn in a threaded process).
+        read_end = fcntl.fcntl(to_chrome[0], fcntl.F_DUPFD, 10)
+        write_end = fcntl.fcntl(from_chrome[1], fcntl.F_DUPFD, 10)
+        for fd in (to_chrome[0], from_chrome[1]):
+            os.close(fd)
+        args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
+                f"--user-data-dir={profile}", "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
+                "--window-size=1280,1000", "about:blank"]
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f'exec 3<&{read_end} 4>&{write_end} {read_end}<&- {write_end}>&-; exec "$@"', "bash", *args],
+            pass_fds=(read_end, write_end), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for fd in (read_end, write_end):
+            os.close(fd)
+        self.send_file = os.fdopen(to_chrome[1], "wb", buffering=0)
+        self.recv_file = os.fdopen(from_chrome[0], "rb", buffering=0)
+        self.buffer, self.last_id, self.events = b"", 0, []
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Page.enable", self.session)
+        self.call("Network.enable", self.session)
+
+    def _message(self) -> dict:
+        while b"\0" not in self.buffer:
+            chunk = self.recv_file.read(1 << 16)
+            if not chunk:
+                raise RuntimeError("chromium closed the DevTools pipe")
+            self.buffer += chunk
+        message, self.buffer = self.buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def call(self, method: str, session: str | None = None, **params) -> dict:
+        self.last_id += 1
+        message = {"id": self.last_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        self.send_file.write(json.dumps(message).encode() + b"\0")
+        while True:
+            reply = self._message()
+            if reply.get("id") == self.last_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+            self.events.append(reply)
+
+    def eval(self, expression: str):
+        result = self.call("Runtime.evaluate", self.session, expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 10.0):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if value := self.eval(expression):
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+    def screenshot(self, path: Path) -> Path:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", self.session, format="png")["data"]))
+        return path
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+        except RuntimeError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _first_by(values: np.ndarray) -> int:
+    """The feature the page lists first when sorting by `values` descending (4 significant digits, ties by id)."""
+    shown = np.array([float(f"{v:.4g}") for v in values])
+    return int(np.flatnonzero(shown == shown.max())[0])
+
+
+def test_browser_list_search_and_feature_page(store_inspection, tmp_path):
+    """index.html from file:// in headless Chromium: the list renders and sorts, typing in the search box and
+    a #q= link filter it, a feature page shows its examples with highlighted tokens, nothing leaves file://."""
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no chromium / chromium-browser / google-chrome on PATH (.ci/run installs Debian's chromium)")
+    insp, site = store_inspection
+    browser = Chromium(binary, tempfile.mkdtemp(dir=tmp_path))
+    try:
+        url = (site / "index.html").as_uri()
+        browser.call("Page.navigate", browser.session, url=url)
+        n = browser.wait_for("document.querySelectorAll('tr.feature-row').length")
+        assert n == min(100, insp.d_sae)
+        assert browser.eval("document.getElementById('count').textContent") == f"{insp.d_sae} of {insp.d_sae} features"
+        # Default sort: density (as shown, 4 significant digits), highest first, ties by id.
+        first = browser.eval("document.querySelector('tr.feature-row').dataset.id")
+        assert int(first) == _first_by(insp.density)
+        browser.screenshot(tmp_path / "list.png")
+        # Typing into the search box filters the list (label search) and is mirrored in the URL.
+        browser.eval("var s = document.getElementById('search'); s.value = 'planted'; "
+                     "s.dispatchEvent(new Event('input', {bubbles: true}))")
+        ids = browser.eval("Array.from(document.querySelectorAll('tr.feature-row')).map(r => +r.dataset.id)")
+        assert ids == [5]
+        assert "q=planted" in browser.eval("location.hash")
+        # A search by token string given in the URL.
+        token = insp.top_token(7)
+        browser.eval(f"location.hash = 'q=' + encodeURIComponent({json.dumps(token)})")
+        ids = browser.wait_for("(() => { const r = Array.from(document.querySelectorAll('tr.feature-row'))"
+                               ".map(r => +r.dataset.id); return r.includes(7) && r; })()")
+        expected = sorted(i for i in range(insp.d_sae) if token.lower() in insp.top_token(i).lower())
+        assert sorted(ids) == expected and len(ids) < insp.d_sae
+        # Sorting by clicking the max-activation header (descending).
+        browser.eval("location.hash = ''")
+        browser.wait_for("document.querySelectorAll('tr.feature-row').length === 96")
+        browser.eval("document.querySelector('th[data-key=max]').click()")
+        first = browser.eval("document.querySelector('tr.feature-row').dataset.id")
+        assert int(first) == _first_by(insp.max_activation)
+        # Clicking a row opens its page; examples (from a lazily loaded chunk) show highlighted tokens.
+        j = int(np.argmax(insp.arrays["fires"]))
+        browser.eval(f"location.hash = 'q={j}'")
+        browser.wait_for(f"!!document.querySelector('tr.feature-row[data-id=\"{j}\"]')")
+        browser.eval(f"document.querySelector('tr.feature-row[data-id=\"{j}\"]').click()")
+        browser.wait_for("document.querySelectorAll('#top-examples .example').length")
+        feat = insp.feature(j)
+        assert browser.eval("document.getElementById('feature-title').textContent") == f"Feature {j}"
+        assert browser.eval("document.querySelectorAll('#top-examples .example').length") == len(feat.top)
+        assert browser.eval("document.querySelectorAll('#random-examples .example').length") == len(feat.random)
+        assert browser.eval("document.querySelector('#top-examples .example .tok.c').textContent") == \
+            feat.top[0].tokens[feat.top[0].centre]
+        assert browser.eval("document.querySelectorAll('#histogram rect.bar').length") > 0
+        assert browser.eval("document.querySelectorAll('#neighbours a').length") == 8
+        assert "best true feature" in browser.eval("document.getElementById('gt').textContent")
+        shot = browser.screenshot(tmp_path / "feature.png")
+        requests = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+        assert requests and all(u.startswith("file://") for u in requests), requests
+    finally:
+        browser.close()
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    screens = Path("/tmp/inspect_screens")
+    screens.mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "list.png", screens / "list.png")
+    shutil.copy(shot, screens / "feature.png")
