@@ -13,6 +13,7 @@ from test_checkpoint import _sigterm_at
 
 from sae.checkpoint import Preempted
 from sae.config import CheckpointConfig
+from sae.inspect import inspect_run
 from sae.tracking import LoggerConfig, read_wandb_run
 from sae.training import train
 
@@ -64,6 +65,14 @@ def test_wandb_run_holds_curves_histograms_and_dictionaries(offline, tmp_path):
     assert np.all((stats["density"] >= 0) & (stats["density"] <= 1))
     assert np.mean(stats["density"]) * 96 == pytest.approx(metrics["l0"], rel=1e-5)  # Σ density = L0
     assert np.all(stats["max_activation"] >= stats["mean_activation"])
+
+    # sae-inspect adds its summary plots to the same W&B run
+    inspect_run(run_dir, rows=4096)
+    first, again = _runs(tmp_path)
+    assert again["run_id"] == first["run_id"]
+    images = {key for row in again["history"] for key, value in row.items()
+              if isinstance(value, dict) and value.get("_type") == "image-file"}
+    assert {"inspect/density", "inspect/l0", "inspect/recovery"} <= images
 
 
 def test_resumed_run_continues_its_wandb_run(offline, tmp_path, monkeypatch):

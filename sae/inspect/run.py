@@ -117,4 +117,20 @@ def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
     if insp.has_ground_truth:
         line += " | " + " ".join(f"{k} {v:.4g}" for k, v in insp.mmcs().items())
     print(line + f" -> {out / 'index.html'}", flush=True)
+    _log_plots(run, sae.cfg, insp.plots)
     return insp
+
+
+def _log_plots(run: Path, sae_cfg: dict, plots: dict[str, Path]) -> None:
+    """The summary plots into the run's own W&B run, when it was tracked with logger=wandb."""
+    config = (sae_cfg.get("metadata") or {}).get("config", {})
+    logger = config.get("logger") or {}
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    run_id = metrics.get("wandb_run_id")
+    if logger.get("name") != "wandb" or not run_id or not plots:
+        return
+    from sae.tracking import LoggerConfig, make_tracker
+
+    fields = {k: v for k, v in logger.items() if k in LoggerConfig.__dataclass_fields__}
+    with make_tracker(LoggerConfig(**fields), run, config, run_id=run_id) as tracker:
+        tracker.log_images(None, {f"inspect/{name}": path for name, path in plots.items()})

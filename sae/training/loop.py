@@ -315,11 +315,13 @@ def finish(sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: P
     results["architecture"] = cfg.sae.name
     results["tokens"] = trainer.total_tokens // trainer.batch_size * trainer.batch_size
     results.update(lm_loss_recovered(sae, state.params, buffers, float(state.input_scale), source))
+    if tracker is not None:
+        tracker.log(int(state.step), {f"eval/{k}": results[k] for k in SUMMARY if k in results})
+        if tracker.run_id is not None:
+            results["wandb_run_id"] = tracker.run_id  # where sae-inspect logs its plots
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     export_sae(out_dir / "sae", sae, state.params, buffers, float(state.input_scale),
                metadata={"config": config_lib.to_dict(cfg)})
-    if tracker is not None:
-        tracker.log(int(state.step), {f"eval/{k}": results[k] for k in SUMMARY if k in results})
     print(f"final (held-out) {out_dir.name}: " + " | ".join(f"{k} {results[k]:.4g}" for k in SUMMARY if k in results),
           flush=True)
     return results
