@@ -11,7 +11,7 @@ Then DIR/results.md and DIR/results.json: the LM's validation loss and, per SAE,
 dead fraction, CE-loss score, KL, and the time each stage took.
 
 Keys: out (required); lm=RUN (reuse an lm-train run instead of stage 1); lm_steps (1000); rows (tokens cached,
-2000000); sae_tokens (per SAE, 2000000); d_sae (4096); families (topk,batchtopk,jumprelu); k (24, TopK family);
+2000000); sae_tokens (per SAE, 2000000); d_sae (4096); families (topk,batchtopk; any of sae=...); k (24, TopK family);
 l0_coefficient (JumpReLU); eval_sequences (validation windows for loss recovered, 256); inspect_rows (262144).
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {"out": None, "lm": None, "lm_steps": "1000", "rows": "2000000", "sae_tokens": "2000000",
-            "d_sae": "4096", "families": "topk,batchtopk,jumprelu", "k": "24", "l0_coefficient": "0.3",
+            "d_sae": "4096", "families": "topk,batchtopk", "k": "24", "l0_coefficient": "0.3",
             "eval_sequences": "256", "inspect_rows": "262144"}
 
 

@@ -384,7 +384,3 @@ def test_browser_list_search_and_feature_page(store_inspection, tmp_path):
     finally:
         browser.close()
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    screens = Path("/tmp/inspect_screens")
-    screens.mkdir(exist_ok=True)
-    shutil.copy(tmp_path / "list.png", screens / "list.png")
-    shutil.copy(shot, screens / "feature.png")
