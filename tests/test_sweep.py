@@ -1,10 +1,12 @@
 """A sweep of SAEs trained in one pass ends where separate runs with the same seed end."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import small_config
+from conftest import ROOT, small_config
 from safetensors.numpy import load_file
 
 from sae.config import ConfigError, SweepConfig
@@ -52,3 +54,34 @@ def test_bad_sweeps_are_named(tmp_path):
     cfg.sweep = SweepConfig(key="sae.width", values=[1])
     with pytest.raises(ConfigError, match="sweep.key='sae.width' is not one of"):
         train(cfg, tmp_path)
+
+
+SHARDED_WORKER = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+import jax
+jax.config.update("jax_enable_compilation_cache", False)
+from conftest import small_config
+from sae.config import MeshConfig, SweepConfig
+from sae.training import train
+for name, mesh in (("one", MeshConfig(data=1)), ("four", MeshConfig(data=4))):
+    cfg = small_config("topk", total_tokens=30720, k=5)
+    cfg.sweep, cfg.mesh = SweepConfig(key="sae.k", values=[2, 3, 4, 5]), mesh
+    train(cfg, os.path.join(sys.argv[1], name))
+"""
+
+
+def test_sweep_instances_sharded_over_devices_match_one_device(tmp_path):
+    """Four instances on four (fake CPU) devices, one each (shard_map over the instance axis), end where
+    the one-device sweep ends: the same L0 at every log step and the same weights up to float round-off."""
+    done = subprocess.run([sys.executable, "-c", SHARDED_WORKER, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for label in ("k=2", "k=3", "k=4", "k=5"):
+        one, four = (load_file(tmp_path / run / label / "sae" / "sae_weights.safetensors") for run in ("one", "four"))
+        for key in one:
+            np.testing.assert_allclose(four[key], one[key], rtol=1e-4, atol=1e-5, err_msg=f"{label} {key}")
+        logs = [[json.loads(line)["l0"] for line in (tmp_path / run / label / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "four")]
+        assert logs[0] == logs[1]

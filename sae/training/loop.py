@@ -75,11 +75,11 @@ class ProgressLog:
         record = {"step": step, "tokens": tokens, **{k: float(v) for k, v in metrics.items()}, "tokens_per_s": rate}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        eta = (self.n_steps - step) * self.batch_size / rate if rate == rate and rate > 0 else float("nan")
+        eta = (self.n_steps - step) * self.batch_size / rate if not math.isnan(rate) and rate > 0 else float("nan")
         print(
             f"step {step}/{self.n_steps} | tokens {_format_count(tokens)}/{_format_count(self.n_steps * self.batch_size)}"
-            f" | {_format_count(rate) if rate == rate else '-'} tok/s"
-            f" | ETA {_format_seconds(eta) if eta == eta else '-'}"
+            f" | {_format_count(rate) if not math.isnan(rate) else '-'} tok/s"
+            f" | ETA {_format_seconds(eta) if not math.isnan(eta) else '-'}"
             f" | loss {record['loss']:.4g} | L0 {record['l0']:.2f} | FVU {record['fvu']:.4f}"
             f" | dead {100 * record['dead_fraction']:.1f}%",
             flush=True,
@@ -168,20 +168,21 @@ class RunHooks(Hooks):
     def __init__(self, instances: list[Instance], source, stacked: bool):
         self.instances, self.source, self.stacked = instances, source, stacked
 
-    def _split(self, tree) -> list:
+    def split(self, tree) -> list:
+        """Per-instance parts of a state or metrics tree (a tuple of states, or arrays on a leading axis)."""
         if not self.stacked:
             return [tree]
-        if isinstance(tree, tuple):
+        if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
             return list(tree)
         return [jax.tree.map(lambda v, i=i: v[i], tree) for i in range(len(self.instances))]
 
     def log(self, step: int, metrics: dict) -> None:
-        for one, values in zip(self.instances, self._split(metrics)):
+        for one, values in zip(self.instances, self.split(metrics)):
             record = one.log.write(step, values)
             one.tracker.log(step, record)
 
     def histograms(self, step: int, fire_counts: np.ndarray, decoder_norms: np.ndarray, window_tokens: int) -> None:
-        for one, counts, norms in zip(self.instances, self._split(fire_counts), self._split(decoder_norms)):
+        for one, counts, norms in zip(self.instances, self.split(fire_counts), self.split(decoder_norms)):
             density = np.asarray(counts, np.float64) / max(window_tokens, 1)
             log_density = np.log10(density + 1e-10)  # SAELens's log_feature_sparsity
             one.tracker.log_histograms(step, {"feature_density_log10": log_density, "decoder_norm": norms})
@@ -194,7 +195,7 @@ class RunHooks(Hooks):
     def checkpointed(self, step: int, host_state, metrics: dict, best: bool) -> None:
         if host_state is None:
             return
-        for one, state in zip(self.instances, self._split(host_state)):
+        for one, state in zip(self.instances, self.split(host_state)):
             log_dictionary(one, state, self.source, step, ["latest"] + (["best"] if best else []))
 
 

@@ -163,3 +163,27 @@ def make_sweep_step(
         return tuple(state for state, _ in outputs), metrics
 
     return jax.jit(sweep_step, donate_argnums=0)
+
+
+def make_sharded_sweep_step(
+    step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]],
+    coefficients: list[float],
+    mesh: jax.sharding.Mesh,
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """A sweep's instances split over the devices of a one-axis mesh ("instance"): (states, x) -> (states,
+    metrics), states stacked on a leading instance axis [I, ...] sharded over the devices, x: [batch, d_in]
+    replicated. Each device trains its I / n_devices instances (vmapped when more than one) with no
+    communication; metrics come back stacked on the instance axis.
+    """
+    spec = jax.sharding.PartitionSpec("instance")
+    coefficients = jax.device_put(jnp.asarray(coefficients, jnp.float32), jax.sharding.NamedSharding(mesh, spec))
+
+    def local(states: TrainState, x: jax.Array, local_coefficients: jax.Array):
+        with latent_sharded_top_k(1):  # plain top-k: XLA's SPMD partitioner rejects the CPU path's barrier
+            return jax.vmap(step, in_axes=(0, None, 0))(states, x, local_coefficients)
+
+    # check_vma off: no collectives here, and the step's loops (top-k) carry values the checker cannot type
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec(), spec),
+                            out_specs=(spec, spec), check_vma=False)
+    compiled = jax.jit(sharded, donate_argnums=0)
+    return lambda states, x: compiled(states, x, coefficients)

@@ -1,8 +1,9 @@
 """A sweep trained in one pass: `sae-train sweep.key=sae.k sweep.values=[16,32,64]`.
 
 The instances share everything but the swept value: the batches (read and moved once), the geometric-
-median b_dec and the initialisation seed. One compiled step trains them all side by side
-(dictionary_learning's pattern; see `make_sweep_step` for why not `jax.vmap`). A sweep over k builds the TopK SAE
+median b_dec and the initialisation seed. One compiled step trains them all: on one device side by side
+(dictionary_learning's pattern; see `make_sweep_step` for why not `jax.vmap`), on several (the `mesh`'s
+devices) with the instance axis split over them (`make_sharded_sweep_step`; values must divide evenly). A sweep over k builds the TopK SAE
 with the largest k and keeps each instance's own k largest (`topk.keep_first_k`, k held in its buffers);
 coefficient sweeps pass each instance's λ. Each instance ends as a run directory of its own under
 out_dir/<key>=<value>/ (metrics.jsonl, metrics.json, sae/), identical to a separate `sae-train` run with
@@ -18,6 +19,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sae import config as config_lib
 from sae import parallel, tracking
@@ -26,7 +28,7 @@ from sae.checkpoint import CHECKPOINTS, Checkpointer
 from sae.data import make_source
 from sae.training.driver import decoder_norms, resume, run_steps
 from sae.training.loop import Instance, ProgressLog, RunHooks, export_buffers, finish, initial_parameters, run_meta
-from sae.training.step import init_state, make_sweep_step, pure_train_step
+from sae.training.step import init_state, make_sharded_sweep_step, make_sweep_step, pure_train_step
 
 
 def instance_configs(cfg: config_lib.Config) -> list[config_lib.Config]:
@@ -44,8 +46,12 @@ def instance_configs(cfg: config_lib.Config) -> list[config_lib.Config]:
 def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     """Train every instance of the sweep; returns {label: final metrics} (also out_dir/sweep.json)."""
     config_lib.check(cfg)
-    if parallel.make_mesh(cfg.mesh).size > 1 or jax.process_count() > 1:
-        raise config_lib.ConfigError("sweeps run on one device for now: set mesh.data=1 mesh.model=1")
+    if jax.process_count() > 1:
+        raise config_lib.ConfigError("sweeps run in one process (over its devices): start one per host")
+    devices = parallel.make_mesh(cfg.mesh).devices.reshape(-1)
+    if len(cfg.sweep.values) % len(devices):
+        raise config_lib.ConfigError(f"sweep.values has {len(cfg.sweep.values)} values, which must divide over the "
+                                     f"mesh's {len(devices)} devices (set mesh.data / mesh.model to fewer)")
     configs = instance_configs(cfg)
     for one in configs:
         config_lib.check(one)
@@ -61,10 +67,19 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
         if cfg.sweep.key == "sae.k":
             state = state._replace(buffers={**state.buffers, "k": jnp.asarray(one.sae.k, jnp.int32)})
         states.append(state)
-    states = tuple(states)
     coefficients = [make_sae(one.sae, source.d_in).sparsity_coefficient for one in configs]
-    step = make_sweep_step(pure_train_step(sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction,
-                                           trainer.dead_tokens, trainer.compute_dtype), coefficients)
+    pure = pure_train_step(sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens,
+                           trainer.compute_dtype)
+    if len(devices) == 1:  # one device: the instances side by side in one program (see make_sweep_step)
+        states, step = tuple(states), make_sweep_step(pure, coefficients)
+        summaries = lambda states: tuple(jnp.stack(v) for v in zip(*[(s.fire_counts, decoder_norms(s.params))
+                                                                      for s in states]))
+    else:  # the instance axis split over the devices
+        mesh = Mesh(devices, ("instance",))
+        stacked = jax.tree.map(lambda *values: jnp.stack(values), *states)
+        states = jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("instance")))
+        step = make_sharded_sweep_step(pure, coefficients, mesh)
+        summaries = lambda states: (states.fire_counts, decoder_norms(states.params))
 
     labels = [f"{cfg.sweep.key.split('.')[-1]}={value:g}" for value in cfg.sweep.values]
     checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
@@ -88,14 +103,12 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
             first_step=done, n_steps=n_steps, batch_size=trainer.batch_size, log_every=trainer.log_every,
             histogram_every=cfg.logger.histogram_every, checkpoint_every=cfg.checkpoint.every,
             checkpointer=checkpointer, meta=run_meta(cfg, sae.d_in, trackers), hooks=hooks,
-            dictionaries=cfg.logger.name == "wandb",
-            summaries=lambda states: tuple(jnp.stack(v) for v in zip(*[(s.fire_counts, decoder_norms(s.params))
-                                                                        for s in states])),
+            dictionaries=cfg.logger.name == "wandb", summaries=summaries,
         )
         checkpointer.close()
         results = {one.out_dir.name: finish(one.sae, one.cfg, state, export_buffers(state.buffers), source,
                                             one.out_dir, one.tracker)
-                   for one, state in zip(instances, jax.device_get(states))}
+                   for one, state in zip(instances, hooks.split(jax.device_get(states)))}
     finally:
         hooks.close()
     (out_dir / "sweep.json").write_text(json.dumps(results, indent=2))
