@@ -7,7 +7,7 @@ the mean); `explained_variance` = 1 − fvu. All in the raw (unnormalised) input
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +54,14 @@ def _accumulate(sae: SAE, params: Params, buffers: dict, input_scale: float,
     return totals
 
 
+def _unit(w: jax.Array) -> jax.Array:
+    """Rows scaled to unit norm (zero rows stay zero)."""
+    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
+
+
 def max_cosines(ground_truth: jax.Array, w_dec: jax.Array) -> np.ndarray:
     """[n_features]: each ground-truth direction's largest cosine with any decoder row."""
-    unit = lambda w: w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
-    return np.asarray(jnp.max(unit(ground_truth) @ unit(w_dec).T, axis=-1))
+    return np.asarray(jnp.max(_unit(ground_truth) @ _unit(w_dec).T, axis=-1))
 
 
 def ground_truth_recovery(ground_truth: jax.Array, w_dec: jax.Array) -> dict[str, float]:
@@ -122,8 +126,7 @@ def feature_table(
         "max_activation": np.maximum(totals["activation_max"], 0.0),
     }
     if ground_truth is not None:
-        unit = lambda w: w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
-        cosines = np.asarray(unit(params["W_dec"]) @ unit(ground_truth).T)  # [d_sae, n_features]
+        cosines = np.asarray(_unit(params["W_dec"]) @ _unit(ground_truth).T)  # [d_sae, n_features]
         table["true_feature"] = cosines.argmax(axis=1)
         table["true_cosine"] = cosines.max(axis=1)
     return table
