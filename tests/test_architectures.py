@@ -128,13 +128,18 @@ def np_auxk_mask(z, dead, k_aux):
     return mask
 
 
+def np_variance(a):
+    return np.mean(np.sum((a - a.mean(0)) ** 2, -1))
+
+
 def np_auxk(p, x, x_hat, dead, k_aux):
-    """AuxK: MSE of e = x − x̂ against ê = TopK_aux(ReLU(z) over dead latents) W_dec (no b_dec)."""
+    """AuxK: MSE of e = x − x̂ against ê = TopK_aux(ReLU(z) over dead latents) W_dec (no b_dec),
+    times Var(x) / Var(e) (Gao et al.'s normalised MSE of the residual, on the main term's scale)."""
     z = np_preacts(p, x, True)
     mask = np_auxk_mask(z, np.asarray(dead), k_aux)
     if not mask.any():
         return 0.0
-    return np_sqerr(x - x_hat, (relu(z) * mask) @ p["W_dec"])
+    return np_sqerr(x - x_hat, (relu(z) * mask) @ p["W_dec"]) * np_variance(x) / np_variance(x - x_hat)
 
 
 def np_gated_parts(p, x):
@@ -442,7 +447,8 @@ def dense_topk_loss(params, x, topk_mask, aux_mask, alpha):
     x_hat = (r * topk_mask) @ params["W_dec"] + params["b_dec"]
     mse = jnp.mean(jnp.sum((x - x_hat) ** 2, -1))
     e = jax.lax.stop_gradient(x - x_hat)
-    aux = jnp.mean(jnp.sum((e - (r * aux_mask) @ params["W_dec"]) ** 2, -1))
+    variance = lambda a: jnp.mean(jnp.sum((a - a.mean(0)) ** 2, -1))
+    aux = jnp.mean(jnp.sum((e - (r * aux_mask) @ params["W_dec"]) ** 2, -1)) * variance(x) / variance(e)
     return mse + alpha * aux
 
 

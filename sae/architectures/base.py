@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from sae import kernels
 
 Params = dict[str, jax.Array]
 
@@ -141,14 +144,14 @@ def selected_preacts(params: Params, x: jax.Array, xw: jax.Array, idx: jax.Array
     return take_with_sparse_grad(xw, x, params["W_enc"], idx) + encoder_bias(params, pre_bias)[idx]
 
 
-def _gather_dot(x, w_rows, idx):
+def _xla_gather_dot(x, w_rows, idx):
     def body(j, out):
         return out.at[j].set(jnp.sum(x * w_rows[idx[:, j]], axis=-1))
 
     return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros(idx.shape[::-1], x.dtype)).T
 
 
-def _gather_sum(vals, w_rows, idx):
+def _xla_gather_sum(vals, w_rows, idx):
     def body(j, out):
         return out + vals[:, j, None] * w_rows[idx[:, j]]
 
@@ -156,13 +159,31 @@ def _gather_sum(vals, w_rows, idx):
     return jax.lax.fori_loop(0, idx.shape[1], body, init)
 
 
-def _scatter_outer(vals, x, idx, n_rows):
-    """[n_rows, d] = Σ_{b,j} vals[b, j] · x[b] added at row idx[b, j]."""
-
+def _xla_scatter_outer(vals, x, idx, n_rows):
     def body(j, out):
         return out.at[idx[:, j]].add(vals[:, j, None] * x)
 
     return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros((n_rows, x.shape[1]), x.dtype))
+
+
+def _cpu_kernels(*arrays) -> bool:
+    """Use sae.kernels' CPU kernels: one-device traces only (GSPMD cannot partition a custom call)."""
+    return _LATENT_SHARDS[-1] == 0 and kernels.usable(*arrays)
+
+
+def _gather_sum(vals, w_rows, idx):
+    """[batch, d] = Σ_j vals[b, j] · w_rows[idx[b, j]]."""
+    if _cpu_kernels(vals, w_rows):
+        return kernels.gather_sum(vals, w_rows, idx, _xla_gather_sum)
+    return _xla_gather_sum(vals, w_rows, idx)
+
+
+def _scatter_columns(vals, x, idx, n):
+    """[d, n]: column idx[b, j] gets vals[b, j] · x[b], summed (the encoder's sparse gradient)."""
+    fallback = lambda v, r, i: _xla_scatter_outer(v, r, i, n).T
+    if _cpu_kernels(vals, x):
+        return kernels.scatter_columns(vals, x, idx, n, fallback)
+    return fallback(vals, x, idx)
 
 
 @jax.custom_vjp
@@ -181,7 +202,7 @@ def _take_fwd(xw, x, w, idx):
 
 def _take_bwd(res, g):
     x, n, idx = res
-    return None, None, _scatter_outer(g, x, idx, n).T, None
+    return None, None, _scatter_columns(g, x, idx, n), None
 
 
 take_with_sparse_grad.defvjp(_take_fwd, _take_bwd)
@@ -197,9 +218,15 @@ def _gather_sum_fwd(vals, w_rows, idx):
     return _gather_sum(vals, w_rows, idx), (vals, w_rows, idx)
 
 
+def _xla_gather_sum_grad(vals, w_rows, idx, g):
+    return _xla_gather_dot(g, w_rows, idx), _xla_scatter_outer(vals, g, idx, w_rows.shape[0])
+
+
 def _gather_sum_bwd(res, g):
     vals, w_rows, idx = res
-    return _gather_dot(g, w_rows, idx), _scatter_outer(vals, g, idx, w_rows.shape[0]), None
+    if _cpu_kernels(vals, w_rows, g):
+        return (*kernels.gather_sum_grad(vals, w_rows, idx, g, _xla_gather_sum_grad), None)
+    return (*_xla_gather_sum_grad(vals, w_rows, idx, g), None)
 
 
 gather_sum.defvjp(_gather_sum_fwd, _gather_sum_bwd)
@@ -260,6 +287,20 @@ def exact_top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jax.lax.optimization_barrier((values, idx))
 
 
+def top_k_of(z: jax.Array, bias: jax.Array, k: int, relu: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Row-wise exact top-k of ReLU(z + bias) (or of z + bias): z [batch, n], bias [n] ->
+    (values descending, indices): [batch, k]. One pass over z with the CPU kernel (the bias add and
+    ReLU fused into it), else `exact_top_k`."""
+
+    def xla(z, bias):
+        a = z + bias
+        return tuple(exact_top_k(jax.nn.relu(a) if relu else a, k))
+
+    if _cpu_kernels(z, bias):
+        return kernels.top_k(z, bias, k, relu, xla)
+    return xla(z, bias)
+
+
 def decode_sparse(params: Params, vals: jax.Array, idx: jax.Array) -> jax.Array:
     """x̂ = Σ_j vals[:, j] W_dec[idx[:, j]] + b_dec. vals, idx: [batch, k]."""
     return gather_sum(vals, params["W_dec"], idx) + params["b_dec"]
@@ -284,22 +325,58 @@ def squared_error(x: jax.Array, x_hat: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sum(jnp.square(x - x_hat), axis=-1))
 
 
+def total_variance(a: jax.Array) -> jax.Array:
+    """mean over the batch of ‖a − mean(a)‖²: a: [batch, d]."""
+    return jnp.mean(jnp.sum(jnp.square(a - jnp.mean(a, axis=0)), axis=-1))
+
+
+def _auxk_value(params: Params, x, residual, xw, dead, k_aux: int, pre_bias: bool) -> jax.Array:
+    """‖e − ê‖² · Var(x) / Var(e), with ê = Σ TopK_aux(ReLU(z_dead)) W_dec: the AuxK term for some dead
+    latents. Dividing by the residual's variance is Gao et al.'s normalised MSE (their code, as in
+    sparsify and dictionary_learning); the factor Var(x) puts it on the scale of the main term
+    ‖x − x̂‖², which is their normalised MSE times Var(x), so α weighs the two as in the paper."""
+    bias = jax.lax.stop_gradient(encoder_bias(params, pre_bias))
+    _, idx = top_k_of(xw, jnp.where(dead, bias, -jnp.inf), k_aux, relu=False)
+    vals = jax.nn.relu(selected_preacts(params, x, xw, idx, pre_bias)) * dead[idx]
+    var_e = total_variance(residual)
+    scale = jnp.where(var_e > 0, total_variance(x) / jnp.where(var_e > 0, var_e, 1.0), 0.0)
+    return squared_error(residual, gather_sum(vals, params["W_dec"], idx)) * scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _auxk(params: Params, x, residual, xw, dead, k_aux: int, pre_bias: bool) -> jax.Array:
+    return jax.lax.cond(jnp.any(dead), lambda: _auxk_value(params, x, residual, xw, dead, k_aux, pre_bias),
+                        lambda: jnp.zeros((), x.dtype))
+
+
+def _auxk_fwd(params, x, residual, xw, dead, k_aux, pre_bias):
+    return _auxk(params, x, residual, xw, dead, k_aux, pre_bias), (params, x, residual, xw, dead)
+
+
+def _auxk_bwd(k_aux, pre_bias, saved, g):
+    """Recomputes the selection under its own `lax.cond`: differentiating through the forward's
+    cond would make it emit (and, with no dead latent, zero-fill) every residual of the AuxK branch."""
+    params, x, residual, xw, dead = saved
+
+    def grads():
+        _, vjp = jax.vjp(lambda p: _auxk_value(p, x, residual, xw, dead, k_aux, pre_bias), params)
+        return vjp(g)[0]
+
+    return jax.lax.cond(jnp.any(dead), grads, lambda: jax.tree.map(jnp.zeros_like, params)), None, None, None, None
+
+
+_auxk.defvjp(_auxk_fwd, _auxk_bwd)
+
+
 def auxk_loss(
     params: Params, x: jax.Array, x_hat: jax.Array, xw: jax.Array, dead: jax.Array, k_aux: int, pre_bias: bool
 ) -> jax.Array:
-    """AuxK (Gao et al. 2024, §A.2): MSE of reconstructing e = x − x̂ (stop-gradient) from the top
-    k_aux dead latents, ê = Σ TopK_aux(ReLU(z_dead)) W_dec (no b_dec). xw: [batch, d_sae] = x W_enc,
-    without gradient. Computed only when some latent is dead (a `lax.cond`, one branch runs)."""
-    k_aux = min(k_aux, xw.shape[-1])
-
-    def aux(_):
-        residual = jax.lax.stop_gradient(x - x_hat)
-        z = xw + jax.lax.stop_gradient(encoder_bias(params, pre_bias))
-        _, idx = exact_top_k(jnp.where(dead, z, -jnp.inf), k_aux)
-        vals = jax.nn.relu(selected_preacts(params, x, xw, idx, pre_bias)) * dead[idx]
-        return squared_error(residual, gather_sum(vals, params["W_dec"], idx))
-
-    return jax.lax.cond(jnp.any(dead), aux, lambda _: jnp.zeros((), x.dtype), None)
+    """AuxK (Gao et al. 2024, §A.2): the error of reconstructing e = x − x̂ (stop-gradient) from the
+    top k_aux dead latents, ê = Σ TopK_aux(ReLU(z_dead)) W_dec (no b_dec), normalised as in
+    `_auxk_value`. xw: [batch, d_sae] = x W_enc, without gradient. Computed only when some latent is
+    dead (a `lax.cond`, one branch runs)."""
+    residual = jax.lax.stop_gradient(x - x_hat)
+    return _auxk(params, x, residual, xw, dead, min(k_aux, xw.shape[-1]), pre_bias)
 
 
 # --- unit-norm decoder constraint ----------------------------------------------------------------

@@ -21,10 +21,10 @@ from sae.architectures.base import (
     UnitNormDecoder,
     auxk_loss,
     encoder_bias,
-    exact_top_k,
     preacts,
     squared_error,
     tied_init,
+    top_k_of,
 )
 
 
@@ -57,7 +57,7 @@ def batch_threshold(r: jax.Array, k: int) -> jax.Array:
     batch, d_sae = r.shape
     n = k * batch
     n_candidates = min(4 * k, d_sae)
-    candidates, _ = exact_top_k(r, n_candidates)
+    candidates, _ = top_k_of(r, jnp.zeros((d_sae,), r.dtype), n_candidates, relu=False)
     tau = kth_largest_nonnegative(candidates, n)
     if n_candidates == d_sae:
         return tau

@@ -3,7 +3,8 @@
   z = (x − b_dec) W_enc + b_enc                          (eq. 2's pre-activations, pre-bias b_dec)
   f = TopK(ReLU(z))                                      keeps the k largest per token (eq. 3)
   loss = ‖x − x̂‖² + α L_aux,  α = 1/32                   (§2.4 and §A.2)
-  L_aux = ‖e − ê‖², e = x − x̂, ê = W_decᵀ TopK_aux(z_dead)  (k_aux dead latents)
+  L_aux = ‖e − ê‖² Var(x)/Var(e), e = x − x̂, ê = W_decᵀ TopK_aux(z_dead)  (k_aux dead latents; the
+          normalisation of the paper's code: α weighs the residual's normalised MSE against x's)
 
 Tied init W_enc = W_decᵀ, unit-norm decoder rows (gradient projected, rows renormalised after each
 step), b_dec from the geometric median of a data sample. Only k latents per token are touched in the
@@ -24,13 +25,12 @@ from sae.architectures.base import (
     auxk_loss,
     decode_sparse,
     encoder_bias,
-    exact_top_k,
     fire_counts_from_indices,
-    preacts,
     scatter_dense,
     selected_preacts,
     squared_error,
     tied_init,
+    top_k_of,
 )
 
 
@@ -50,13 +50,12 @@ class TopK(UnitNormDecoder):
         return tied_init(key, self.d_sae, self.d_in, b_dec)
 
     def encode(self, params, x, buffers):
-        vals, idx = exact_top_k(jax.nn.relu(preacts(params, x, pre_bias=True)), self.cfg.k)
+        vals, idx = top_k_of(x @ params["W_enc"], encoder_bias(params, pre_bias=True), self.cfg.k)
         return scatter_dense(keep_first_k(vals, buffers), idx, self.d_sae)
 
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
         xw = jax.lax.stop_gradient(x @ params["W_enc"])  # the step's one dense matmul
-        z = xw + jax.lax.stop_gradient(encoder_bias(params, pre_bias=True))
-        _, idx = exact_top_k(jax.nn.relu(z), self.cfg.k)
+        _, idx = top_k_of(xw, jax.lax.stop_gradient(encoder_bias(params, pre_bias=True)), self.cfg.k)
         vals = keep_first_k(jax.nn.relu(selected_preacts(params, x, xw, idx, pre_bias=True)), buffers)
         x_hat = decode_sparse(params, vals, idx)
         mse = squared_error(x, x_hat)

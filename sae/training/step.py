@@ -83,7 +83,9 @@ def pure_train_step(
         return jax.tree.map(lambda v: v.astype(compute) if jnp.issubdtype(v.dtype, jnp.floating) else v, params)
 
     def train_step(state: TrainState, x: jax.Array, base_coefficient: jax.Array):
-        x = x.astype(jnp.float32) * state.input_scale
+        x = x.astype(jnp.float32)
+        if sae.cfg.normalize_activations:  # else input_scale is 1: skip a pass over the batch
+            x = x * state.input_scale
         coefficient = base_coefficient * warmup(state.step)
         dead = state.tokens_since_fired >= dead_tokens
 

@@ -1,0 +1,318 @@
+// CPU kernels for the sparse parts of a TopK-family step, as XLA FFI custom calls (sae/kernels/__init__.py).
+//
+// XLA's CPU backend runs top-k, gathers and scatters on one thread, and its top-k sorts; these kernels
+// split rows (or latents) over XLA's intra-op thread pool. Shapes: B tokens, N latents, D = d_in, k kept.
+//   sae_top_k:       z [B,N], bias [N] -> values, indices [B,k]: top-k of (ReLU)(z + bias) per row,
+//                    descending, ties to the lower index (as lax.top_k)
+//   sae_gather_sum:  vals [B,k], w [N,D], idx [B,k] -> [B,D]   out[b] = Σ_j vals[b,j] w[idx[b,j]]
+//   sae_gather_sum_grad: vals, w, idx, g [B,D] -> grad_vals [B,k] (g[b] · w[idx[b,j]]), grad_w [N,D]
+//   sae_scatter_columns: vals [B,k], rows [B,D], idx [B,k] -> [D,N]:
+//                    out[:, n] = Σ_{b,j: idx[b,j] = n} vals[b,j] rows[b]   (latent-major, no atomics)
+// Indices outside [0, N) contribute nothing (XLA's scatter drops them too).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Work {
+  std::function<void(int64_t)> body;  // runs one chunk; called only while the caller waits
+  int64_t n_chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void run_chunks(Work& work) {
+  for (int64_t c; (c = work.next.fetch_add(1)) < work.n_chunks;) {
+    work.body(c);
+    work.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// body(begin, end) over [0, n) in chunks of at least `grain`, on the pool's threads and the caller's.
+// The caller claims chunks too and waits only for chunks others claimed, so a task that starts late
+// (its pool thread busy elsewhere) finds nothing to do: no deadlock when several kernels run at once.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, F body) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(4 * threads, n / std::max<int64_t>(1, grain)));
+  int64_t size = (n + n_chunks - 1) / n_chunks;
+  n_chunks = (n + size - 1) / size;
+  if (n_chunks <= 1) {
+    body(int64_t{0}, n);
+    return;
+  }
+  auto work = std::make_shared<Work>();
+  work->n_chunks = n_chunks;
+  work->body = [&body, size, n](int64_t c) { body(c * size, std::min(n, (c + 1) * size)); };
+  for (int64_t t = 0; t < std::min(threads, n_chunks - 1); ++t) {
+    pool.Schedule([work] { run_chunks(*work); });
+  }
+  run_chunks(*work);
+  while (work->done.load(std::memory_order_acquire) < n_chunks) std::this_thread::yield();
+}
+
+// Rank of an (activation, latent) pair: larger value first, then the lower index (lax.top_k's order).
+struct Entry {
+  float value;
+  int32_t index;
+};
+struct Better {
+  bool operator()(const Entry& a, const Entry& b) const {
+    return a.value > b.value || (a.value == b.value && a.index < b.index);
+  }
+};
+
+// (ReLU)(z + bias), with NaN ranked as −∞ so that the orderings below stay strict weak orders.
+template <bool kRelu>
+inline float activation(float z, float bias) {
+  float v = z + bias;
+  v = v > -std::numeric_limits<float>::infinity() ? v : -std::numeric_limits<float>::infinity();
+  return kRelu ? std::max(v, 0.0f) : v;
+}
+
+// One row's top-k of a = (ReLU)(z + bias), exactly, in two passes over the row.
+// Strided blocks: block c holds entries {c, c + S, c + 2S, ...} (S = n / groups), so the block maxima
+// are an elementwise max of `groups` contiguous slices (vectorised). τ, the k-th largest maximum, has
+// at least k entries ≥ τ (one in each of the k best blocks), so every top-k entry is ≥ τ: the second
+// pass collects the entries ≥ τ (blocks of 16 whose maximum falls below τ are skipped after one
+// vectorised max) and ranks just those. Ties (ReLU's zeros, −∞) rank by index, as in lax.top_k.
+template <bool kRelu>
+void top_k_row(const float* __restrict z, const float* __restrict bias, int64_t n, int64_t k, int64_t groups,
+               float* values, int32_t* indices, float* __restrict maxima, Entry* candidates) {
+  const int64_t stride = n / groups;
+#pragma omp simd
+  for (int64_t c = 0; c < stride; ++c) maxima[c] = activation<kRelu>(z[c], bias[c]);
+  for (int64_t t = 1; t < groups; ++t) {
+    const float* __restrict zt = z + t * stride;
+    const float* __restrict bt = bias + t * stride;
+#pragma omp simd
+    for (int64_t c = 0; c < stride; ++c) {
+      const float v = activation<kRelu>(zt[c], bt[c]);
+      maxima[c] = v > maxima[c] ? v : maxima[c];
+    }
+  }
+  std::nth_element(maxima, maxima + k - 1, maxima + stride, std::greater<float>());
+  const float tau = maxima[k - 1];
+  constexpr int64_t kBlock = 16;
+  int64_t count = 0, ties = 0, i = 0;  // entries equal to τ come in index order: the first k suffice
+  auto offer = [&](float v, int64_t at) {
+    candidates[count] = {v, static_cast<int32_t>(at)};
+    count += v > tau || (v == tau && ties < k);
+    ties += v == tau;
+  };
+  for (; i + kBlock <= n; i += kBlock) {
+    float v[kBlock];
+    float vmax = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : vmax)
+    for (int64_t j = 0; j < kBlock; ++j) {
+      v[j] = activation<kRelu>(z[i + j], bias[i + j]);
+      vmax = std::max(vmax, v[j]);
+    }
+    if (vmax < tau) continue;
+    for (int64_t j = 0; j < kBlock; ++j) offer(v[j], i + j);
+  }
+  for (; i < n; ++i) offer(activation<kRelu>(z[i], bias[i]), i);
+  std::nth_element(candidates, candidates + k - 1, candidates + count, Better());
+  std::sort(candidates, candidates + k, Better());
+  for (int64_t j = 0; j < k; ++j) {
+    values[j] = candidates[j].value;
+    indices[j] = candidates[j].index;
+  }
+}
+
+// Strided groups per block: the most that leave at least 2k blocks (1: τ is the k-th largest entry).
+int64_t block_groups(int64_t n, int64_t k) {
+  for (int64_t groups : {32, 16, 8, 4, 2})
+    if (n % groups == 0 && n / groups >= 2 * k) return groups;
+  return 1;
+}
+
+template <bool kRelu>
+void top_k_rows(const float* z, const float* bias, int64_t begin, int64_t end, int64_t n, int64_t k,
+                float* values, int32_t* indices) {
+  const int64_t groups = block_groups(n, k);
+  std::vector<float> maxima(n / groups);
+  std::vector<Entry> candidates(n);
+  for (int64_t r = begin; r < end; ++r)
+    top_k_row<kRelu>(z + r * n, bias, n, k, groups, values + r * k, indices + r * k, maxima.data(), candidates.data());
+}
+
+ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> z, ffi::Buffer<ffi::F32, 1> bias,
+                ffi::ResultBuffer<ffi::F32, 2> values, ffi::ResultBuffer<ffi::S32, 2> indices, bool relu) {
+  const int64_t rows = z.dimensions()[0], n = z.dimensions()[1], k = values->dimensions()[1];
+  if (k < 1 || k > n || bias.dimensions()[0] != n) return ffi::Error::InvalidArgument("sae_top_k: shapes");
+  const float* zp = z.typed_data();
+  const float* bp = bias.typed_data();
+  float* vp = values->typed_data();
+  int32_t* ip = indices->typed_data();
+  parallel_for(pool, rows, 16, [&](int64_t begin, int64_t end) {
+    if (relu) {
+      top_k_rows<true>(zp, bp, begin, end, n, k, vp, ip);
+    } else {
+      top_k_rows<false>(zp, bp, begin, end, n, k, vp, ip);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GatherSum(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> vals, ffi::Buffer<ffi::F32, 2> w,
+                     ffi::Buffer<ffi::S32, 2> idx, ffi::ResultBuffer<ffi::F32, 2> out) {
+  const int64_t rows = vals.dimensions()[0], k = vals.dimensions()[1];
+  const int64_t n = w.dimensions()[0], d = w.dimensions()[1];
+  const float* vp = vals.typed_data();
+  const float* wp = w.typed_data();
+  const int32_t* ip = idx.typed_data();
+  float* op = out->typed_data();
+  parallel_for(pool, rows, 32, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* o = op + r * d;
+      std::fill(o, o + d, 0.0f);
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t i = ip[r * k + j];
+        if (i < 0 || i >= n) continue;
+        const float a = vp[r * k + j];
+        const float* row = wp + i * d;
+        for (int64_t c = 0; c < d; ++c) o[c] += a * row[c];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The (token, slot) pairs grouped by latent (a counting sort of idx): pairs of latent i are
+// position[start[i] .. start[i+1]), each a flat index b·k + j into idx.
+struct ByLatent {
+  std::vector<int64_t> start;
+  std::vector<int32_t> position;
+
+  ByLatent(const int32_t* idx, int64_t pairs, int64_t n) : start(n + 1, 0) {
+    for (int64_t e = 0; e < pairs; ++e)
+      if (idx[e] >= 0 && idx[e] < n) ++start[idx[e] + 1];
+    for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+    position.resize(start[n]);
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < pairs; ++e)
+      if (idx[e] >= 0 && idx[e] < n) position[fill[idx[e]]++] = static_cast<int32_t>(e);
+  }
+};
+
+// Backward of gather_sum for upstream g [B,D]: grad_vals[b,j] = g[b] · w[idx[b,j]] and
+// grad_w[i] = Σ_{b,j: idx[b,j] = i} vals[b,j] g[b], in one latent-major pass (each g[b] read once
+// for both, no atomics).
+ffi::Error GatherSumGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> vals, ffi::Buffer<ffi::F32, 2> w,
+                         ffi::Buffer<ffi::S32, 2> idx, ffi::Buffer<ffi::F32, 2> g,
+                         ffi::ResultBuffer<ffi::F32, 2> grad_vals, ffi::ResultBuffer<ffi::F32, 2> grad_w) {
+  const int64_t rows = idx.dimensions()[0], k = idx.dimensions()[1];
+  const int64_t n = w.dimensions()[0], d = w.dimensions()[1];
+  const float* vp = vals.typed_data();
+  const float* wp = w.typed_data();
+  const float* gp = g.typed_data();
+  float* gv = grad_vals->typed_data();
+  float* gw = grad_w->typed_data();
+  std::fill(gv, gv + rows * k, 0.0f);  // pairs with an out-of-range index
+  const ByLatent by_latent(idx.typed_data(), rows * k, n);
+  parallel_for(pool, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* wi = wp + i * d;
+      float* acc = gw + i * d;
+      std::fill(acc, acc + d, 0.0f);
+      for (int64_t e = by_latent.start[i]; e < by_latent.start[i + 1]; ++e) {
+        const int64_t pos = by_latent.position[e];
+        const float* gb = gp + (pos / k) * d;
+        const float s = vp[pos];
+        float dot = 0.0f;
+        for (int64_t c = 0; c < d; ++c) {
+          dot += gb[c] * wi[c];
+          acc[c] += s * gb[c];
+        }
+        gv[pos] = dot;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// out[:, i] = Σ_{b,j: idx[b,j] = i} vals[b,j] rows[b]: the encoder's gradient for the k selected
+// columns per token, written in W_enc's own [D, N] layout.
+ffi::Error ScatterColumns(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> vals, ffi::Buffer<ffi::F32, 2> rows_in,
+                          ffi::Buffer<ffi::S32, 2> idx, ffi::ResultBuffer<ffi::F32, 2> out) {
+  const int64_t rows = vals.dimensions()[0], k = vals.dimensions()[1], d = rows_in.dimensions()[1];
+  const int64_t n = out->dimensions()[1];
+  const float* vp = vals.typed_data();
+  const float* xp = rows_in.typed_data();
+  float* op = out->typed_data();
+  const ByLatent by_latent(idx.typed_data(), rows * k, n);
+  constexpr int64_t kBlock = 16;  // latents per block: a transposed write is kBlock floats contiguous
+  parallel_for(pool, (n + kBlock - 1) / kBlock, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(kBlock * d);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * kBlock, m = std::min(kBlock, n - n0);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t l = 0; l < m; ++l) {
+        float* a = acc.data() + l * d;
+        for (int64_t e = by_latent.start[n0 + l]; e < by_latent.start[n0 + l + 1]; ++e) {
+          const int64_t pos = by_latent.position[e];
+          const float s = vp[pos];
+          const float* x = xp + (pos / k) * d;
+          for (int64_t c = 0; c < d; ++c) a[c] += s * x[c];
+        }
+      }
+      for (int64_t c = 0; c < d; ++c)
+        for (int64_t l = 0; l < m; ++l) op[c * n + n0 + l] = acc[l * d + c];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Buffer types as aliases: template commas would split the handler macros' arguments.
+using F32Matrix = ffi::Buffer<ffi::F32, 2>;
+using F32Vector = ffi::Buffer<ffi::F32, 1>;
+using S32Matrix = ffi::Buffer<ffi::S32, 2>;
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeTopK, TopK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Vector>()
+                                  .Ret<F32Matrix>()
+                                  .Ret<S32Matrix>()
+                                  .Attr<bool>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeGatherSum, GatherSum,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<S32Matrix>()
+                                  .Ret<F32Matrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeGatherSumGrad, GatherSumGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<S32Matrix>()
+                                  .Arg<F32Matrix>()
+                                  .Ret<F32Matrix>()
+                                  .Ret<F32Matrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaeScatterColumns, ScatterColumns,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<S32Matrix>()
+                                  .Ret<F32Matrix>());
