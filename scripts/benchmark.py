@@ -48,13 +48,14 @@ def sweep_runner(sae, params, tx, schedule, steps: int, x, instances: int):
     """A call of the one-pass sweep step over `instances` copies of the SAE (k, k−1, … for TopK)."""
     states = []
     for i in range(instances):
-        state = init_state(sae, jax.tree.map(jnp.copy, params), tx, 1.0)  # own buffers: the step donates them
+        state = init_state(sae, params, tx, 1.0)
         if isinstance(sae.cfg, TopKConfig) and sae.cfg.name == "topk":
             state = state._replace(buffers={**state.buffers, "k": jnp.asarray(max(1, sae.cfg.k - i), jnp.int32)})
         states.append(state)
-    states = tuple(states)
+    states = jax.tree.map(lambda *values: jnp.stack(values), *states)  # own buffers: the step donates them
     coefficients = [sae.sparsity_coefficient] * instances
-    sweep_step = make_sweep_step(pure_train_step(sae, tx, schedule, steps + 1, 0.0, 10**9), coefficients)
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("instance",))
+    sweep_step = make_sweep_step(pure_train_step(sae, tx, schedule, steps + 1, 0.0, 10**9), coefficients, mesh)
 
     def run():
         nonlocal states

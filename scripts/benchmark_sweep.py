@@ -45,10 +45,10 @@ def main() -> None:
     separate_s, sweep_s = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            separate_s.append(sum(run([*common, f"sae.k={k}"], Path(tmp) / f"{r}/k={k}") for k in values))
+            separate_s.append(sum(run([*common, f"sae.k={k}"], Path(tmp) / f"{r}/k{k}") for k in values))
             sweep_s.append(run([*common, "sweep.key=sae.k", f"sweep.values=[{args.values}]"], Path(tmp) / f"{r}/sweep"))
         mmcs = {
-            "separate": [json.loads((Path(tmp) / f"0/k={k}/metrics.json").read_text()).get("mmcs") for k in values],
+            "separate": [json.loads((Path(tmp) / f"0/k{k}/metrics.json").read_text()).get("mmcs") for k in values],
             "sweep": [json.loads((Path(tmp) / f"0/sweep/k={k}/metrics.json").read_text()).get("mmcs") for k in values],
         }
     separate, sweep = statistics.median(separate_s), statistics.median(sweep_s)

@@ -167,8 +167,8 @@ def _xla_scatter_outer(vals, x, idx, n_rows):
 
 
 def _cpu_kernels(*arrays) -> bool:
-    """Use sae.kernels' CPU kernels: one-device traces only (GSPMD cannot partition a custom call)."""
-    return _LATENT_SHARDS[-1] == 0 and kernels.usable(*arrays)
+    """Use sae.kernels' CPU kernels: not in SPMD-partitioned traces (GSPMD cannot partition a custom call)."""
+    return _TRACE[-1][0] != "sharded" and kernels.usable(*arrays)
 
 
 def _gather_sum(vals, w_rows, idx):
@@ -232,22 +232,34 @@ def _gather_sum_bwd(res, g):
 gather_sum.defvjp(_gather_sum_fwd, _gather_sum_bwd)
 
 
-_LATENT_SHARDS = [0]  # 0: one device (CPU path with the optimisation barrier); M: latents split M ways
+# How the current trace places latents: "device" (one device: CPU kernels and the optimisation barrier
+# allowed), "per_device" (shard_map's per-device code: kernels, no barrier) or "sharded" (latents split
+# over `shards` devices by the SPMD partitioner: neither).
+_TRACE = [("device", 1)]
 
 
 @contextlib.contextmanager
+def _trace_mode(mode: str, shards: int = 1):
+    _TRACE.append((mode, shards))
+    try:
+        yield
+    finally:
+        _TRACE.pop()
+
+
 def latent_sharded_top_k(model_shards: int):
     """Trace top-k for latents split contiguously over `model_shards` devices (sharded train steps).
 
     Each shard takes its local top-k, then one top-k runs over the M·k gathered candidates (OpenAI's
-    sharded top-k), so no device ever holds a whole [batch, d_sae] row. The CPU optimisation barrier is
-    left out: XLA's SPMD partitioner cannot handle it.
+    sharded top-k), so no device ever holds a whole [batch, d_sae] row. The CPU optimisation barrier and
+    the CPU kernels are left out: XLA's SPMD partitioner can handle neither.
     """
-    _LATENT_SHARDS.append(model_shards)
-    try:
-        yield
-    finally:
-        _LATENT_SHARDS.pop()
+    return _trace_mode("sharded", model_shards)
+
+
+def per_device_code():
+    """Trace code that shard_map runs on each device by itself: kernels yes, optimisation barrier no."""
+    return _trace_mode("per_device")
 
 
 def _sharded_top_k(z: jax.Array, k: int, shards: int) -> tuple[jax.Array, jax.Array]:
@@ -273,8 +285,8 @@ def exact_top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     the sharded path instead (`latent_sharded_top_k`).
     """
     batch, n = z.shape
-    shards = _LATENT_SHARDS[-1]
-    if shards:
+    mode, shards = _TRACE[-1]
+    if mode != "device":
         return _sharded_top_k(z, k, shards) if shards > 1 and n % shards == 0 else jax.lax.top_k(z, k)
     g = next((g for g in (32, 16, 8) if n % g == 0 and n // g >= 2 * k), None)
     if g is None:

@@ -5,6 +5,11 @@ non-negative coefficients: feature i fires with probability p_i ∝ (i + 1)^(−
 Σ_i p_i = mean_active, and then has magnitude |N(magnitude_mean, magnitude_std)|. Optional groups of
 features fire together: within a group a member reuses the group's uniform draw with probability
 `group_correlation` (a shared threshold variable, so marginal probabilities are unchanged).
+
+The uniforms come from `toy_models.data.counter_uniform`, a keyed integer hash of (key, element), not
+from JAX's threefry: at the default size a batch takes 6 ms instead of 16 ms on a 2-core CPU, where it
+cost more than the SAE step it feeds. One uniform decides whether a feature fires, an independent one
+gives its magnitude through the normal's inverse CDF.
 """
 
 from __future__ import annotations
@@ -16,6 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae.config import SyntheticConfig
+from toy_models.data import counter_uniform
+
+# Distinct hash seeds for the independent draws of one key (arbitrary odd constants).
+_MAGNITUDE, _GROUP, _SHARE = (jnp.uint32(c) for c in (0x68E31DA4, 0xB5297A4D, 0x1B56C4E9))
+
+
+def _key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two uint32 words of a PRNG key (raw uint32[2] or typed)."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    words = key.reshape(-1).astype(jnp.uint32)
+    return words[0], words[-1]
 
 
 def firing_probabilities(n_features: int, mean_active: float, decay: float) -> np.ndarray:
@@ -60,19 +77,20 @@ class SyntheticFeatures:
     def sample_coefficients(self, key: jax.Array, batch_size: int) -> jax.Array:
         """[batch_size, n_features] sparse non-negative coefficients c (jit-able; batch_size static)."""
         cfg = self.cfg
-        k_own, k_group, k_share, k_mag = jax.random.split(key, 4)
-        u = jax.random.uniform(k_own, (batch_size, cfg.n_features))
+        seed, counter = _key_words(key)
+        shape = (batch_size, cfg.n_features)
+        u = counter_uniform(seed, counter, shape)
         if cfg.n_correlated_groups:
-            u_group = jax.random.uniform(k_group, (batch_size, cfg.n_correlated_groups))
-            share = (self.group >= 0) & jax.random.bernoulli(k_share, cfg.group_correlation, u.shape)
+            u_group = counter_uniform(seed ^ _GROUP, counter, (batch_size, cfg.n_correlated_groups))
+            share = (self.group >= 0) & (counter_uniform(seed ^ _SHARE, counter, shape) < cfg.group_correlation)
             u = jnp.where(share, u_group[:, jnp.maximum(self.group, 0)], u)
-        magnitude = jnp.abs(cfg.magnitude_mean + cfg.magnitude_std * jax.random.normal(k_mag, u.shape))
-        return jnp.where(u < self.probabilities, magnitude, 0.0)
+        v = counter_uniform(seed ^ _MAGNITUDE, counter, shape) + 2.0**-25  # in (0, 1): a finite quantile
+        normal = jnp.sqrt(2.0) * jax.lax.erf_inv(2.0 * v - 1.0)
+        return jnp.where(u < self.probabilities, jnp.abs(cfg.magnitude_mean + cfg.magnitude_std * normal), 0.0)
 
     def sample(self, key: jax.Array, batch_size: int) -> jax.Array:
         """[batch_size, d_in] activations x = c · directions + noise (jit-able; batch_size static)."""
-        k_coef, k_noise = jax.random.split(key)
-        x = self.sample_coefficients(k_coef, batch_size) @ self.directions
+        x = self.sample_coefficients(key, batch_size) @ self.directions
         if self.cfg.noise_std:
-            x = x + self.cfg.noise_std * jax.random.normal(k_noise, x.shape)
+            x = x + self.cfg.noise_std * jax.random.normal(jax.random.fold_in(key, 1), x.shape)
         return x

@@ -133,7 +133,7 @@ void top_k_row(const float* __restrict z, const float* __restrict bias, int64_t 
 
 // Strided groups per block: the most that leave at least 2k blocks (1: τ is the k-th largest entry).
 int64_t block_groups(int64_t n, int64_t k) {
-  for (int64_t groups : {32, 16, 8, 4, 2})
+  for (int64_t groups : {128, 64, 32, 16, 8, 4, 2})
     if (n % groups == 0 && n / groups >= 2 * k) return groups;
   return 1;
 }

@@ -162,18 +162,16 @@ def export_buffers(buffers: dict) -> dict:
 class RunHooks(Hooks):
     """Process 0's side of the loop: progress lines, metrics.jsonl and the tracker, for each instance.
 
-    stacked: the state is a tuple of TrainStates and metrics carry a leading instance axis (a sweep).
+    stacked: states and metrics carry a leading instance axis (a sweep).
     """
 
     def __init__(self, instances: list[Instance], source, stacked: bool):
         self.instances, self.source, self.stacked = instances, source, stacked
 
     def split(self, tree) -> list:
-        """Per-instance parts of a state or metrics tree (a tuple of states, or arrays on a leading axis)."""
+        """Per-instance parts of a state or metrics tree (arrays on a leading instance axis)."""
         if not self.stacked:
             return [tree]
-        if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
-            return list(tree)
         return [jax.tree.map(lambda v, i=i: v[i], tree) for i in range(len(self.instances))]
 
     def log(self, step: int, metrics: dict) -> None:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from sae.architectures import SAE, Params
-from sae.architectures.base import latent_sharded_top_k
+from sae.architectures.base import latent_sharded_top_k, per_device_code
 from sae.config import OptimConfig
 from sae.training.schedules import lr_schedule, sparsity_warmup
 
@@ -150,39 +150,30 @@ def make_train_step(
 def make_sweep_step(
     step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]],
     coefficients: list[float],
-) -> Callable[[tuple[TrainState, ...], jax.Array], tuple[tuple[TrainState, ...], dict[str, jax.Array]]]:
-    """Several SAEs on the same batch in one compiled call: (states, x) -> (states, metrics).
-
-    step: a `pure_train_step`; states: one TrainState per instance, coefficients: their λ. The instances
-    are traced side by side in one program rather than `jax.vmap`ped: under vmap TopK's sparse gathers
-    and scatters become generic batched ones and a 4-SAE sweep step ran 2.8× slower than 4 separate
-    steps (scripts/benchmark.py). Metrics come back stacked on a leading instance axis.
-    """
-
-    def sweep_step(states: tuple[TrainState, ...], x: jax.Array):
-        outputs = [step(state, x, coefficient) for state, coefficient in zip(states, coefficients)]
-        metrics = jax.tree.map(lambda *values: jnp.stack(values), *[m for _, m in outputs])
-        return tuple(state for state, _ in outputs), metrics
-
-    return jax.jit(sweep_step, donate_argnums=0)
-
-
-def make_sharded_sweep_step(
-    step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]],
-    coefficients: list[float],
     mesh: jax.sharding.Mesh,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """A sweep's instances split over the devices of a one-axis mesh ("instance"): (states, x) -> (states,
-    metrics), states stacked on a leading instance axis [I, ...] sharded over the devices, x: [batch, d_in]
-    replicated. Each device trains its I / n_devices instances (vmapped when more than one) with no
-    communication; metrics come back stacked on the instance axis.
+    """Several SAEs on the same batch in one compiled call: (states, x) -> (states, metrics).
+
+    step: a `pure_train_step`; states: the instances' TrainStates stacked on a leading axis [I, ...],
+    split over the devices of the one-axis mesh ("instance"); coefficients: their λ; x: [batch, d_in],
+    the same on every device. Each device runs its instances one after another (`lax.scan`), with no
+    communication. A scan rather than `jax.vmap` keeps the TopK family's sparse ops unbatched (under
+    vmap they became generic batched gathers and scatters, 2.8× slower), and rather than the instances
+    side by side in one program it holds one instance's temporaries at a time: side by side, a 4-SAE
+    sweep's buffers outgrew what the allocator keeps and every step paged in ~50 MB afresh.
+    Metrics come back stacked on the instance axis.
     """
     spec = jax.sharding.PartitionSpec("instance")
     coefficients = jax.device_put(jnp.asarray(coefficients, jnp.float32), jax.sharding.NamedSharding(mesh, spec))
 
     def local(states: TrainState, x: jax.Array, local_coefficients: jax.Array):
-        with latent_sharded_top_k(1):  # plain top-k: XLA's SPMD partitioner rejects the CPU path's barrier
-            return jax.vmap(step, in_axes=(0, None, 0))(states, x, local_coefficients)
+        def one(_, instance):
+            state, coefficient = instance
+            return None, step(state, x, coefficient)
+
+        with per_device_code():
+            _, (states, metrics) = jax.lax.scan(one, None, (states, local_coefficients))
+        return states, metrics
 
     # check_vma off: no collectives here, and the step's loops (top-k) carry values the checker cannot type
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec(), spec),

@@ -1,9 +1,9 @@
 """A sweep trained in one pass: `sae-train sweep.key=sae.k sweep.values=[16,32,64]`.
 
 The instances share everything but the swept value: the batches (read and moved once), the geometric-
-median b_dec and the initialisation seed. One compiled step trains them all: on one device side by side
-(dictionary_learning's pattern; see `make_sweep_step` for why not `jax.vmap`), on several (the `mesh`'s
-devices) with the instance axis split over them (`make_sharded_sweep_step`; values must divide evenly). A sweep over k builds the TopK SAE
+median b_dec and the initialisation seed. One compiled step trains them all (dictionary_learning's
+pattern): their states are stacked on an instance axis, split over the `mesh`'s devices (values must
+divide evenly), and each device trains its instances one after another (`make_sweep_step`). A sweep over k builds the TopK SAE
 with the largest k and keeps each instance's own k largest (`topk.keep_first_k`, k held in its buffers);
 coefficient sweeps pass each instance's λ. Each instance ends as a run directory of its own under
 out_dir/<key>=<value>/ (metrics.jsonl, metrics.json, sae/), identical to a separate `sae-train` run with
@@ -28,7 +28,7 @@ from sae.checkpoint import CHECKPOINTS, Checkpointer
 from sae.data import make_source
 from sae.training.driver import decoder_norms, resume, run_steps
 from sae.training.loop import Instance, ProgressLog, RunHooks, export_buffers, finish, initial_parameters, run_meta
-from sae.training.step import init_state, make_sharded_sweep_step, make_sweep_step, pure_train_step
+from sae.training.step import init_state, make_sweep_step, pure_train_step
 
 
 def instance_configs(cfg: config_lib.Config) -> list[config_lib.Config]:
@@ -63,23 +63,18 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     n_steps, params, input_scale, tx, schedule = start.n_steps, start.params, start.input_scale, start.tx, start.schedule
     states = []
     for one in configs:
-        state = init_state(sae, jax.tree.map(jnp.copy, params), tx, input_scale)  # own buffers (donated)
+        state = init_state(sae, params, tx, input_scale)
         if cfg.sweep.key == "sae.k":
             state = state._replace(buffers={**state.buffers, "k": jnp.asarray(one.sae.k, jnp.int32)})
         states.append(state)
     coefficients = [make_sae(one.sae, source.d_in).sparsity_coefficient for one in configs]
     pure = pure_train_step(sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens,
                            trainer.compute_dtype)
-    if len(devices) == 1:  # one device: the instances side by side in one program (see make_sweep_step)
-        states, step = tuple(states), make_sweep_step(pure, coefficients)
-        summaries = lambda states: tuple(jnp.stack(v) for v in zip(*[(s.fire_counts, decoder_norms(s.params))
-                                                                      for s in states]))
-    else:  # the instance axis split over the devices
-        mesh = Mesh(devices, ("instance",))
-        stacked = jax.tree.map(lambda *values: jnp.stack(values), *states)
-        states = jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("instance")))
-        step = make_sharded_sweep_step(pure, coefficients, mesh)
-        summaries = lambda states: (states.fire_counts, decoder_norms(states.params))
+    mesh = Mesh(devices, ("instance",))
+    stacked = jax.tree.map(lambda *values: jnp.stack(values), *states)  # the instances' own buffers (donated)
+    states = jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("instance")))
+    step = make_sweep_step(pure, coefficients, mesh)
+    summaries = lambda states: (states.fire_counts, decoder_norms(states.params))
 
     labels = [f"{cfg.sweep.key.split('.')[-1]}={value:g}" for value in cfg.sweep.values]
     checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
