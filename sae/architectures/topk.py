@@ -44,6 +44,15 @@ def keep_first_k(vals: jax.Array, buffers: dict) -> jax.Array:
     return jnp.where(jnp.arange(vals.shape[-1]) < buffers["k"], vals, 0.0)
 
 
+def drop_past_k(idx: jax.Array, buffers: dict) -> jax.Array:
+    """In a sweep over k, index −1 for the slots past this instance's k: the CPU kernels skip them, so
+    an instance pays the sparse ops for its own k, not the sweep's largest (their values are zeroed by
+    `keep_first_k`, so XLA's ops, which read index −1 as the last latent, add nothing from them)."""
+    if "k" not in buffers:
+        return idx
+    return jnp.where(jnp.arange(idx.shape[-1]) < buffers["k"], idx, -1)
+
+
 @dataclasses.dataclass(frozen=True)
 class TopK(UnitNormDecoder):
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
@@ -56,6 +65,7 @@ class TopK(UnitNormDecoder):
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
         xw = jax.lax.stop_gradient(x @ params["W_enc"])  # the step's one dense matmul
         _, idx = top_k_of(xw, jax.lax.stop_gradient(encoder_bias(params, pre_bias=True)), self.cfg.k)
+        idx = drop_past_k(idx, buffers)
         vals = keep_first_k(jax.nn.relu(selected_preacts(params, x, xw, idx, pre_bias=True)), buffers)
         x_hat = decode_sparse(params, vals, idx)
         mse = squared_error(x, x_hat)

@@ -81,12 +81,30 @@ inline float activation(float z, float bias) {
   return kRelu ? std::max(v, 0.0f) : v;
 }
 
+// The k-th largest of m[0, s). Small s: count, for each entry, those above and equal to it (vectorised
+// compares, no branches in the inner loop); larger s: nth_element, which reorders m.
+float kth_largest(float* m, int64_t s, int64_t k) {
+  if (s <= 128) {
+    for (int64_t c = 0; c < s; ++c) {
+      int32_t above = 0, equal = 0;
+#pragma omp simd reduction(+ : above, equal)
+      for (int64_t d = 0; d < s; ++d) {
+        above += m[d] > m[c];
+        equal += m[d] == m[c];
+      }
+      if (above < k && above + equal >= k) return m[c];
+    }
+  }
+  std::nth_element(m, m + k - 1, m + s, std::greater<float>());
+  return m[k - 1];
+}
+
 // One row's top-k of a = (ReLU)(z + bias), exactly, in two passes over the row.
 // Strided blocks: block c holds entries {c, c + S, c + 2S, ...} (S = n / groups), so the block maxima
 // are an elementwise max of `groups` contiguous slices (vectorised). τ, the k-th largest maximum, has
 // at least k entries ≥ τ (one in each of the k best blocks), so every top-k entry is ≥ τ: the second
-// pass collects the entries ≥ τ (blocks of 16 whose maximum falls below τ are skipped after one
-// vectorised max) and ranks just those. Ties (ReLU's zeros, −∞) rank by index, as in lax.top_k.
+// pass collects the entries ≥ τ and ranks just those. Ties (ReLU's zeros, −∞) rank by index, as in
+// lax.top_k.
 template <bool kRelu>
 void top_k_row(const float* __restrict z, const float* __restrict bias, int64_t n, int64_t k, int64_t groups,
                float* values, int32_t* indices, float* __restrict maxima, Entry* candidates) {
@@ -102,8 +120,7 @@ void top_k_row(const float* __restrict z, const float* __restrict bias, int64_t 
       maxima[c] = v > maxima[c] ? v : maxima[c];
     }
   }
-  std::nth_element(maxima, maxima + k - 1, maxima + stride, std::greater<float>());
-  const float tau = maxima[k - 1];
+  const float tau = kth_largest(maxima, stride, k);
   constexpr int64_t kBlock = 16;
   int64_t count = 0, ties = 0, i = 0;  // entries equal to τ come in index order: the first k suffice
   auto offer = [&](float v, int64_t at) {
