@@ -24,7 +24,7 @@ from sae.config import SyntheticConfig
 from toy_models.data import counter_uniform
 
 # Distinct hash seeds for the independent draws of one key (arbitrary odd constants).
-_MAGNITUDE, _GROUP, _SHARE = (jnp.uint32(c) for c in (0x68E31DA4, 0xB5297A4D, 0x1B56C4E9))
+_MAGNITUDE, _GROUP, _SHARE = (np.uint32(c) for c in (0x68E31DA4, 0xB5297A4D, 0x1B56C4E9))  # no JAX at import
 
 
 def _key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
