@@ -1,12 +1,13 @@
 """Synthetic ground truth (firing rates, correlations) and the memory-mapped .npy source."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sae.config import ArraysConfig, SyntheticConfig
 from sae.data import ArraySource, DataError, SyntheticFeatures
-from sae.data.synthetic import firing_probabilities
+from sae.data.synthetic import firing_probabilities, normal_quantile
 
 
 def test_firing_probabilities_decay_and_sum_to_mean_active():
@@ -30,6 +31,16 @@ def test_coefficients_fire_at_their_probabilities_with_their_magnitudes():
     x = np.asarray(features.sample(jax.random.PRNGKey(1), 50_000))
     np.testing.assert_allclose(np.linalg.norm(np.asarray(features.directions), axis=1), 1.0, rtol=1e-5)
     assert x.shape == (50_000, 8) and np.isfinite(x).all()
+
+
+def test_normal_quantile_is_finite_and_normal():
+    """Every 24-bit uniform maps to a finite normal quantile (u = 0 and the largest u included), and the
+    quantiles of a uniform grid have the normal's mean, spread and tails."""
+    u = jnp.arange(2**24, dtype=jnp.float32) * 2.0**-24
+    z = np.asarray(jax.jit(normal_quantile)(u))
+    assert np.isfinite(z).all() and z.min() > -6 and z.max() < 6
+    assert abs(z.mean()) < 1e-3 and z.std() == pytest.approx(1.0, abs=1e-3)
+    assert np.mean(z > 1.959964) == pytest.approx(0.025, abs=1e-4)
 
 
 def test_correlated_groups_fire_together():

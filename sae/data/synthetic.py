@@ -27,6 +27,12 @@ from toy_models.data import counter_uniform
 _MAGNITUDE, _GROUP, _SHARE = (np.uint32(c) for c in (0x68E31DA4, 0xB5297A4D, 0x1B56C4E9))  # no JAX at import
 
 
+def normal_quantile(u: jax.Array) -> jax.Array:
+    """The standard normal's u-quantile for u on [0, 1) (24-bit uniforms: 2u − 1 is exact), finite at
+    u = 0 (the next quantile up, ≈ −5.3σ)."""
+    return jnp.sqrt(2.0) * jax.lax.erf_inv(jnp.maximum(2.0 * u - 1.0, -1.0 + 2.0**-23))
+
+
 def _key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The two uint32 words of a PRNG key (raw uint32[2] or typed)."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -84,8 +90,7 @@ class SyntheticFeatures:
             u_group = counter_uniform(seed ^ _GROUP, counter, (batch_size, cfg.n_correlated_groups))
             share = (self.group >= 0) & (counter_uniform(seed ^ _SHARE, counter, shape) < cfg.group_correlation)
             u = jnp.where(share, u_group[:, jnp.maximum(self.group, 0)], u)
-        v = counter_uniform(seed ^ _MAGNITUDE, counter, shape) + 2.0**-25  # in (0, 1): a finite quantile
-        normal = jnp.sqrt(2.0) * jax.lax.erf_inv(2.0 * v - 1.0)
+        normal = normal_quantile(counter_uniform(seed ^ _MAGNITUDE, counter, shape))
         return jnp.where(u < self.probabilities, jnp.abs(cfg.magnitude_mean + cfg.magnitude_std * normal), 0.0)
 
     def sample(self, key: jax.Array, batch_size: int) -> jax.Array:
