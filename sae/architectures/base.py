@@ -301,8 +301,8 @@ def exact_top_k(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 def top_k_of(z: jax.Array, bias: jax.Array, k: int, relu: bool = True) -> tuple[jax.Array, jax.Array]:
     """Row-wise exact top-k of ReLU(z + bias) (or of z + bias): z [batch, n], bias [n] ->
-    (values descending, indices): [batch, k]. One pass over z with the CPU kernel (the bias add and
-    ReLU fused into it), else `exact_top_k`."""
+    (values descending, indices): [batch, k]; ties go to the lower index. The CPU kernel reads z from
+    memory once, with the bias add and ReLU fused in; elsewhere `exact_top_k` runs."""
 
     def xla(z, bias):
         a = z + bias
