@@ -185,15 +185,22 @@ def _env() -> dict:
     return {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
 
-def _interrupt(run: Path, family: list[str], at: int, sig: int) -> tuple[int, str]:
-    """Start the CLI and send it `sig` once it reports step `at`; returns (exit status, rest of its output)."""
+def _committed_checkpoint(run: Path) -> bool:
+    """Whether orbax has committed a checkpoint (a step folder without its -tmp suffix) in the run."""
+    return any(p.name.isdigit() for p in (run / CHECKPOINTS).glob("*"))
+
+
+def _interrupt(run: Path, family: list[str], at: int, sig: int, after_a_checkpoint: bool = False) -> tuple[int, str]:
+    """Start the CLI and send it `sig` once it reports step `at` (and, with after_a_checkpoint, once a
+    checkpoint is committed: saves are asynchronous, and a few fast steps may pass before one lands);
+    returns (exit status, rest of its output)."""
     proc = subprocess.Popen(_cli(run, family), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), cwd=ROOT)
     last = 0
     for line in proc.stdout:
         if line.startswith("step "):
             last = int(line.split()[1].split("/")[0])
-            if last >= at:
+            if last >= at and (not after_a_checkpoint or _committed_checkpoint(run)):
                 proc.send_signal(sig)
                 break
     rest = proc.communicate(timeout=120)[0]
@@ -206,7 +213,7 @@ def _interrupt(run: Path, family: list[str], at: int, sig: int) -> tuple[int, st
 def test_cli_sigkill_at_random_step_resumes_bit_identical(family, tmp_path):
     at = random.Random().randint(25, 100)
     subprocess.run(_cli(tmp_path / "whole", family), check=True, capture_output=True, env=_env(), cwd=ROOT)
-    code, _ = _interrupt(tmp_path / "cut", family, at, signal.SIGKILL)
+    code, _ = _interrupt(tmp_path / "cut", family, at, signal.SIGKILL, after_a_checkpoint=True)
     assert code == -signal.SIGKILL
     assert not (tmp_path / "cut" / "metrics.json").exists()
     done = subprocess.run(_cli(tmp_path / "cut", family), capture_output=True, text=True, env=_env(), cwd=ROOT, check=False)
