@@ -34,14 +34,18 @@ from sae.architectures.base import (
 )
 
 
-def keep_first_k(vals: jax.Array, buffers: dict) -> jax.Array:
-    """In a sweep over k (buffers["k"]: this instance's k ≤ cfg.k), zero all but the k largest of each row.
+def _within_own_k(width: int, buffers: dict) -> jax.Array:
+    """[width] bool: the slots of a top-k row within this instance's k (a sweep over k keeps it in
+    buffers["k"] ≤ cfg.k)."""
+    return jnp.arange(width) < buffers["k"]
 
-    vals: [batch, cfg.k], sorted in decreasing order by the top-k.
-    """
+
+def keep_first_k(vals: jax.Array, buffers: dict) -> jax.Array:
+    """In a sweep over k, zero all but the k largest of each row. vals: [batch, cfg.k], sorted in
+    decreasing order by the top-k."""
     if "k" not in buffers:
         return vals
-    return jnp.where(jnp.arange(vals.shape[-1]) < buffers["k"], vals, 0.0)
+    return jnp.where(_within_own_k(vals.shape[-1], buffers), vals, 0.0)
 
 
 def drop_past_k(idx: jax.Array, buffers: dict) -> jax.Array:
@@ -50,7 +54,7 @@ def drop_past_k(idx: jax.Array, buffers: dict) -> jax.Array:
     `keep_first_k`, so XLA's ops, which read index −1 as the last latent, add nothing from them)."""
     if "k" not in buffers:
         return idx
-    return jnp.where(jnp.arange(idx.shape[-1]) < buffers["k"], idx, -1)
+    return jnp.where(_within_own_k(idx.shape[-1], buffers), idx, -1)
 
 
 @dataclasses.dataclass(frozen=True)
