@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 from conftest import small_config
 import jax
 jax.config.update("jax_enable_compilation_cache", False)  # cached CPU executables with collectives deadlock
-import signal
+import signal, time
 from sae.checkpoint import Preempted
 from sae.config import MeshConfig
 from sae.data import SyntheticSource
@@ -35,6 +35,8 @@ if stop:  # a pre-emption notice (SIGTERM) to this process while step 20's batch
         for i, x in enumerate(batches(self, batch_size, n_batches, seed, start_batch), start=start_batch + 1):
             if i == 20:
                 os.kill(os.getpid(), signal.SIGTERM)
+            if i > 20:  # steps as slow as a real run's, so the preemption service agrees before step 40
+                time.sleep(0.25)
             yield x
     SyntheticSource.train_batches = stopping
 try:
