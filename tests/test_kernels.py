@@ -3,8 +3,10 @@ step on XLA's own ops (the path GPUs, TPUs and sharded steps take)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -152,3 +154,28 @@ def test_without_compiler_falls_back_with_a_warning(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "CPU kernels unavailable" in out.stdout and "no-such-compiler" in out.stdout
     assert "[[63, 62, 61], [63, 62, 61]]" in out.stdout
+
+
+def test_portable_top_k_equals_lax_top_k(tmp_path):
+    """The kernels built without AVX-512 (their portable loops) give lax.top_k's values and indices."""
+    code = ("import sys, jax, jax.numpy as jnp, numpy as np\n"
+            "sys.path.insert(0, 'tests')\n"
+            "from test_kernels import rows_with_ties\n"
+            "from sae import kernels\n"
+            "from sae.architectures.base import top_k_of\n"
+            "assert kernels.available()\n"
+            "for n, k, relu in [(1024, 8, True), (256, 100, False), (100, 7, True), (8192, 40, False)]:\n"
+            "    z = rows_with_ties(np.random.default_rng(n), 16, n)\n"
+            "    b = np.where(np.arange(n) % 3 == 0, -np.inf, 0.0).astype(np.float32)\n"
+            "    a = jnp.asarray(z) + b\n"
+            "    want = jax.lax.top_k(jax.nn.relu(a) if relu else a, k)\n"
+            "    got = jax.jit(lambda z, b: top_k_of(z, b, k, relu))(z, b)\n"
+            "    np.testing.assert_array_equal(got[0], want[0])\n"
+            "    np.testing.assert_array_equal(got[1], want[1])\n"
+            "print('equal')\n")
+    env = {**os.environ, "SAE_JAX_CACHE": str(tmp_path), "SAE_JAX_CXXFLAGS": "-mno-avx512f", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "equal" in out.stdout
+    assert len(list((tmp_path / "kernels").glob("*.so"))) == 1  # built here, with the flag

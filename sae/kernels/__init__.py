@@ -5,6 +5,8 @@ XLA's CPU backend runs top-k, gathers and scatters on one thread (and its top-k 
 compiler on first use (about 5 s) and cached under $SAE_JAX_CACHE (default ~/.cache/sae-jax), keyed by
 the source, jaxlib's version, the compiler and the CPU. Where no compiler is found or the build fails,
 a warning says why and the pure-XLA code runs instead; SAE_JAX_CPU_KERNELS=0 turns the kernels off.
+SAE_JAX_CXXFLAGS adds compiler flags (e.g. -mno-avx512f builds the portable code paths on an AVX-512
+machine; the tests do so).
 
 Each op lowers to its kernel only for the CPU (`lax.platform_dependent`); on GPU/TPU the XLA
 fallback the caller passes is used. Shapes: B tokens, N latents, D = d_in, k active latents per token.
@@ -17,6 +19,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -51,7 +54,8 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
     include = jax.ffi.include_dir()
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), jaxlib.__version__, cxx, *_FLAGS, platform.machine(),
+    flags = [*_FLAGS, *shlex.split(os.environ.get("SAE_JAX_CXXFLAGS", ""))]
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), jaxlib.__version__, cxx, *flags, platform.machine(),
                                     _cpu_model()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SAE_JAX_CACHE", "~/.cache/sae-jax")).expanduser() / "kernels"
     library = cache / f"cpu_kernels-{key}.so"
@@ -60,7 +64,7 @@ def _build() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe for parallel builds
         built = Path(tmp) / library.name
-        result = subprocess.run([cxx, *_FLAGS, "-isystem", include, str(_SOURCE), "-o", str(built)],
+        result = subprocess.run([cxx, *flags, "-isystem", include, str(_SOURCE), "-o", str(built)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{cxx} failed on {_SOURCE}:\n{result.stderr[-2000:]}")

@@ -17,9 +17,14 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -81,33 +86,161 @@ inline float activation(float z, float bias) {
   return kRelu ? std::max(v, 0.0f) : v;
 }
 
-// The k-th largest of m[0, s). Small s: count, for each entry, those above and equal to it (vectorised
-// compares, no branches in the inner loop); larger s: nth_element, which reorders m.
+#if defined(__AVX512F__)
+// The mask of lanes [0, count) of a 16-lane vector (count clamped to [0, 16]).
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16{0xFFFF} : count <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// For the 16 entries m[c0, c0 + 16) at once (lanes past s unused): how many of m[0, s) are above
+// each, and how many equal it (with kBefore, only those at a lower position). O(s) vector compares.
+struct Counts16 {
+  __m512i above, equal;
+};
+template <bool kBefore>
+inline Counts16 above_and_equal(const float* m, int64_t s, int64_t c0) {
+  const __m512 vc = _mm512_maskz_loadu_ps(first_lanes(s - c0), m + c0);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i above = _mm512_setzero_si512(), equal = _mm512_setzero_si512();
+  for (int64_t d = 0; d < s; ++d) {
+    const __m512 vd = _mm512_set1_ps(m[d]);
+    above = _mm512_mask_add_epi32(above, _mm512_cmp_ps_mask(vd, vc, _CMP_GT_OQ), above, one);
+    __mmask16 eq = _mm512_cmp_ps_mask(vd, vc, _CMP_EQ_OQ);
+    if (kBefore) eq &= static_cast<__mmask16>(~first_lanes(d - c0 + 1));  // lanes c0 + l with l > d − c0
+    equal = _mm512_mask_add_epi32(equal, eq, equal, one);
+  }
+  return {above, equal};
+}
+#else
+// Of m[0, s): the entries above m[c], and those equal to it (with kBefore, only at positions < c).
+template <bool kBefore>
+inline std::pair<int32_t, int32_t> above_and_equal(const float* m, int64_t s, int64_t c) {
+  int32_t above = 0, equal = 0;
+  const float x = m[c];
+#pragma omp simd reduction(+ : above, equal)
+  for (int64_t d = 0; d < s; ++d) {
+    above += m[d] > x;
+    equal += (m[d] == x) & (!kBefore || d < c);
+  }
+  return {above, equal};
+}
+#endif
+
+// The k-th largest of m[0, s). Small s: the entry with fewer than k above it and at least k at or
+// above it (counted, no data-dependent branches); larger s: nth_element, which reorders m.
 float kth_largest(float* m, int64_t s, int64_t k) {
   if (s <= 128) {
+#if defined(__AVX512F__)
+    const __m512i vk = _mm512_set1_epi32(static_cast<int32_t>(k));
+    for (int64_t c0 = 0; c0 < s; c0 += 16) {
+      const auto [above, equal] = above_and_equal<false>(m, s, c0);
+      const __mmask16 hit = first_lanes(s - c0) & _mm512_cmplt_epi32_mask(above, vk) &
+                            _mm512_cmpge_epi32_mask(_mm512_add_epi32(above, equal), vk);
+      if (hit) return m[c0 + __builtin_ctz(hit)];
+    }
+#else
     for (int64_t c = 0; c < s; ++c) {
-      int32_t above = 0, equal = 0;
-#pragma omp simd reduction(+ : above, equal)
-      for (int64_t d = 0; d < s; ++d) {
-        above += m[d] > m[c];
-        equal += m[d] == m[c];
-      }
+      const auto [above, equal] = above_and_equal<false>(m, s, c);
       if (above < k && above + equal >= k) return m[c];
     }
+#endif
   }
   std::nth_element(m, m + k - 1, m + s, std::greater<float>());
   return m[k - 1];
+}
+
+// The k best of `count` (value, index) pairs held in index order, sorted into values/indices [k]:
+// each pair's rank is the pairs above it plus the equal ones before it. value and index have 16
+// readable slots past count.
+void rank_into(const float* value, const int32_t* index, int64_t count, int64_t k, float* values, int32_t* indices) {
+#if defined(__AVX512F__)
+  const __m512i vk = _mm512_set1_epi32(static_cast<int32_t>(k));
+  for (int64_t c0 = 0; c0 < count; c0 += 16) {
+    const auto [above, equal_before] = above_and_equal<true>(value, count, c0);
+    const __m512i rank = _mm512_add_epi32(above, equal_before);
+    const __mmask16 keep = first_lanes(count - c0) & _mm512_cmplt_epi32_mask(rank, vk);
+    _mm512_mask_i32scatter_ps(values, keep, rank, _mm512_loadu_ps(value + c0), 4);
+    _mm512_mask_i32scatter_epi32(indices, keep, rank, _mm512_loadu_si512(index + c0), 4);
+  }
+#else
+  for (int64_t c = 0; c < count; ++c) {
+    const auto [above, equal_before] = above_and_equal<true>(value, count, c);
+    const int64_t rank = above + equal_before;
+    if (rank < k) {
+      values[rank] = value[c];
+      indices[rank] = index[c];
+    }
+  }
+#endif
+}
+
+// A row's entries above τ, and the first k equal to it, in index order (pass 2 of top_k_row).
+struct Candidates {
+  std::vector<float> value;    // entries > τ: [0, above)
+  std::vector<int32_t> index;  // their latents, ascending
+  std::vector<int32_t> tie;    // latents of the first min(k, #ties) entries == τ, ascending
+  int64_t above = 0, ties = 0;
+
+  Candidates(int64_t n, int64_t k) : value(n + 16), index(n + 16), tie(k + 16) {}
+};
+
+constexpr int64_t kLanes = 16;
+
+// Branch-free collection: each entry is stored, and the count advances past those that qualify.
+// With AVX-512 a vector compress stores 16 lanes' qualifiers at once.
+template <bool kRelu>
+void collect(const float* __restrict z, const float* __restrict bias, int64_t n, int64_t k, float tau,
+             Candidates& out) {
+  int64_t above = 0, ties = 0, i = 0;
+  float* value = out.value.data();
+  int32_t* index = out.index.data();
+  int32_t* tie = out.tie.data();
+#if defined(__AVX512F__)
+  const __m512 vtau = _mm512_set1_ps(tau), floor = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto load = [&](int64_t at) {  // max(a, b) returns b where a is NaN: NaN becomes −∞, as in `activation`
+    __m512 v = _mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(z + at), _mm512_loadu_ps(bias + at)), floor);
+    return kRelu ? _mm512_max_ps(v, _mm512_setzero_ps()) : v;
+  };
+  constexpr int64_t kGroup = 4 * kLanes;  // most groups of 64 hold no candidate: one test skips them
+  for (; i + kGroup <= n; i += kGroup) {
+    const __m512 v0 = load(i), v1 = load(i + kLanes), v2 = load(i + 2 * kLanes), v3 = load(i + 3 * kLanes);
+    const __m512 top = _mm512_max_ps(_mm512_max_ps(v0, v1), _mm512_max_ps(v2, v3));
+    if (!_mm512_cmp_ps_mask(top, vtau, _CMP_GE_OQ)) continue;
+    for (const auto& [v, at0] : {std::pair{v0, i}, {v1, i + kLanes}, {v2, i + 2 * kLanes}, {v3, i + 3 * kLanes}}) {
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, vtau, _CMP_GT_OQ), eq = _mm512_cmp_ps_mask(v, vtau, _CMP_EQ_OQ);
+      const __m512i at = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(at0)));
+      _mm512_storeu_ps(value + above, _mm512_maskz_compress_ps(gt, v));
+      _mm512_storeu_si512(index + above, _mm512_maskz_compress_epi32(gt, at));
+      above += __builtin_popcount(gt);
+      if (eq) {  // rare unless τ is ReLU's 0
+        _mm512_storeu_si512(tie + ties, _mm512_maskz_compress_epi32(eq, at));  // tie has k + 16 slots
+        ties = std::min<int64_t>(k, ties + __builtin_popcount(eq));
+      }
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = activation<kRelu>(z[i], bias[i]);
+    value[above] = v;
+    index[above] = static_cast<int32_t>(i);
+    above += v > tau;
+    tie[ties] = static_cast<int32_t>(i);
+    ties = std::min<int64_t>(k, ties + (v == tau));
+  }
+  out.above = above;
+  out.ties = ties;
 }
 
 // One row's top-k of a = (ReLU)(z + bias), exactly, in two passes over the row.
 // Strided blocks: block c holds entries {c, c + S, c + 2S, ...} (S = n / groups), so the block maxima
 // are an elementwise max of `groups` contiguous slices (vectorised). τ, the k-th largest maximum, has
 // at least k entries ≥ τ (one in each of the k best blocks), so every top-k entry is ≥ τ: the second
-// pass collects the entries ≥ τ and ranks just those. Ties (ReLU's zeros, −∞) rank by index, as in
-// lax.top_k.
+// pass collects the entries > τ and the first k equal to τ, and only those are ranked. Ties (ReLU's
+// zeros, −∞) rank by index, as in lax.top_k.
 template <bool kRelu>
 void top_k_row(const float* __restrict z, const float* __restrict bias, int64_t n, int64_t k, int64_t groups,
-               float* values, int32_t* indices, float* __restrict maxima, Entry* candidates) {
+               float* values, int32_t* indices, float* __restrict maxima, Candidates& cand) {
   const int64_t stride = n / groups;
 #pragma omp simd
   for (int64_t c = 0; c < stride; ++c) maxima[c] = activation<kRelu>(z[c], bias[c]);
@@ -121,30 +254,25 @@ void top_k_row(const float* __restrict z, const float* __restrict bias, int64_t 
     }
   }
   const float tau = kth_largest(maxima, stride, k);
-  constexpr int64_t kBlock = 16;
-  int64_t count = 0, ties = 0, i = 0;  // entries equal to τ come in index order: the first k suffice
-  auto offer = [&](float v, int64_t at) {
-    candidates[count] = {v, static_cast<int32_t>(at)};
-    count += v > tau || (v == tau && ties < k);
-    ties += v == tau;
-  };
-  for (; i + kBlock <= n; i += kBlock) {
-    float v[kBlock];
-    float vmax = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : vmax)
-    for (int64_t j = 0; j < kBlock; ++j) {
-      v[j] = activation<kRelu>(z[i + j], bias[i + j]);
-      vmax = std::max(vmax, v[j]);
+  collect<kRelu>(z, bias, n, k, tau, cand);
+  const float* value = cand.value.data();
+  const int32_t* index = cand.index.data();
+  const int64_t above = cand.above;
+  if (above <= 128) {
+    rank_into(value, index, above, k, values, indices);
+  } else {
+    std::vector<Entry> entries(above);
+    for (int64_t c = 0; c < above; ++c) entries[c] = {value[c], index[c]};
+    std::nth_element(entries.begin(), entries.begin() + k - 1, entries.end(), Better());
+    std::sort(entries.begin(), entries.begin() + k, Better());
+    for (int64_t j = 0; j < k; ++j) {
+      values[j] = entries[j].value;
+      indices[j] = entries[j].index;
     }
-    if (vmax < tau) continue;
-    for (int64_t j = 0; j < kBlock; ++j) offer(v[j], i + j);
   }
-  for (; i < n; ++i) offer(activation<kRelu>(z[i], bias[i]), i);
-  std::nth_element(candidates, candidates + k - 1, candidates + count, Better());
-  std::sort(candidates, candidates + k, Better());
-  for (int64_t j = 0; j < k; ++j) {
-    values[j] = candidates[j].value;
-    indices[j] = candidates[j].index;
+  for (int64_t j = above; j < k; ++j) {  // fewer than k above τ: the first ties fill the rest
+    values[j] = tau;
+    indices[j] = cand.tie[j - above];
   }
 }
 
@@ -160,9 +288,9 @@ void top_k_rows(const float* z, const float* bias, int64_t begin, int64_t end, i
                 float* values, int32_t* indices) {
   const int64_t groups = block_groups(n, k);
   std::vector<float> maxima(n / groups);
-  std::vector<Entry> candidates(n);
+  Candidates candidates(n, k);
   for (int64_t r = begin; r < end; ++r)
-    top_k_row<kRelu>(z + r * n, bias, n, k, groups, values + r * k, indices + r * k, maxima.data(), candidates.data());
+    top_k_row<kRelu>(z + r * n, bias, n, k, groups, values + r * k, indices + r * k, maxima.data(), candidates);
 }
 
 ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> z, ffi::Buffer<ffi::F32, 1> bias,
