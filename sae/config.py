@@ -112,7 +112,7 @@ class CachedConfig(DataConfig):
     """An activation store written by sae-cache (sae/data/store.py)."""
 
     path: str = MISSING  # the store directory (manifest.json + shards)
-    mixing_rows: int = 1_048_576  # rows shuffled together in memory (a window of whole shards)
+    mixing_rows: int = 1_048_576  # rows shuffled together (a window of whole shards; two windows are held in memory)
     verify: bool = True  # check each shard's checksum as it is loaded
     check_finite: bool = False  # also scan each loaded shard for NaN/Inf rows (sae-cache already refused them)
 

@@ -88,6 +88,28 @@ def test_loader_is_deterministic_and_resumes_at_a_batch(store):
     assert not np.array_equal(whole, served(StoreLoader(store, 64, seed=4, mixing_rows=600), 50))
 
 
+def test_next_window_is_read_while_the_current_is_served(store):
+    """After the first batch of window 0 (1000 rows) is handed out, window 1 is read without waiting for
+    window 0 to be consumed; the stream is the same as without the read-ahead (the test above)."""
+    requested = []
+
+    class Recording(StoreLoader):
+        def _load_window(self, epoch, w):
+            requested.append((epoch, w))
+            return super()._load_window(epoch, w)
+
+    loader = Recording(store, 100, seed=1, mixing_rows=1000)
+    first = next(iter(loader))
+    for _ in range(500):  # the read-ahead thread starts at once; allow it time on a loaded machine
+        if (0, 1) in requested:
+            break
+        time.sleep(0.01)
+    served_rows = loader._rows_served
+    loader.close()
+    assert requested[:2] == [(0, 0), (0, 1)] and served_rows == 100
+    np.testing.assert_array_equal(first[:, 0].astype(int), served(StoreLoader(store, 100, seed=1, mixing_rows=1000), 1))
+
+
 def test_two_processes_serve_every_row_once(store):
     parts = [served(StoreLoader(store, 50, seed=0, mixing_rows=400, process_index=p, process_count=2), 20)
              for p in (0, 1)]

@@ -4,10 +4,11 @@ The loader serves an endless stream of epochs. In epoch e the store's segments (
 requested row range) are put in a random order, and process p of `process_count` takes every
 `process_count`-th of them, so processes read disjoint parts. A process's segments are grouped into
 windows of about `mixing_rows` rows; each window is loaded whole (checksums verified, optionally
-scanned for NaN/Inf), its rows
-permuted, and the stream is the concatenation of the permuted windows. Batch b is rows [b·B, (b+1)·B)
-of that stream, so a batch mixes rows of every shard in its window, each row appears exactly once per
-epoch, and everything is a function of (seed, epoch, window): a loader started at batch b yields
+scanned for NaN/Inf), its rows permuted, and the stream is the concatenation of the permuted windows.
+The next window is read while the current one is served: two windows are in memory at a time, and the
+trainer does not wait between them. Batch b is rows [b·B, (b+1)·B) of that stream, so a batch mixes
+rows of every shard in its window, each row appears exactly once per epoch, and everything is a
+function of (seed, epoch, window): a loader started at batch b yields
 exactly what an uninterrupted one yields from b.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,17 +101,45 @@ class StoreLoader:
                                for s in window])
         return rows[np.random.default_rng([self.seed, epoch, w + 1]).permutation(len(rows))]
 
+    def _load_ahead(self, epoch: int, w: int) -> Callable[[], tuple[np.ndarray, float]]:
+        """Start loading window w of the epoch on its own thread; the returned call waits for
+        (its rows, the seconds the load took)."""
+        result: dict = {}
+
+        def load() -> None:
+            began = time.perf_counter()
+            try:
+                result["rows"] = self._load_window(epoch, w)
+            except BaseException as err:  # re-raised by the waiting producer
+                result["error"] = err
+            result["seconds"] = time.perf_counter() - began
+
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+
+        def wait() -> tuple[np.ndarray, float]:
+            thread.join()
+            if "error" in result:
+                raise result["error"]
+            return result["rows"], result["seconds"]
+
+        return wait
+
     def _produce(self) -> None:
         try:
             epoch, w, offset = self._locate(self.start_batch * self.batch_size)
+            upcoming = self._load_ahead(epoch, w)
             parts, have = [], 0
             while not self._stop.is_set():
+                rows, load_seconds = upcoming()
+                self._busy_seconds += load_seconds
                 began = time.perf_counter()
-                rows = self._load_window(epoch, w)[offset:]
+                rows = rows[offset:]
                 offset = 0
                 w += 1
                 if w == len(self.windows(epoch)):
                     epoch, w = epoch + 1, 0
+                upcoming = self._load_ahead(epoch, w)  # read while this window is served: no stall between windows
                 while len(rows):
                     take = min(self.batch_size - have, len(rows))
                     parts.append(rows[:take])
