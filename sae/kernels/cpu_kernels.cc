@@ -92,11 +92,12 @@ inline __mmask16 first_lanes(int64_t count) {
   return count >= 16 ? __mmask16{0xFFFF} : count <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << count) - 1);
 }
 
-// For the 16 entries m[c0, c0 + 16) at once (lanes past s unused): how many of m[0, s) are above
-// each, and how many equal it (with kBefore, only those at a lower position). O(s) vector compares.
 struct Counts16 {
   __m512i above, equal;
 };
+
+// For the 16 entries m[c0, c0 + 16) at once (lanes past s unused): how many of m[0, s) are above
+// each, and how many equal it (with kBefore, only those at a lower position). O(s) vector compares.
 template <bool kBefore>
 inline Counts16 above_and_equal(const float* m, int64_t s, int64_t c0) {
   const __m512 vc = _mm512_maskz_loadu_ps(first_lanes(s - c0), m + c0);
@@ -186,8 +187,9 @@ struct Candidates {
 
 constexpr int64_t kLanes = 16;
 
-// Branch-free collection: each entry is stored, and the count advances past those that qualify.
-// With AVX-512 a vector compress stores 16 lanes' qualifiers at once.
+// No branch per entry: each entry is stored and the count advances past those that qualify. With
+// AVX-512 a vector compress stores 16 lanes' qualifiers at once, and a group of 64 entries without
+// one is skipped after a single test.
 template <bool kRelu>
 void collect(const float* __restrict z, const float* __restrict bias, int64_t n, int64_t k, float tau,
              Candidates& out) {
