@@ -8,8 +8,8 @@ scanned for NaN/Inf), its rows permuted, and the stream is the concatenation of 
 The next window is read while the current one is served: two windows are in memory at a time, and the
 trainer does not wait between them. Batch b is rows [b·B, (b+1)·B) of that stream, so a batch mixes
 rows of every shard in its window, each row appears exactly once per epoch, and everything is a
-function of (seed, epoch, window): a loader started at batch b yields
-exactly what an uninterrupted one yields from b.
+function of (seed, epoch, window): a loader started at batch b yields exactly what an uninterrupted
+one yields from b.
 """
 
 from __future__ import annotations
