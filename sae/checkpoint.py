@@ -31,7 +31,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from sae.config import CheckpointConfig, ConfigError
+from sae.config import CheckpointConfig
+from sae.errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
 UNREADABLE = "checkpoints.unreadable"

@@ -2,8 +2,9 @@
 (`python scripts/toy_sae.py`) trains SAEs on a toy model's activations; `sae-cache`
 (`python scripts/cache_activations.py`) writes an activation store.
 
-User mistakes (bad config values, unreadable data) end the run with one line naming the field or
-file and a non-zero exit status; Hydra itself rejects unknown keys and wrong types the same way.
+User mistakes (bad config values, unreadable data, a key the schema lacks however it is given) end the
+run with one line naming the field or file and a non-zero exit status. Every schema is registered with
+Hydra here (`register_schemas`), from the registries of families and sources, so no table lists them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,40 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from sae import config as config_lib
+from sae.architectures import FAMILIES
+from sae.data import BATCH_SOURCES, ROW_SOURCES
+from sae.errors import ConfigError, DataError
+from sae.inspect.config import InspectConfig
+from sae.lm.config import LMTrainConfig
+from sae.overrides import check_overrides
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore, so conf/**.yaml can extend them (`defaults: [<name>_schema]`)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=config_lib.Config)
+    cs.store(name="cache_schema", node=config_lib.CacheConfig)
+    cs.store(name="lm_train_schema", node=LMTrainConfig)
+    cs.store(name="inspect_schema", node=InspectConfig)
+    cs.store(group="mesh", name="mesh_schema", node=config_lib.MeshConfig)
+    cs.store(group="logger", name="logger_schema", node=config_lib.LoggerConfig)
+    for group, entries in (("sae", [(n, f.config) for n, f in FAMILIES.items()]),
+                           ("data", [(n, e.schema) for n, e in BATCH_SOURCES.items()]),
+                           ("source", [(n, e.schema) for n, e in ROW_SOURCES.items()])):
+        for name, schema in entries:
+            cs.store(group=group, name=f"{name}_schema", node=schema)
+
+
+def _check_command_line(config_name: str) -> None:
+    """One line and exit status 2 for an override the config cannot take (sae/overrides.py)."""
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    try:
+        check_overrides(CONF_DIR, config_name, sys.argv[1:], groups)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfig], None]:
@@ -31,7 +64,6 @@ def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfi
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" at start-up
         logging.getLogger("absl").setLevel(logging.WARNING)  # no orbax INFO lines in the console
         from sae.checkpoint import Preempted, sigterm_exit_status
-        from sae.data import DataError
 
         try:
             typed = OmegaConf.to_object(cfg)
@@ -41,7 +73,7 @@ def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfi
             sys.exit(2)
         try:
             job(typed, HydraConfig.get().runtime.output_dir)
-        except (config_lib.ConfigError, DataError) as err:
+        except (ConfigError, DataError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         except Preempted as stop:  # SIGTERM: the checkpoint is written; the scheduler may requeue the command
@@ -54,7 +86,8 @@ def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfi
 def _main(config_name: str, job: Callable[[config_lib.Config, str], object]) -> None:
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         sys.exit(f"error: config directory {CONF_DIR} not found; install the project with `pip install -e .`")
-    config_lib.register()
+    register_schemas()
+    _check_command_line(config_name)
     hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)(_run(job))()
 
 
@@ -68,14 +101,17 @@ def train() -> None:
 def toy_train() -> None:
     """Console script `toy-train` (toy_models/cli.py): a toy-models experiment, then its figures and
     results to the tracker when `logger=wandb`."""
-    from sae.tracking import log_toy_run, register_schemas
+    from sae.tracking import log_toy_run
     from toy_models import cli as toy_cli
+    from toy_models import config as toy_config
 
     def log(cfg, out_dir: str) -> None:
         if cfg.logger is not None and cfg.logger.name == "wandb":
             log_toy_run(Path(out_dir), cfg.logger)
 
-    register_schemas(ConfigStore.instance())
+    register_schemas()
+    toy_config.register()
+    _check_command_line("toy_train")
     toy_cli.main(after=log)
 
 
@@ -95,10 +131,8 @@ def cache() -> None:
 
 def inspect() -> None:
     """Console script `sae-inspect`: feature statistics, examples, plots and the HTML browser (sae/inspect/)."""
-    from sae.inspect import config as inspect_config
     from sae.inspect.run import inspect_run
 
-    inspect_config.register()
     # `data` is an open dict of overrides of the run's saved data config: let `data.path=X` add a key
     # (Hydra's struct mode would ask for `+data.path=X`); unknown keys are rejected by inspect_run.
     sys.argv = [f"+{a}" if a.startswith("data.") else a for a in sys.argv]
@@ -107,8 +141,6 @@ def inspect() -> None:
 
 def lm_train() -> None:
     """Console script `lm-train`: train the small transformer LM on a text corpus (sae/lm/train.py)."""
-    from sae.lm import config as lm_config
     from sae.lm.train import train_lm
 
-    lm_config.register()
     _main("lm_train", train_lm)

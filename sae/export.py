@@ -2,17 +2,10 @@
 
 The directory written by `export_sae` is what SAELens ≥ 6 writes with `SAE.save_model`, so
 `sae_lens.SAE.load_from_disk(directory)` (and SAEBench, SAEDashboard, Neuronpedia tooling) reads it.
-Tensors (float32): W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], and per architecture
-
-  "standard"  b_enc [d_sae]                       f = ReLU(pre)
-  "topk"      b_enc [d_sae]                       f = ReLU(TopK_k(pre))                   (cfg "k")
-  "jumprelu"  b_enc [d_sae], threshold [d_sae]    f = ReLU(pre) · 1[pre > threshold]
-  "gated"     b_gate, r_mag, b_mag [d_sae]        f = 1[u W_enc + b_gate > 0] · ReLU(u (W_enc ⊙ exp r_mag) + b_mag)
-
-with u = x − b_dec if cfg "apply_b_dec_to_input" else x, pre = u W_enc + b_enc, x̂ = f W_dec + b_dec.
-
-Our families map as relu, relu_april → standard; topk → topk; jumprelu → jumprelu; batchtopk,
-matryoshka → jumprelu with the scalar inference threshold broadcast to [d_sae]; gated → gated.
+Tensors (float32): W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], and those of the SAELens
+architecture (sae/architectures/saelens.py, which also holds the inference rules both sides use). Each
+family says which architecture it exports as, whether it applies b_dec to its input, and its tensors
+(`SAE.saelens`, `SAE.pre_bias`, `SAE.inference_params`).
 Our input scale s (the SAE saw x·s) is folded in so the export takes raw x and returns raw x̂:
 W_enc·s, W_dec/s, b_dec/s; b_enc, b_gate, r_mag, b_mag and thresholds act on pre-activations,
 which folding leaves unchanged, so they are kept. Our own fields go under cfg "metadata"["sae_jax"].
@@ -32,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from sae.architectures import REGISTRY, SAE
+from sae.architectures import FAMILIES, SAE, saelens
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -40,41 +33,6 @@ WEIGHTS_FILENAME = "sae_weights.safetensors"
 # pre-6 converter, which keeps only a fixed list of metadata keys (ours would be dropped).
 SAELENS_FORMAT_VERSION = "6.0.0"
 OUR_KEY = "sae_jax"  # cfg["metadata"][OUR_KEY]: our family name, folded input scale, family config
-
-SAELENS_ARCHITECTURE = {
-    "relu": "standard",
-    "relu_april": "standard",
-    "topk": "topk",
-    "jumprelu": "jumprelu",
-    "batchtopk": "jumprelu",
-    "matryoshka": "jumprelu",
-    "gated": "gated",
-}
-# Whether the family encodes x − b_dec (SAELens "apply_b_dec_to_input").
-PRE_BIAS = {
-    "relu": True,
-    "relu_april": False,
-    "topk": True,
-    "jumprelu": False,
-    "batchtopk": True,
-    "matryoshka": True,
-    "gated": True,
-}
-# SAELens tensor names per architecture, beyond W_enc, W_dec, b_dec (its load_state_dict is strict).
-_LATENT_TENSORS = {
-    "standard": ("b_enc",),
-    "topk": ("b_enc",),
-    "jumprelu": ("b_enc", "threshold"),
-    "gated": ("b_gate", "r_mag", "b_mag"),
-}
-
-
-def _family(sae: SAE) -> str:
-    for name, cls in REGISTRY.items():
-        if type(sae) is cls:
-            return name
-    raise ValueError(f"cannot export {type(sae).__name__}: expected one of {sorted(REGISTRY)}")
-
 
 def _jsonable(cfg: Any) -> dict[str, Any]:
     """The family config (dataclass or OmegaConf node) as a JSON-serialisable dict."""
@@ -108,7 +66,8 @@ def export_sae(
     "threshold"; metadata: JSON-serialisable extras (e.g. model_name, hook_name, which SAELens reads
     from cfg "metadata") merged into cfg "metadata". Returns the directory.
     """
-    family = _family(sae)
+    if FAMILIES[sae.name] is not type(sae):
+        raise ValueError(f"cannot export {type(sae).__name__}: expected one of {list(FAMILIES)}")
     s = float(input_scale)
     if not (math.isfinite(s) and s > 0):
         raise ValueError(f"input_scale={input_scale!r} must be a positive finite number")
@@ -117,40 +76,16 @@ def export_sae(
     if reserved:
         raise ValueError(f"metadata keys {sorted(reserved)} are reserved by export_sae")
 
-    d_in, d_sae = sae.d_in, sae.d_sae
-    arch = SAELENS_ARCHITECTURE[family]
-    needed = ("W_enc", "W_dec", "b_dec") + (
-        ("b_gate", "r_mag", "b_mag") if family == "gated" else ("b_enc",)
-    ) + (("threshold",) if family == "jumprelu" else ())
-    missing = [k for k in needed if k not in params]
-    if missing:
-        raise ValueError(f"params for {family!r} lack {missing}; expected {list(needed)}")
-    p = {k: _np(params[k]) for k in needed}
-
-    tensors = {
-        "W_enc": p["W_enc"] * s,
-        "W_dec": p["W_dec"] / s,
-        "b_dec": p["b_dec"] / s,
-    }
-    if family == "gated":
-        tensors.update(b_gate=p["b_gate"], r_mag=p["r_mag"], b_mag=p["b_mag"])
-    else:
-        tensors["b_enc"] = p["b_enc"]
-    if family == "jumprelu":
-        if np.any(p["threshold"] < 0):
-            # Ours gives z on (θ, 0]; SAELens's ReLU(z)·1[z > θ] cannot. Training clips θ at 0.
-            raise ValueError("jumprelu params['threshold'] has negative entries; SAELens needs θ ≥ 0")
-        tensors["threshold"] = p["threshold"]
-    elif family in ("batchtopk", "matryoshka"):
-        if "threshold" not in buffers:
-            raise ValueError(f"buffers for {family!r} lack the scalar 'threshold'")
-        theta = float(np.asarray(jax.device_get(buffers["threshold"])).reshape(()))
-        # r·1[r > θ] with r = ReLU(z) equals ReLU(z)·1[z > θ] for θ ≥ 0, and ReLU(z) for θ < 0
-        # (the unset sentinel), which is θ = 0; so the clamp is exact.
-        tensors["threshold"] = np.full((d_sae,), max(theta, 0.0))
-
-    expected = _expected_shapes(arch, d_in, d_sae)
-    for name, shape in expected.items():
+    d_in, d_sae, arch = sae.d_in, sae.d_sae, sae.saelens
+    try:
+        p = {k: _np(v) for k, v in sae.inference_params(params, buffers).items()}
+    except KeyError as missing:
+        raise ValueError(f"params / buffers for {sae.name!r} lack {missing}") from None
+    if arch == "jumprelu" and np.any(p["threshold"] < 0):
+        # Ours gives z on (θ, 0]; SAELens's ReLU(z)·1[z > θ] cannot. Training clips θ at 0.
+        raise ValueError(f"{sae.name} threshold has negative entries; SAELens needs θ ≥ 0")
+    tensors = {**p, "W_enc": p["W_enc"] * s, "W_dec": p["W_dec"] / s, "b_dec": p["b_dec"] / s}
+    for name, shape in saelens.tensor_shapes(arch, d_in, d_sae).items():
         if tensors[name].shape != shape:
             raise ValueError(f"params[{name!r}] has shape {tensors[name].shape}; expected {shape}")
 
@@ -160,7 +95,7 @@ def export_sae(
         "d_sae": d_sae,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": PRE_BIAS[family],
+        "apply_b_dec_to_input": sae.pre_bias,
         "normalize_activations": "none",  # our input scale is folded into the weights
         "reshape_activations": "none",
     }
@@ -171,7 +106,7 @@ def export_sae(
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,  # not trained with SAELens
         OUR_KEY: {
-            "architecture": family,
+            "architecture": sae.name,
             "input_scale": s,
             "input_scale_folded": True,
             "config": _jsonable(sae.cfg),
@@ -189,31 +124,12 @@ def export_sae(
     return directory
 
 
-def _expected_shapes(arch: str, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
-    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    shapes.update({name: (d_sae,) for name in _LATENT_TENSORS[arch]})
-    return shapes
-
-
 # --- loading ---------------------------------------------------------------------------------
 
 
 @partial(jax.jit, static_argnames=("arch", "pre_bias", "k"))
 def _encode(params, x, arch: str, pre_bias: bool, k: int):
-    u = x - params["b_dec"] if pre_bias else x
-    if arch == "gated":
-        gate = u @ params["W_enc"] + params["b_gate"]
-        mag = u @ (params["W_enc"] * jnp.exp(params["r_mag"])) + params["b_mag"]
-        return (gate > 0).astype(x.dtype) * jax.nn.relu(mag)
-    pre = u @ params["W_enc"] + params["b_enc"]
-    if arch == "standard":
-        return jax.nn.relu(pre)
-    if arch == "jumprelu":
-        return jax.nn.relu(pre) * (pre > params["threshold"]).astype(x.dtype)
-    # topk: the k largest pre-activations per row, then ReLU
-    vals, idx = jax.lax.top_k(pre, k)
-    rows = jnp.arange(pre.shape[0])[:, None]
-    return jnp.zeros_like(pre).at[rows, idx].set(jax.nn.relu(vals))
+    return saelens.encode(arch, params, x, pre_bias, k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,8 +186,8 @@ def load_sae(directory: str | Path) -> LoadedSAE:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
 
     arch = cfg.get("architecture")
-    if arch not in _LATENT_TENSORS:
-        raise ValueError(f"{cfg_path}: architecture={arch!r}; expected one of {sorted(_LATENT_TENSORS)}")
+    if arch not in saelens.LATENT_TENSORS:
+        raise ValueError(f"{cfg_path}: architecture={arch!r}; expected one of {sorted(saelens.LATENT_TENSORS)}")
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int):
             raise ValueError(f"{cfg_path}: {key}={cfg.get(key)!r}; expected an integer")
@@ -288,13 +204,14 @@ def load_sae(directory: str | Path) -> LoadedSAE:
     ours = (cfg.get("metadata") or {}).get(OUR_KEY) or {}
     family = ours.get("architecture", arch)
     if OUR_KEY in (cfg.get("metadata") or {}):
-        if SAELENS_ARCHITECTURE.get(family) != arch or PRE_BIAS[family] != cfg["apply_b_dec_to_input"]:
+        exported = FAMILIES[family] if family in FAMILIES else None
+        if exported is None or exported.saelens != arch or exported.pre_bias != cfg["apply_b_dec_to_input"]:
             raise ValueError(f"{cfg_path}: metadata.{OUR_KEY}.architecture={family!r} does not match "
                              f"architecture={arch!r}, apply_b_dec_to_input={cfg['apply_b_dec_to_input']}; "
-                             f"expected one of {sorted(SAELENS_ARCHITECTURE)} exported by export_sae")
+                             f"expected one of {list(FAMILIES)} exported by export_sae")
 
     tensors = load_file(str(weights_path))
-    expected = _expected_shapes(arch, cfg["d_in"], cfg["d_sae"])
+    expected = saelens.tensor_shapes(arch, cfg["d_in"], cfg["d_sae"])
     if set(tensors) != set(expected):
         raise ValueError(f"{weights_path}: tensors {sorted(tensors)}; expected {sorted(expected)} "
                          f"for architecture {arch!r}")

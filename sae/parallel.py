@@ -14,7 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sae.config import ConfigError, MeshConfig
+from sae.config import MeshConfig
+from sae.errors import ConfigError
 
 DATA, MODEL = "data", "model"
 

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 
 from sae import parallel
 from sae.architectures import make_sae
-from sae.config import SAE_SCHEMAS, MeshConfig, OptimConfig, TopKConfig
+from sae.architectures import FAMILIES
+from sae.architectures.topk import TopKConfig
+from sae.config import MeshConfig, OptimConfig
 from sae.training.step import init_state, make_optimizer, make_sweep_step, make_train_step, pure_train_step
 
 
@@ -67,7 +69,7 @@ def sweep_runner(sae, params, tx, schedule, steps: int, x, instances: int):
 
 def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, mesh: str | None = None,
               instances: int = 1) -> dict:
-    cfg = SAE_SCHEMAS[arch](name=arch, d_sae=d_sae)
+    cfg = FAMILIES[arch].config(d_sae=d_sae)
     if isinstance(cfg, TopKConfig):
         cfg.k = k
     sae = make_sae(cfg, d_in)
@@ -124,10 +126,10 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1,
                         help="also time a one-pass sweep of this many SAEs against as many sequential steps")
     args = parser.parse_args()
-    archs = list(SAE_SCHEMAS) if args.arch == "all" else args.arch.split(",")
-    unknown = [a for a in archs if a not in SAE_SCHEMAS]
+    archs = list(FAMILIES) if args.arch == "all" else args.arch.split(",")
+    unknown = [a for a in archs if a not in FAMILIES]
     if unknown:
-        parser.error(f"--arch {','.join(unknown)}: expected some of {','.join(SAE_SCHEMAS)} or 'all'")
+        parser.error(f"--arch {','.join(unknown)}: expected some of {','.join(FAMILIES)} or 'all'")
     for arch in archs:
         print(json.dumps(benchmark(arch, args.d_in, args.d_sae, args.batch, args.k, args.steps, args.mesh,
                                    args.instances)),

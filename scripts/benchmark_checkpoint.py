@@ -23,8 +23,9 @@ import jax.numpy as jnp
 
 from sae.architectures import make_sae
 from sae.checkpoint import Checkpointer
-from sae.config import CheckpointConfig, OptimConfig, TopKConfig
-from sae.training.driver import Hooks, decoder_norms, run_steps
+from sae.architectures.topk import TopKConfig
+from sae.config import CheckpointConfig, OptimConfig
+from sae.training.loop import Hooks, decoder_norms, run_steps
 from sae.training.step import init_state, make_optimizer, make_train_step
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="parent of the temporary checkpoint directories")
     args = parser.parse_args()
 
-    sae = make_sae(TopKConfig(name="topk", d_sae=args.d_sae, k=args.k), args.d_in)
+    sae = make_sae(TopKConfig(d_sae=args.d_sae, k=args.k), args.d_in)
     tx, schedule = make_optimizer(OptimConfig(), 1e-4, args.steps)
     params = sae.init_params(jax.random.key(0), jnp.zeros(args.d_in))
     step = make_train_step(sae, tx, schedule, args.steps, 0.0, 10**9)

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from sae.architectures import make_sae
-from sae.config import TopKConfig
+from sae.architectures.topk import TopKConfig
 from sae.data.store import Store, StoreWriter
 from sae.export import export_sae
 from sae.inspect import inspect_run
@@ -49,7 +49,7 @@ def make_store(path: Path, rows: int, d_in: int, seq: int, vocab: int, tokens: b
 
 
 def make_run(path: Path, store: Path, d_in: int, d_sae: int, k: int) -> None:
-    cfg = TopKConfig(name="topk", d_sae=d_sae, k=k)
+    cfg = TopKConfig(d_sae=d_sae, k=k)
     sae = make_sae(cfg, d_in)
     params = sae.init_params(jax.random.PRNGKey(0), np.zeros(d_in, np.float32))
     export_sae(path / "sae", sae, params, {}, 1.0, metadata={"config": {"data": {"name": "cached", "path": str(store)}}})

@@ -19,7 +19,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from sae import config as config_lib
-from sae.cli import CONF_DIR
+from sae.architectures import FAMILIES
+from sae.cli import CONF_DIR, register_schemas
 from sae.training import train
 
 
@@ -38,8 +39,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/recovery")
     args = parser.parse_args()
-    config_lib.register()
-    names = list(config_lib.SAE_SCHEMAS) if args.arch == "all" else args.arch.split(",")
+    register_schemas()
+    names = list(FAMILIES) if args.arch == "all" else args.arch.split(",")
     for name in names:
         cfg = family_config(name, [f"data.d_in={args.d_in}", f"data.n_features={args.n_features}",
                                    f"sae.d_sae={args.d_sae}", f"trainer.total_tokens={args.tokens}",

@@ -1,15 +1,12 @@
-"""Throughput of the on-disk activation store: writing, shuffled reading, and the shard encoding.
+"""Throughput of the on-disk activation store: writing and shuffled reading.
 
   python scripts/benchmark_store.py [--rows 2200000] [--d-in 512] [--dtype float16] [--shard-rows 262144]
-      [--batch 4096] [--mixing-rows 1048576] [--batches 300] [--sae-steps 5] [--encodings npy,zarr]
-      [--encoding-rows 262144] [--encoding-blocks 64] [--zarr-chunk-rows 65536]
-      [--dir DIR [--keep]] [--no-verify]
+      [--batch 4096] [--mixing-rows 1048576] [--batches 300] [--sae-steps 5] [--dir DIR [--keep]] [--no-verify]
 
 Writes a store of `--rows` synthetic rows (a fixed random block, tiled with per-chunk flips of its lowest
 mantissa bits so chunks differ) through `StoreWriter`, reads it back twice through `StoreLoader` (shuffled
-windows, checksums verified unless --no-verify), optionally times the TopK train step on this machine,
-and compares .npy with tensorstore zarr3 shards on a smaller sample. Prints ONE JSON object (MB = 1e6
-bytes; seconds are wall clock):
+windows, checksums verified unless --no-verify) and optionally times the TopK train step on this
+machine. Prints ONE JSON object (MB = 1e6 bytes; seconds are wall clock):
 
 - machine: cpu_count (os.cpu_count()), mem_total_bytes (/proc/meminfo), load_avg_before (1/5/15-minute
   load average before the run; machines are shared and noisy), uptime (the `uptime` line).
@@ -31,14 +28,6 @@ bytes; seconds are wall clock):
   batch, 32, sae_steps)` on this machine's default JAX device; topk_step_rows_per_s (its tokens_per_s);
   loader_over_step (cold read_rows_per_s / topk_step_rows_per_s: > 1 means the loader keeps up with the
   step even from disk) and loader_over_step_warm (the same with the warm pass).
-- encodings (with --encodings): for each of npy (np.save + fsync; sequential read = np.load of the whole
-  file, as Store.read_shard does; blocks = slices of np.load(mmap_mode="r"), as Store.read_rows does) and
-  zarr (tensorstore driver zarr3, local file kvstore, uncompressed chunks of [--zarr-chunk-rows, d_in],
-  fsync by tensorstore's default file_io_sync) on `--encoding-rows` rows: bytes, write_mb_per_s,
-  seq_read_cold_mb_per_s / seq_read_warm_mb_per_s (whole array into memory, after dropping the page
-  cache / again from the cache), seq_read_cpu_cores (CPU time / wall of the warm sequential read),
-  block_read_cold_mb_per_s / block_read_warm_mb_per_s (`--encoding-blocks` contiguous `--batch`-row
-  blocks at random offsets), files (file count), cache_dropped (the drop before the cold reads worked).
 - total_seconds: the whole run.
 """
 
@@ -196,99 +185,6 @@ def read_pass(path: Path, batch: int, mixing_rows: int, batches: int, verify: bo
             "loader_thread_rows_per_s": thread_rows_per_s, "cpu_cores_used": cpu / wall}
 
 
-# --- 3. shard encodings ---
-
-
-def _timed(fn) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of fn()."""
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - t0, time.process_time() - cpu0
-
-
-def compare_encoding(kind: str, where: Path, data: np.ndarray, batch: int, blocks: int, chunk_rows: int) -> dict:
-    nbytes = data.nbytes
-    starts = np.random.default_rng(1).integers(0, len(data) - batch + 1, blocks)
-    if kind == "npy":
-        file = where / "sample.npy"
-
-        def write():
-            with open(file, "wb") as f:
-                np.save(f, data)
-                f.flush()
-                os.fsync(f.fileno())
-
-        def seq_read():
-            np.load(file)
-
-        def block_read():
-            mm = np.load(file, mmap_mode="r")
-            for s in starts:
-                np.array(mm[s : s + batch])
-    elif kind == "zarr":
-        import tensorstore as ts
-
-        spec = {
-            "driver": "zarr3",
-            "kvstore": {"driver": "file", "path": str(where / "sample.zarr")},
-            "metadata": {
-                "shape": list(data.shape),
-                "data_type": str(data.dtype),
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, data.shape[1]]}},
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-            },
-        }
-
-        def write():
-            array = ts.open(spec, create=True, delete_existing=True).result()
-            array.write(data).result()
-
-        def seq_read():
-            array = ts.open({"driver": "zarr3", "kvstore": spec["kvstore"]}).result()
-            array.read().result()
-
-        def block_read():
-            array = ts.open({"driver": "zarr3", "kvstore": spec["kvstore"]}).result()
-            for s in starts:
-                array[int(s) : int(s) + batch].read().result()
-    else:
-        raise ValueError(f"unknown encoding {kind!r}: expected npy or zarr")
-
-    write_s, _ = _timed(write)
-    files = dir_files(where)
-    dropped = cache_drop_report(files)["worked"]
-    seq_cold_s, _ = _timed(seq_read)
-    seq_warm_s, seq_warm_cpu = _timed(seq_read)
-    drop_cache(files)
-    block_cold_s, _ = _timed(block_read)
-    block_warm_s, _ = _timed(block_read)
-    block_bytes = blocks * batch * data.shape[1] * data.dtype.itemsize
-    result = {
-        "bytes": sum(p.stat().st_size for p in files), "files": len(files),
-        "write_mb_per_s": nbytes / MB / write_s,
-        "seq_read_cold_mb_per_s": nbytes / MB / seq_cold_s, "seq_read_warm_mb_per_s": nbytes / MB / seq_warm_s,
-        "seq_read_cpu_cores": seq_warm_cpu / seq_warm_s,
-        "block_read_cold_mb_per_s": block_bytes / MB / block_cold_s,
-        "block_read_warm_mb_per_s": block_bytes / MB / block_warm_s,
-        "cache_dropped": dropped,
-    }
-    shutil.rmtree(where, ignore_errors=True)
-    return result
-
-
-def compare_encodings(kinds: list[str], root: Path, rows: int, d_in: int, dtype: str, batch: int,
-                      blocks: int, chunk_rows: int) -> dict:
-    on_disk = np.uint16 if dtype == "bfloat16" else DTYPES[dtype]  # as the store keeps it
-    data = np.random.default_rng(2).standard_normal((rows, d_in), np.float32).astype(DTYPES[dtype]).view(on_disk)
-    out = {"rows": rows, "d_in": d_in, "dtype": dtype, "block_rows": batch, "blocks": blocks,
-           "zarr_chunk_rows": chunk_rows}
-    for kind in kinds:
-        where = root / f"encoding_{kind}"
-        where.mkdir(parents=True, exist_ok=True)
-        out[kind] = compare_encoding(kind, where, data, min(batch, rows), blocks, chunk_rows)
-    return out
-
-
 # --- the run ---
 
 
@@ -302,17 +198,10 @@ def main() -> None:
     parser.add_argument("--mixing-rows", type=int, default=1_048_576)
     parser.add_argument("--batches", type=int, default=300, help="batches consumed per read pass")
     parser.add_argument("--sae-steps", type=int, default=5, help="TopK train steps to time; 0 skips")
-    parser.add_argument("--encodings", default="npy,zarr", help="comma-separated npy,zarr; '' skips")
-    parser.add_argument("--encoding-rows", type=int, default=262_144)
-    parser.add_argument("--encoding-blocks", type=int, default=64)
-    parser.add_argument("--zarr-chunk-rows", type=int, default=65_536)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the store afterwards")
     parser.add_argument("--no-verify", action="store_true", help="the loader skips shard checksums")
     args = parser.parse_args()
-    kinds = [k for k in args.encodings.split(",") if k]
-    if any(k not in ("npy", "zarr") for k in kinds):
-        parser.error(f"--encodings {args.encodings}: expected some of npy,zarr")
     if args.rows < args.batch:
         parser.error(f"--rows {args.rows} is below --batch {args.batch}")
 
@@ -328,10 +217,6 @@ def main() -> None:
         result["page_cache_drop"] = cache_drop_report(shards)
         result["read"] = {"cold": read_pass(store_path, args.batch, args.mixing_rows, args.batches, not args.no_verify)}
         result["read"]["warm"] = read_pass(store_path, args.batch, args.mixing_rows, args.batches, not args.no_verify)
-        if kinds:
-            result["encodings"] = compare_encodings(kinds, root, min(args.encoding_rows, args.rows), args.d_in,
-                                                    args.dtype, args.batch, args.encoding_blocks,
-                                                    args.zarr_chunk_rows)
         if args.sae_steps > 0:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from benchmark import benchmark
@@ -344,8 +229,6 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(store_path if args.dir else root, ignore_errors=True)
-            for kind in kinds:
-                shutil.rmtree(root / f"encoding_{kind}", ignore_errors=True)
     result["total_seconds"] = time.perf_counter() - began
     print(json.dumps(result))
 

@@ -9,15 +9,17 @@ import pytest
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "sae-jax-test-cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-from sae.config import SAE_SCHEMAS, Config, OptimConfig, SyntheticConfig, TrainerConfig
+from sae.architectures import FAMILIES
+from sae.config import Config, OptimConfig, TrainerConfig
+from sae.data.synthetic import SyntheticConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(name: str, total_tokens: int = 400_000, lr: float | None = 3e-3, **sae_fields) -> Config:
     """A test-sized run: 48 ground-truth features in 24 dims, 96 latents, batch 1024."""
-    sae = SAE_SCHEMAS[name](name=name, d_sae=96, **sae_fields)
-    data = SyntheticConfig(name="synthetic", d_in=24, n_features=48, mean_active=3.0, eval_tokens=8192)
+    sae = FAMILIES[name].config(d_sae=96, **sae_fields)
+    data = SyntheticConfig(d_in=24, n_features=48, mean_active=3.0, eval_tokens=8192)
     trainer = TrainerConfig(total_tokens=total_tokens, batch_size=1024, log_every=50, dead_tokens=50_000,
                             geometric_median_samples=1024)
     return Config(sae=sae, data=data, optim=OptimConfig(lr=lr), trainer=trainer, seed=0)

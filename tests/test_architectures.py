@@ -14,18 +14,17 @@ import numpy as np
 import pytest
 
 from sae.architectures import make_sae
-from sae.architectures.base import exact_top_k, gather_sum, latent_sharded_top_k, take_with_sparse_grad
+from sae.architectures.sparse import exact_top_k, gather_sum, latent_sharded_top_k, take_with_sparse_grad
 from sae.architectures.batchtopk import batch_threshold, kth_largest_nonnegative
 from sae.architectures.jumprelu import jumprelu, step
 from sae.architectures.matryoshka import prefix_sizes
-from sae.config import (
-    BatchTopKConfig,
-    GatedConfig,
-    JumpReLUConfig,
-    MatryoshkaConfig,
-    ReLUConfig,
-    TopKConfig,
-)
+from sae.architectures.batchtopk import BatchTopKConfig
+from sae.architectures.gated import GatedConfig
+from sae.architectures.jumprelu import JumpReLUConfig
+from sae.architectures.matryoshka import MatryoshkaConfig
+from sae.architectures.relu import ReLUConfig
+from sae.architectures.relu_april import ReLUAprilConfig
+from sae.architectures.topk import TopKConfig
 
 B, D_IN, D_SAE, K = 32, 8, 48, 4
 LAM = 0.3  # sparsity coefficient passed to forward
@@ -40,18 +39,20 @@ UNIT_NORM = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
 
 
 def make_cfg(name: str, prefixes: tuple[int, ...] = ()):
-    if name in ("relu", "relu_april"):
-        return ReLUConfig(name=name, d_sae=D_SAE, l1_coefficient=LAM)
+    if name == "relu":
+        return ReLUConfig(d_sae=D_SAE, l1_coefficient=LAM)
+    if name == "relu_april":
+        return ReLUAprilConfig(d_sae=D_SAE, l1_coefficient=LAM)
     if name == "gated":
-        return GatedConfig(name=name, d_sae=D_SAE, l1_coefficient=LAM)
+        return GatedConfig(d_sae=D_SAE, l1_coefficient=LAM)
     if name == "jumprelu":
-        return JumpReLUConfig(name=name, d_sae=D_SAE, l0_coefficient=LAM, threshold_init=0.1, bandwidth=BANDWIDTH)
+        return JumpReLUConfig(d_sae=D_SAE, l0_coefficient=LAM, threshold_init=0.1, bandwidth=BANDWIDTH)
     if name == "topk":
-        return TopKConfig(name=name, d_sae=D_SAE, k=K, k_aux=K_AUX, aux_coefficient=ALPHA)
+        return TopKConfig(d_sae=D_SAE, k=K, k_aux=K_AUX, aux_coefficient=ALPHA)
     if name == "batchtopk":
-        return BatchTopKConfig(name=name, d_sae=D_SAE, k=K, aux_coefficient=ALPHA, threshold_ema_decay=DECAY)
+        return BatchTopKConfig(d_sae=D_SAE, k=K, aux_coefficient=ALPHA, threshold_ema_decay=DECAY)
     if name == "matryoshka":
-        return MatryoshkaConfig(name=name, d_sae=D_SAE, k=K, aux_coefficient=ALPHA, threshold_ema_decay=DECAY,
+        return MatryoshkaConfig(d_sae=D_SAE, k=K, aux_coefficient=ALPHA, threshold_ema_decay=DECAY,
                                 prefixes=list(prefixes))
     raise ValueError(name)
 

@@ -13,7 +13,11 @@ from safetensors.numpy import save_file
 
 import sae.cache as cache_lib
 from sae.cache import GROUND_TRUTH, cache, open_source
-from sae.config import ArraysSourceConfig, CacheConfig, ConfigError, SyntheticSourceConfig, ToySourceConfig, check_cache
+from sae.config import CacheConfig, check_cache
+from sae.data.arrays import ArrayRowsConfig
+from sae.data.synthetic import SyntheticRowsConfig
+from sae.data.toy import ToyRowsConfig
+from sae.errors import ConfigError
 from sae.data import DataError
 from sae.data.store import MANIFEST, PROGRESS, Store, StoreError
 from toy_models.config import ToyConfig, ToyDataConfig, ToyModelConfig, to_dict
@@ -28,11 +32,11 @@ def acts(n: int, d_in: int = 6, seed: int = 0, dtype=np.float32) -> np.ndarray:
 
 def arrays_cfg(path, out, tensor=None, **kwargs) -> CacheConfig:
     kwargs = {"shard_rows": 100, "chunk_rows": 30, **kwargs}
-    return CacheConfig(source=ArraysSourceConfig(name="arrays", path=str(path), tensor=tensor), out=str(out), **kwargs)
+    return CacheConfig(source=ArrayRowsConfig(path=str(path), tensor=tensor), out=str(out), **kwargs)
 
 
 def synthetic_cfg(out, n_rows=2000, **kwargs) -> CacheConfig:
-    source = SyntheticSourceConfig(name="synthetic", d_in=8, n_features=24, mean_active=3.0, n_rows=n_rows)
+    source = SyntheticRowsConfig(d_in=8, n_features=24, mean_active=3.0, n_rows=n_rows)
     return CacheConfig(source=source, out=str(out), **{"shard_rows": 300, "chunk_rows": 100, **kwargs})
 
 
@@ -150,7 +154,7 @@ def toy_run(tmp_path_factory):
 
 
 def test_toy_store_holds_the_models_hidden_activations(tmp_path, toy_run, small_blocks):
-    cfg = CacheConfig(source=ToySourceConfig(name="toy", run=str(toy_run), setting=0, n_rows=1500), out=str(tmp_path / "s"),
+    cfg = CacheConfig(source=ToyRowsConfig(run=str(toy_run), setting=0, n_rows=1500), out=str(tmp_path / "s"),
                       dtype="float32", shard_rows=400, chunk_rows=128)
     manifest = cache(cfg)
     source = open_source(cfg)
@@ -159,7 +163,7 @@ def test_toy_store_holds_the_models_hidden_activations(tmp_path, toy_run, small_
     assert manifest["d_in"] == 2 and manifest["provenance"]["config"]["setting"] == 0
     np.testing.assert_allclose(np.load(tmp_path / "s" / GROUND_TRUTH), source.ground_truth)
     assert np.load(tmp_path / "s" / GROUND_TRUTH).shape == (5, 2)
-    bad = CacheConfig(source=ToySourceConfig(name="toy", run=str(toy_run), setting=3, n_rows=10), out=str(tmp_path / "t"))
+    bad = CacheConfig(source=ToyRowsConfig(run=str(toy_run), setting=3, n_rows=10), out=str(tmp_path / "t"))
     with pytest.raises(DataError, match=r"source.setting=3: pick one of 0..0"):
         cache(bad)
 

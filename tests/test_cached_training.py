@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from sae.config import CachedConfig
-from sae.data import DataError, SyntheticSource, make_source
+from sae.data.cached import CachedConfig
+from sae.data import DataError, open_batch_source
+from sae.data.synthetic import SyntheticBatches
 from sae.data.store import StoreWriter
 from sae.export import load_sae
 from sae.training import train
@@ -17,7 +18,7 @@ from sae.training import train
 def synthetic_store(tmp_path_factory):
     """450k float16 rows of the test-sized synthetic data in shards of 32768, with the ground truth."""
     cfg = small_config("topk")
-    source = SyntheticSource(cfg.data, seed=0)
+    source = SyntheticBatches(cfg.data, 0, 0)
     path = tmp_path_factory.mktemp("store") / "s"
     path.mkdir()
     np.save(path / "ground_truth.npy", np.asarray(source.ground_truth))
@@ -29,10 +30,10 @@ def synthetic_store(tmp_path_factory):
 
 def test_trains_from_a_store_and_recovers_the_features(synthetic_store, tmp_path):
     cfg = small_config("topk", total_tokens=400_000, k=3)
-    cfg.data = CachedConfig(name="cached", path=str(synthetic_store), mixing_rows=131072, eval_tokens=8192)
+    cfg.data = CachedConfig(path=str(synthetic_store), mixing_rows=131072, eval_tokens=8192)
     metrics = train(cfg, tmp_path / "run")
     assert metrics["mmcs"] >= 0.9, metrics
-    store = make_source(cfg.data, 1024, 0).store
+    store = open_batch_source(cfg.data, 1024, 0).store
     held_out = np.asarray(store.read_rows(store.n_rows - 8192, store.n_rows), np.float32)
     x_hat = np.asarray(load_sae(tmp_path / "run" / "sae")(jnp.asarray(held_out)))
     fvu = np.sum((held_out - x_hat) ** 2) / np.sum((held_out - held_out.mean(0)) ** 2)
@@ -41,4 +42,4 @@ def test_trains_from_a_store_and_recovers_the_features(synthetic_store, tmp_path
 
 def test_a_missing_store_is_named(tmp_path):
     with pytest.raises(DataError, match="not an activation store"):
-        make_source(CachedConfig(name="cached", path=str(tmp_path)), 1024, 0)
+        open_batch_source(CachedConfig(path=str(tmp_path)), 1024, 0)

@@ -17,8 +17,10 @@ from conftest import ROOT, small_config
 from safetensors.numpy import load_file
 
 from sae.checkpoint import CHECKPOINTS, UNREADABLE, CheckpointMismatch, Preempted, resume_source
-from sae.config import SAE_SCHEMAS, CheckpointConfig, ConfigError, SweepConfig
-from sae.data import SyntheticSource
+from sae.architectures import FAMILIES
+from sae.config import CheckpointConfig, SweepConfig
+from sae.errors import ConfigError
+from sae.data.synthetic import SyntheticBatches
 from sae.training import train
 
 FAMILY_FIELDS = {"relu": {}, "relu_april": {}, "gated": {}, "jumprelu": {}, "topk": {"k": 3},
@@ -142,7 +144,7 @@ def test_other_architecture_or_width_refuses_to_resume(tmp_path):
     wider = replace(cfg, sae=replace(cfg.sae, d_sae=128))
     with pytest.raises(CheckpointMismatch, match=r"sae.d_sae=96 there but 128 here"):
         train(wider, tmp_path)
-    relu = replace(cfg, sae=SAE_SCHEMAS["relu"](name="relu", d_sae=96))
+    relu = replace(cfg, sae=FAMILIES["relu"].config(d_sae=96))
     with pytest.raises(CheckpointMismatch, match=r"sae.name='topk' there but 'relu' here"):
         train(relu, tmp_path)
 

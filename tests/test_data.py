@@ -5,8 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae.config import ArraysConfig, SyntheticConfig
-from sae.data import ArraySource, DataError, SyntheticFeatures
+from sae.data.arrays import ArraysConfig
+from sae.data.synthetic import SyntheticConfig
+from sae.data import DataError
+from sae.data.arrays import ArrayBatches
+from sae.data.synthetic import SyntheticFeatures
 from sae.data.synthetic import firing_probabilities, normal_quantile
 
 
@@ -20,7 +23,7 @@ def test_firing_probabilities_decay_and_sum_to_mean_active():
 
 
 def test_coefficients_fire_at_their_probabilities_with_their_magnitudes():
-    cfg = SyntheticConfig(name="synthetic", d_in=8, n_features=20, mean_active=4.0, magnitude_mean=2.0,
+    cfg = SyntheticConfig(d_in=8, n_features=20, mean_active=4.0, magnitude_mean=2.0,
                           magnitude_std=0.1)
     features = SyntheticFeatures.create(cfg, jax.random.PRNGKey(0))
     c = np.asarray(features.sample_coefficients(jax.random.PRNGKey(1), 50_000))
@@ -44,7 +47,7 @@ def test_normal_quantile_is_finite_and_normal():
 
 
 def test_correlated_groups_fire_together():
-    cfg = SyntheticConfig(name="synthetic", d_in=8, n_features=24, mean_active=6.0, probability_decay=0.0,
+    cfg = SyntheticConfig(d_in=8, n_features=24, mean_active=6.0, probability_decay=0.0,
                           n_correlated_groups=2, group_size=3, group_correlation=0.9)
     features = SyntheticFeatures.create(cfg, jax.random.PRNGKey(0))
     fires = np.asarray(features.sample_coefficients(jax.random.PRNGKey(2), 40_000)) > 0
@@ -67,7 +70,7 @@ def acts(tmp_path):
 
 def test_array_source_epochs_cover_training_rows_once(acts):
     path, x = acts
-    source = ArraySource(ArraysConfig(name="arrays", path=str(path), eval_tokens=30), batch_size=50)
+    source = ArrayBatches(ArraysConfig(path=str(path), eval_tokens=30), 50, 0)
     assert (source.n_train, source.n_eval, source.d_in) == (470, 30, 3)
     batches = [np.asarray(b) for b in source.train_batches(50, 18, seed=0)]  # 9 per epoch, 2 epochs
     first, second = np.concatenate(batches[:9]), np.concatenate(batches[9:])
@@ -84,4 +87,4 @@ def test_array_source_epochs_cover_training_rows_once(acts):
 def test_array_source_rejects_too_few_rows(acts):
     path, _ = acts
     with pytest.raises(DataError, match="500 rows is too few for trainer.batch_size=1000"):
-        ArraySource(ArraysConfig(name="arrays", path=str(path)), batch_size=1000)
+        ArrayBatches(ArraysConfig(path=str(path)), 1000, 0)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from sae.architectures import make_sae
-from sae.config import ReLUConfig
+from sae.architectures.relu import ReLUConfig
 from sae.evals import density_histogram, evaluate, ground_truth_recovery
 
 
 def test_evaluate_matches_numpy():
     d_in, d_sae, scale = 6, 20, 2.0
-    sae = make_sae(ReLUConfig(name="relu", d_sae=d_sae), d_in)
+    sae = make_sae(ReLUConfig(d_sae=d_sae), d_in)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(np.float32),
                           sae.init_params(jax.random.PRNGKey(0), jnp.zeros(d_in)))

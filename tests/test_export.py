@@ -12,26 +12,25 @@ import pytest
 from safetensors.numpy import load_file
 
 from sae.architectures import make_sae
-from sae.config import (
-    BatchTopKConfig,
-    GatedConfig,
-    JumpReLUConfig,
-    MatryoshkaConfig,
-    ReLUConfig,
-    TopKConfig,
-)
+from sae.architectures.batchtopk import BatchTopKConfig
+from sae.architectures.gated import GatedConfig
+from sae.architectures.jumprelu import JumpReLUConfig
+from sae.architectures.matryoshka import MatryoshkaConfig
+from sae.architectures.relu import ReLUConfig
+from sae.architectures.relu_april import ReLUAprilConfig
+from sae.architectures.topk import TopKConfig
 from sae.export import CFG_FILENAME, WEIGHTS_FILENAME, export_sae, load_sae
 
 D_IN, D_SAE, BATCH, SCALE = 16, 64, 32, 2.5
 
 CONFIGS = {
-    "relu": ReLUConfig(name="relu", d_sae=D_SAE),
-    "relu_april": ReLUConfig(name="relu_april", d_sae=D_SAE),
-    "topk": TopKConfig(name="topk", d_sae=D_SAE, k=6),
-    "batchtopk": BatchTopKConfig(name="batchtopk", d_sae=D_SAE, k=6),
-    "jumprelu": JumpReLUConfig(name="jumprelu", d_sae=D_SAE),
-    "gated": GatedConfig(name="gated", d_sae=D_SAE),
-    "matryoshka": MatryoshkaConfig(name="matryoshka", d_sae=D_SAE, k=6, prefixes=[8, 32]),
+    "relu": ReLUConfig(d_sae=D_SAE),
+    "relu_april": ReLUAprilConfig(d_sae=D_SAE),
+    "topk": TopKConfig(d_sae=D_SAE, k=6),
+    "batchtopk": BatchTopKConfig(d_sae=D_SAE, k=6),
+    "jumprelu": JumpReLUConfig(d_sae=D_SAE),
+    "gated": GatedConfig(d_sae=D_SAE),
+    "matryoshka": MatryoshkaConfig(d_sae=D_SAE, k=6, prefixes=[8, 32]),
 }
 FAMILIES = sorted(CONFIGS)
 EXPECTED = {  # our family -> (SAELens architecture, apply_b_dec_to_input)

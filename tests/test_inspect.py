@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, small_config
 
-from sae.data import SyntheticSource
+from sae.data.synthetic import SyntheticBatches
 from sae.data.store import StoreWriter
 from sae.export import LoadedSAE, load_sae
 from sae.inspect import inspect_run, load
@@ -44,7 +44,7 @@ def token_store(run, tmp_path_factory):
     """A float32 store of N_ROWS synthetic rows with token ids, positions and a vocab.json."""
     _, cfg, _ = run
     path = tmp_path_factory.mktemp("store") / "store"
-    x = np.asarray(SyntheticSource(cfg.data, 7).sample(N_ROWS, 0))
+    x = np.asarray(SyntheticBatches(cfg.data, 0, 7).sample(N_ROWS, 0))
     rng = np.random.default_rng(0)
     with StoreWriter(path, x.shape[1], "float32", shard_rows=2048, with_tokens=True) as writer:  # 3 shards
         writer.append(x, tokens=rng.integers(0, VOCAB, N_ROWS), positions=np.arange(N_ROWS) % SEQ)
@@ -75,7 +75,7 @@ def test_ground_truth_matches_recover_planted_features(run, tmp_path):
     recovered = set(insp.arrays["gt_match"][insp.arrays["gt_cosine"] > 0.9])
     assert len(recovered) >= 0.9 * len(truth)
     # A latent matched at cos > 0.97 fires on about the rows where its planted feature fires.
-    p = np.asarray(SyntheticSource(cfg.data, cfg.seed).features.probabilities)
+    p = np.asarray(SyntheticBatches(cfg.data, 0, cfg.seed).features.probabilities)
     good = np.flatnonzero(insp.arrays["gt_cosine"] > 0.97)
     good = good[p[insp.arrays["gt_match"][good]] > 0.02]  # enough firings to estimate the density
     assert len(good) >= 10

@@ -15,8 +15,10 @@ import pytest
 
 from sae import kernels
 from sae.architectures import make_sae
-from sae.architectures.base import _gather_sum_bwd, _scatter_columns, gather_sum, top_k_of
-from sae.config import BatchTopKConfig, OptimConfig, TopKConfig
+from sae.architectures.sparse import _gather_sum_bwd, _scatter_columns, gather_sum, top_k_of
+from sae.architectures.batchtopk import BatchTopKConfig
+from sae.architectures.topk import TopKConfig
+from sae.config import OptimConfig
 from sae.training.step import init_state, make_optimizer, make_train_step
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler: the XLA ops run instead")
@@ -114,8 +116,8 @@ def train(cfg, d_in, steps, x, use_kernels):
     return jax.device_get(state.params), l0s, step
 
 
-@pytest.mark.parametrize("cfg", [TopKConfig(name="topk", d_sae=256, k=8, k_aux=16),
-                                 BatchTopKConfig(name="batchtopk", d_sae=256, k=8)], ids=["topk", "batchtopk"])
+@pytest.mark.parametrize("cfg", [TopKConfig(d_sae=256, k=8, k_aux=16),
+                                 BatchTopKConfig(d_sae=256, k=8)], ids=["topk", "batchtopk"])
 def test_train_step_with_kernels_equals_xla_ops(cfg):
     """Eight Adam steps with the kernels and with XLA's ops: the same L0 at each step and the same
     parameters to float32 round-off (sums run in another order). The data lives in a 32-dim
@@ -143,7 +145,7 @@ def step_args(cfg, x):
 def test_without_compiler_falls_back_with_a_warning(tmp_path):
     """No C++ compiler and an empty cache: one warning naming why, and the XLA ops give the result."""
     code = ("import warnings, jax, jax.numpy as jnp\n"
-            "from sae.architectures.base import top_k_of\n"
+            "from sae.architectures.sparse import top_k_of\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
             "    v, i = jax.jit(lambda z: top_k_of(z, jnp.zeros(64), 3))(jnp.arange(128.).reshape(2, 64))\n"
@@ -162,7 +164,7 @@ def test_portable_top_k_equals_lax_top_k(tmp_path):
             "sys.path.insert(0, 'tests')\n"
             "from test_kernels import rows_with_ties\n"
             "from sae import kernels\n"
-            "from sae.architectures.base import top_k_of\n"
+            "from sae.architectures.sparse import top_k_of\n"
             "assert kernels.available()\n"
             "for n, k, relu in [(1024, 8, True), (256, 100, False), (100, 7, True), (8192, 40, False)]:\n"
             "    z = rows_with_ties(np.random.default_rng(n), 16, n)\n"

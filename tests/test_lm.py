@@ -21,7 +21,8 @@ from sae.config import CacheConfig
 from sae.data import DataError
 from sae.data.model_source import capture_site
 from sae.data.store import Store
-from sae.lm.config import SITES, CorpusConfig, LMModelConfig, LMSourceConfig, LMTrainConfig, LMTrainerConfig
+from sae.data.lm import LMRowsConfig
+from sae.lm.config import SITES, CorpusConfig, LMModelConfig, LMTrainConfig, LMTrainerConfig
 from sae.lm.model import build, forward, resolve_site, site_names, token_losses
 from sae.lm.splice import lm_eval_data, loss_recovered, store_loss_recovered
 from sae.lm.text import (
@@ -295,7 +296,7 @@ def tiny_train_config(corpus_dir, steps: int) -> LMTrainConfig:
     trainer = LMTrainerConfig(steps=steps, batch_size=4, steps_per_call=5, log_every=5, eval_every=10,
                               eval_sequences=8, checkpoint_every=10, samples=1, sample_tokens=8)
     return LMTrainConfig(model=LMModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, n_ctx=16),
-                         corpus=corpus_cfg(corpus_dir), trainer=trainer, logger=LoggerConfig(name="none"))
+                         corpus=corpus_cfg(corpus_dir), trainer=trainer, logger=LoggerConfig())
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +340,7 @@ def test_lm_cache_store_rows_equal_captured_site(lm_run, tmp_path):
     from sae.cache import cache
 
     out = tmp_path / "store"
-    cfg = CacheConfig(source=LMSourceConfig(name="lm", checkpoint=str(lm_run), site="mlp_post", n_rows=200,
+    cfg = CacheConfig(source=LMRowsConfig(checkpoint=str(lm_run), site="mlp_post", n_rows=200,
                                             batch_size=3), out=str(out), dtype="float32", shard_rows=64)
     cache(cfg)
     store = Store(out)

@@ -22,7 +22,7 @@ jax.config.update("jax_enable_compilation_cache", False)  # cached CPU executabl
 import signal, time
 from sae.checkpoint import Preempted
 from sae.config import MeshConfig
-from sae.data import SyntheticSource
+from sae.data.synthetic import SyntheticBatches
 from sae.training import train
 cfg = small_config("topk", total_tokens=40960, k=3)
 cfg.mesh = MeshConfig(data=4, model=2)

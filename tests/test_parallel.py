@@ -14,7 +14,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from sae.architectures import REGISTRY
+from sae.architectures import FAMILIES
 
 DRIVER = r'''
 import json
@@ -28,14 +28,16 @@ import numpy as np
 
 # no persistent compilation cache: jax 0.10.2 CPU executables with collectives, loaded from it, deadlock
 from sae.architectures import make_sae
-from sae.config import SAE_SCHEMAS, OptimConfig, MeshConfig, TopKConfig
+from sae.architectures import FAMILIES
+from sae.architectures.topk import TopKConfig
+from sae.config import MeshConfig, OptimConfig
 from sae.training.step import init_state, make_optimizer, make_train_step
 from sae.parallel import make_mesh, state_shardings, batch_sharding, replicated
 
 D_IN, D_SAE, BATCH, STEPS = 16, 64, 64, 4
 
 def run(name, mesh_shape):
-    cfg = SAE_SCHEMAS[name](name=name, d_sae=D_SAE)
+    cfg = FAMILIES[name].config(d_sae=D_SAE)
     if isinstance(cfg, TopKConfig):
         cfg.k = 4
     sae = make_sae(cfg, D_IN)
@@ -72,13 +74,13 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def sharded_runs():
-    proc = subprocess.run([sys.executable, "-c", DRIVER, ",".join(sorted(REGISTRY))], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", DRIVER, ",".join(sorted(FAMILIES))], cwd=ROOT,
                           capture_output=True, text=True, timeout=1200, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_sharded_steps_match_one_device(sharded_runs, name):
     for mesh, result in sharded_runs[name].items():
         assert result["l0_equal"], (name, mesh)

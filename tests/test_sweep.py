@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT, small_config
 from safetensors.numpy import load_file
 
-from sae.config import ConfigError, SweepConfig
+from sae.config import SweepConfig
+from sae.errors import ConfigError
 from sae.training import train
 
 SWEEPS = {  # family -> (key, values, extra config)

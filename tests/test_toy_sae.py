@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from sae.config import Config, TopKConfig, ToyRunConfig, TrainerConfig
-from sae.data import DataError, make_source
+from sae.architectures.topk import TopKConfig
+from sae.config import Config, TrainerConfig
+from sae.data.toy import ToyRunConfig
+from sae.data import DataError, open_batch_source
 from sae.toy_sae import train_per_setting
 from toy_models.config import ToyConfig, ToyDataConfig, ToyModelConfig, to_dict
 
@@ -31,7 +33,7 @@ def toy_run(tmp_path_factory):
 
 
 def test_source_gives_the_toy_models_hidden_activations(toy_run):
-    source = make_source(ToyRunConfig(name="toy", run=str(toy_run), setting=0), 1024, seed=0)
+    source = open_batch_source(ToyRunConfig(run=str(toy_run), setting=0), 1024, seed=0)
     assert source.d_in == 2
     np.testing.assert_allclose(source.ground_truth, PENTAGON.T, atol=1e-6)
     h = np.concatenate([np.asarray(b) for b in source.train_batches(8192, 8, seed=0)])
@@ -40,20 +42,20 @@ def test_source_gives_the_toy_models_hidden_activations(toy_run):
     np.testing.assert_allclose(h.mean(axis=0), PENTAGON @ np.full(5, 0.025), atol=3e-3)
     np.testing.assert_allclose((np.abs(h).sum(axis=1) == 0).mean(), 0.95**5, atol=0.01)
     # only represented features are ground truth
-    pair = make_source(ToyRunConfig(name="toy", run=str(toy_run), setting=1), 1024, seed=0)
+    pair = open_batch_source(ToyRunConfig(run=str(toy_run), setting=1), 1024, seed=0)
     np.testing.assert_allclose(pair.ground_truth, np.eye(2), atol=1e-6)
 
 
 def test_bad_toy_runs_are_named(toy_run, tmp_path):
     with pytest.raises(DataError, match="no results.npz"):
-        make_source(ToyRunConfig(name="toy", run=str(tmp_path), setting=0), 1024, seed=0)
+        open_batch_source(ToyRunConfig(run=str(tmp_path), setting=0), 1024, seed=0)
     with pytest.raises(DataError, match=r"data.setting=2: pick one of 0..1"):
-        make_source(ToyRunConfig(name="toy", run=str(toy_run), setting=2), 1024, seed=0)
+        open_batch_source(ToyRunConfig(run=str(toy_run), setting=2), 1024, seed=0)
 
 
 def test_toy_sae_recovers_each_settings_features(toy_run, tmp_path):
-    cfg = Config(sae=TopKConfig(name="topk", d_sae=10, k=1),
-                 data=ToyRunConfig(name="toy", run=str(toy_run), eval_tokens=8192),
+    cfg = Config(sae=TopKConfig(d_sae=10, k=1),
+                 data=ToyRunConfig(run=str(toy_run), eval_tokens=8192),
                  trainer=TrainerConfig(total_tokens=1_000_000, batch_size=1024, log_every=100, dead_tokens=50_000,
                                        geometric_median_samples=1024))
     report = train_per_setting(cfg, tmp_path)

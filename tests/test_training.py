@@ -9,8 +9,9 @@ import pytest
 from conftest import small_config
 
 from sae.architectures import make_sae
-from sae.config import ArraysConfig, OptimConfig
-from sae.data import SyntheticSource
+from sae.config import OptimConfig
+from sae.data.arrays import ArraysConfig
+from sae.data.synthetic import SyntheticBatches
 from sae.export import load_sae
 from sae.training import train
 from sae.training.geometric_median import geometric_median
@@ -41,11 +42,11 @@ def test_recovers_ground_truth_features(name, run_dir):
     assert [line["step"] for line in lines] == list(range(50, 391, 50)) + [390]
     assert lines[-1]["fvu"] < lines[0]["fvu"]
     truth = np.load(run_dir / "ground_truth.npy")
-    np.testing.assert_allclose(truth, np.asarray(SyntheticSource(cfg.data, cfg.seed).ground_truth))
+    np.testing.assert_allclose(truth, np.asarray(SyntheticBatches(cfg.data, 0, cfg.seed).ground_truth))
     # The exported SAE, in raw input units, reproduces the evaluated FVU on the same held-out batches.
     loaded = load_sae(run_dir / "sae")
     assert loaded.architecture == name
-    x = np.concatenate([np.asarray(b) for b in SyntheticSource(cfg.data, cfg.seed).eval_batches(1024)])
+    x = np.concatenate([np.asarray(b) for b in SyntheticBatches(cfg.data, 0, cfg.seed).eval_batches(1024)])
     fvu = np.sum((x - np.asarray(loaded(jnp.asarray(x)))) ** 2) / np.sum((x - x.mean(0)) ** 2)
     assert fvu == pytest.approx(metrics["fvu"], rel=1e-3)
 
@@ -168,10 +169,10 @@ def test_trains_from_a_users_float16_npy(tmp_path):
     """data=arrays: a float16 [n_tokens, d_in] file, memory-mapped; the SAE learns it (FVU falls) and the
     export reproduces the evaluated FVU on the held-out rows (the file's last tenth)."""
     cfg = small_config("topk", total_tokens=200_000, k=3)
-    source = SyntheticSource(cfg.data, seed=1)
+    source = SyntheticBatches(cfg.data, 0, 1)
     x = np.concatenate([np.asarray(source.sample(4096, seed=i)) for i in range(10)]).astype(np.float16)
     np.save(tmp_path / "acts.npy", x)
-    cfg.data = ArraysConfig(name="arrays", path=str(tmp_path / "acts.npy"), eval_tokens=4096)
+    cfg.data = ArraysConfig(path=str(tmp_path / "acts.npy"), eval_tokens=4096)
     metrics = train(cfg, tmp_path / "run")
     assert metrics["eval_tokens"] == 4096 and "mmcs" not in metrics
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

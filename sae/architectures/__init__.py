@@ -1,28 +1,5 @@
-"""SAE families by the names used in conf/sae/*.yaml."""
+"""SAE families, one module each, found by `FAMILIES` (the names used in conf/sae/*.yaml)."""
 
-from sae.architectures.base import SAE, Forward, Params
-from sae.architectures.batchtopk import BatchTopK
-from sae.architectures.gated import Gated
-from sae.architectures.jumprelu import JumpReLU
-from sae.architectures.matryoshka import Matryoshka
-from sae.architectures.relu import ReLU
-from sae.architectures.relu_april import ReLUApril
-from sae.architectures.topk import TopK
+from sae.architectures.base import FAMILIES, SAE, Forward, Params, SAEConfig, make_sae
 
-REGISTRY: dict[str, type[SAE]] = {
-    "relu": ReLU,
-    "relu_april": ReLUApril,
-    "topk": TopK,
-    "batchtopk": BatchTopK,
-    "jumprelu": JumpReLU,
-    "gated": Gated,
-    "matryoshka": Matryoshka,
-}
-
-
-def make_sae(cfg, d_in: int) -> SAE:
-    """The architecture named by cfg.name, for inputs of width d_in."""
-    return REGISTRY[cfg.name](cfg=cfg, d_in=d_in)
-
-
-__all__ = ["SAE", "Forward", "Params", "REGISTRY", "make_sae"]
+__all__ = ["FAMILIES", "SAE", "Forward", "Params", "SAEConfig", "make_sae"]

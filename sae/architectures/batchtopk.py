@@ -15,17 +15,31 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from sae.architectures.auxk import auxk_loss
 from sae.architectures.base import (
     Forward,
     Params,
     UnitNormDecoder,
-    auxk_loss,
     encoder_bias,
-    preacts,
+    register,
     squared_error,
     tied_init,
-    top_k_of,
+    topk_family_lr,
 )
+from sae.architectures.sparse import top_k_of
+from sae.architectures.topk import TopKConfig
+from sae.errors import require
+
+
+@dataclasses.dataclass
+class BatchTopKConfig(TopKConfig):
+    name: str = "batchtopk"
+    threshold_ema_decay: float = 0.99  # SAELens's topk_threshold_lr = 0.01
+
+    def check(self) -> None:
+        super().check()
+        require(0 <= self.threshold_ema_decay < 1,
+                f"sae.threshold_ema_decay={self.threshold_ema_decay} must be in [0, 1)")
 
 
 def kth_largest_nonnegative(r: jax.Array, n: int) -> jax.Array:
@@ -84,17 +98,29 @@ def update_threshold(threshold: jax.Array, tau: jax.Array, decay: float) -> jax.
     return jnp.where(threshold < 0, tau, decay * threshold + (1 - decay) * tau)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class BatchTopK(UnitNormDecoder):
+    name = "batchtopk"
+    config = BatchTopKConfig
+    saelens = "jumprelu"  # inference: ReLU(z) · 1[z > θ], θ the scalar threshold broadcast to [d_sae]
+    pre_bias = True
+
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
         return tied_init(key, self.d_sae, self.d_in, b_dec)
 
     def init_buffers(self):
         return {"threshold": jnp.array(-1.0)}
 
-    def encode(self, params, x, buffers):
-        r = jax.nn.relu(preacts(params, x, pre_bias=True))
-        return r * (r > buffers["threshold"])
+    def inference_params(self, params, buffers):
+        """r · 1[r > θ] with r = ReLU(z) is SAELens's ReLU(z) · 1[z > θ] for θ ≥ 0, and ReLU(z) for θ < 0 (the
+        unset sentinel), which is θ = 0: so the threshold is max(θ, 0), exactly."""
+        theta = jnp.maximum(jnp.reshape(buffers["threshold"], ()), 0.0)
+        kept = {name: params[name] for name in ("W_enc", "W_dec", "b_dec", "b_enc")}
+        return {**kept, "threshold": jnp.full((self.d_sae,), theta)}
+
+    def default_lr(self) -> float:
+        return topk_family_lr(self.d_sae)
 
     def batch_code(self, params, buffers, x):
         """(f: [batch, d_sae] with k·batch active entries, x W_enc without gradient, updated buffers)."""

@@ -18,11 +18,25 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sae.architectures.base import Forward, Params, UnitNormDecoder, squared_error, tied_init
+from sae.architectures.base import Forward, Params, UnitNormDecoder, register, squared_error, tied_init
+from sae.architectures.relu import ReLUConfig
 
 
+@dataclasses.dataclass
+class GatedConfig(ReLUConfig):
+    name: str = "gated"
+
+
+@register
 @dataclasses.dataclass(frozen=True)
 class Gated(UnitNormDecoder):
+    name = "gated"
+    config = GatedConfig
+    saelens = "gated"
+    pre_bias = True
+    sparsity = "l1_coefficient"
+    sweep = ("l1_coefficient",)
+
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
         params = tied_init(key, self.d_sae, self.d_in, b_dec)
         zeros = lambda: jnp.zeros((self.d_sae,))  # distinct buffers: the train step donates them
@@ -33,14 +47,6 @@ class Gated(UnitNormDecoder):
         """(π_gate, π_mag): [batch, d_sae] each; one shared matmul."""
         shared = x @ params["W_enc"] - params["b_dec"] @ params["W_enc"]
         return shared + params["b_gate"], jnp.exp(params["r_mag"]) * shared + params["b_mag"]
-
-    def encode(self, params, x, buffers):
-        pi_gate, pi_mag = self.gate_and_magnitude(params, x)
-        return (pi_gate > 0) * jax.nn.relu(pi_mag)
-
-    @property
-    def sparsity_coefficient(self) -> float:
-        return self.cfg.l1_coefficient
 
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
         pi_gate, pi_mag = self.gate_and_magnitude(params, x)

@@ -21,7 +21,24 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from sae.architectures.base import Forward, Params, UnitNormDecoder, preacts, squared_error, tied_init
+from sae.architectures.base import (
+    Forward, Params, SAEConfig, UnitNormDecoder, preacts, register, squared_error, tied_init,
+)
+from sae.errors import positive, require
+
+
+@dataclasses.dataclass
+class JumpReLUConfig(SAEConfig):
+    name: str = "jumprelu"
+    l0_coefficient: float = 0.3
+    threshold_init: float = 0.1
+    bandwidth: float = 0.05  # ε of the rectangle kernel
+
+    def check(self) -> None:
+        super().check()
+        require(self.l0_coefficient >= 0, f"sae.l0_coefficient={self.l0_coefficient} must be ≥ 0")
+        positive(self.bandwidth, "sae.bandwidth")
+        positive(self.threshold_init, "sae.threshold_init")
 
 
 def rectangle(u: jax.Array) -> jax.Array:
@@ -67,18 +84,19 @@ def _step_bwd(bandwidth, res, g):
 step.defvjp(_step_fwd, _step_bwd)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class JumpReLU(UnitNormDecoder):
+    name = "jumprelu"
+    config = JumpReLUConfig
+    saelens = "jumprelu"  # ReLU(z) · 1[z > θ] equals z · H(z − θ) for θ ≥ 0, which post_update keeps
+    pre_bias = False
+    sparsity = "l0_coefficient"
+    sweep = ("l0_coefficient",)
+
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
         params = tied_init(key, self.d_sae, self.d_in, b_dec)
         return {**params, "threshold": jnp.full((self.d_sae,), self.cfg.threshold_init)}
-
-    def encode(self, params, x, buffers):
-        return jumprelu(preacts(params, x, pre_bias=False), params["threshold"], self.cfg.bandwidth)
-
-    @property
-    def sparsity_coefficient(self) -> float:
-        return self.cfg.l0_coefficient
 
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
         z = preacts(params, x, pre_bias=False)

@@ -16,8 +16,21 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from sae.architectures.base import Forward, squared_error
-from sae.architectures.batchtopk import BatchTopK, dense_topk_family_loss
+from sae.architectures.base import Forward, register, squared_error
+from sae.architectures.batchtopk import BatchTopK, BatchTopKConfig, dense_topk_family_loss
+from sae.errors import require
+
+
+@dataclasses.dataclass
+class MatryoshkaConfig(BatchTopKConfig):
+    name: str = "matryoshka"
+    prefixes: list[int] = dataclasses.field(default_factory=list)  # empty: d_sae/16, /8, /4, /2, d_sae
+
+    def check(self) -> None:
+        super().check()
+        p = list(self.prefixes)
+        require(all(a < b for a, b in zip([0] + p, p)) and (not p or p[-1] <= self.d_sae),
+                f"sae.prefixes={p} must be strictly increasing positive sizes ≤ sae.d_sae={self.d_sae}")
 
 
 def prefix_sizes(prefixes: list[int] | tuple[int, ...], d_sae: int) -> tuple[int, ...]:
@@ -26,8 +39,12 @@ def prefix_sizes(prefixes: list[int] | tuple[int, ...], d_sae: int) -> tuple[int
     return tuple(s for s in sizes if s < d_sae) + (d_sae,)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Matryoshka(BatchTopK):
+    name = "matryoshka"
+    config = MatryoshkaConfig
+
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
         f, xw, buffers = self.batch_code(params, buffers, x)
         x_hat = params["b_dec"]

@@ -15,20 +15,32 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sae.architectures.base import Forward, Params, UnitNormDecoder, preacts, squared_error, tied_init
+from sae.architectures.base import Forward, Params, SAEConfig, UnitNormDecoder, register, squared_error, tied_init
+from sae.errors import require
 
 
+@dataclasses.dataclass
+class ReLUConfig(SAEConfig):
+    name: str = "relu"
+    l1_coefficient: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        require(self.l1_coefficient >= 0, f"sae.l1_coefficient={self.l1_coefficient} must be ≥ 0")
+
+
+@register
 @dataclasses.dataclass(frozen=True)
 class ReLU(UnitNormDecoder):
+    name = "relu"
+    config = ReLUConfig
+    saelens = "standard"
+    pre_bias = True
+    sparsity = "l1_coefficient"
+    sweep = ("l1_coefficient",)
+
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
         return tied_init(key, self.d_sae, self.d_in, b_dec)
-
-    def encode(self, params, x, buffers):
-        return jax.nn.relu(preacts(params, x, pre_bias=True))
-
-    @property
-    def sparsity_coefficient(self) -> float:
-        return self.cfg.l1_coefficient
 
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
         f = self.encode(params, x, buffers)

@@ -16,21 +16,28 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sae.architectures.base import SAE, Forward, Params, preacts, tied_init
-from sae.architectures.relu import l1_loss
+from sae.architectures.base import SAE, Forward, Params, register, tied_init
+from sae.architectures.relu import ReLUConfig, l1_loss
 
 
+@dataclasses.dataclass
+class ReLUAprilConfig(ReLUConfig):
+    name: str = "relu_april"
+    normalize_activations: bool = True  # the recipe scales inputs so E‖x‖ = √d_in
+
+
+@register
 @dataclasses.dataclass(frozen=True)
 class ReLUApril(SAE):
+    name = "relu_april"
+    config = ReLUAprilConfig
+    saelens = "standard"
+    pre_bias = False
+    sparsity = "l1_coefficient"
+    sweep = ("l1_coefficient",)
+
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
         return tied_init(key, self.d_sae, self.d_in, jnp.zeros_like(b_dec), row_norm=0.1)
-
-    def encode(self, params, x, buffers):
-        return jax.nn.relu(preacts(params, x, pre_bias=False))
-
-    @property
-    def sparsity_coefficient(self) -> float:
-        return self.cfg.l1_coefficient
 
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
         f = self.encode(params, x, buffers)

@@ -18,20 +18,37 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from sae.architectures.auxk import auxk_loss
 from sae.architectures.base import (
     Forward,
     Params,
+    SAEConfig,
     UnitNormDecoder,
-    auxk_loss,
     decode_sparse,
     encoder_bias,
-    fire_counts_from_indices,
-    scatter_dense,
+    register,
     selected_preacts,
     squared_error,
     tied_init,
-    top_k_of,
+    topk_family_lr,
 )
+from sae.architectures.sparse import fire_counts_from_indices, top_k_of
+from sae.errors import require
+
+
+@dataclasses.dataclass
+class TopKConfig(SAEConfig):
+    name: str = "topk"
+    k: int = 6
+    k_aux: int | None = None  # None: d_in // 2 (Gao et al.)
+    aux_coefficient: float = 1.0 / 32
+
+    def check(self) -> None:
+        super().check()
+        require(0 < self.k <= self.d_sae, f"sae.k={self.k} must be in 1..sae.d_sae={self.d_sae}")
+        require(self.k_aux is None or 0 < self.k_aux <= self.d_sae,
+                f"sae.k_aux={self.k_aux} must be null or in 1..sae.d_sae={self.d_sae}")
+        require(self.aux_coefficient >= 0, f"sae.aux_coefficient={self.aux_coefficient} must be ≥ 0")
 
 
 def _within_own_k(width: int, buffers: dict) -> jax.Array:
@@ -57,14 +74,20 @@ def drop_past_k(idx: jax.Array, buffers: dict) -> jax.Array:
     return jnp.where(_within_own_k(idx.shape[-1], buffers), idx, -1)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class TopK(UnitNormDecoder):
+    name = "topk"
+    config = TopKConfig
+    saelens = "topk"
+    pre_bias = True
+    sweep = ("k",)
+
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
         return tied_init(key, self.d_sae, self.d_in, b_dec)
 
-    def encode(self, params, x, buffers):
-        vals, idx = top_k_of(x @ params["W_enc"], encoder_bias(params, pre_bias=True), self.cfg.k)
-        return scatter_dense(keep_first_k(vals, buffers), idx, self.d_sae)
+    def default_lr(self) -> float:
+        return topk_family_lr(self.d_sae)
 
     def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
         xw = jax.lax.stop_gradient(x @ params["W_enc"])  # the step's one dense matmul

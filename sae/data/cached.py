@@ -8,20 +8,39 @@ directions, so the run reports recovery as it does on built-in synthetic data.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import jax
 import numpy as np
 
-from sae.config import CachedConfig
 from sae.data.loader import StoreLoader
+from sae.data.sources import BATCH_SOURCES, BatchSourceEntry, DataConfig
 from sae.data.store import Store, StoreError
+from sae.errors import positive
 
 
-class CachedSource:
+@dataclasses.dataclass
+class CachedConfig(DataConfig):
+    """`data=cached`: an activation store written by sae-cache (sae/data/store.py)."""
+
+    name: str = "cached"
+    path: str = "???"  # the store directory (manifest.json + shards)
+    mixing_rows: int = 1_048_576  # rows shuffled together (a window of whole shards; two windows are held in memory)
+    verify: bool = True  # check each shard's checksum as it is loaded
+    check_finite: bool = False  # also scan each loaded shard for NaN/Inf rows (sae-cache already refused them)
+
+    def check(self) -> None:
+        super().check()
+        positive(self.mixing_rows, "data.mixing_rows")
+
+
+class StoreBatches:
+    """`data=cached`: batches shuffled from a store, and its held-out tail."""
+
     process_local = True  # each process reads its own shards (train_batches yields its rows only)
 
-    def __init__(self, cfg: CachedConfig, batch_size: int):
+    def __init__(self, cfg: CachedConfig, batch_size: int, seed: int = 0):
         self.cfg = cfg
         self.store = Store(cfg.path)
         self.d_in = self.store.d_in
@@ -50,3 +69,6 @@ class CachedSource:
     def eval_batches(self, batch_size: int) -> Iterator[jax.Array]:
         for start in range(self.n_train, self.store.n_rows, batch_size):
             yield jax.device_put(self.store.read_rows(start, min(start + batch_size, self.store.n_rows)))
+
+
+BATCH_SOURCES.register("cached", BatchSourceEntry(CachedConfig, StoreBatches))

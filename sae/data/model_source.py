@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 from flax import nnx
 
+from sae.data.sources import Chunk
 from sae.data.store import StoreError, StoreWriter
 
 
@@ -51,50 +52,43 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def cache_model(activations_fn: Callable[[jax.Array], jax.Array], token_batches: Iterable[np.ndarray],
-                writer: StoreWriter, n_sequences: int | None = None, skip_first_position: bool = False,
-                log_every_s: float = 5.0, log: Callable[[str], object] = print) -> dict:
-    """Run `activations_fn` over token batches and append the activations to `writer` as rows.
+def check_whole_sequences(shard_rows: int, per_seq: int, first_position_skipped: bool = False) -> None:
+    """Shards must hold whole sequences, so that an interrupted run resumes on a sequence boundary."""
+    if shard_rows % per_seq:
+        raise StoreError(f"shard_rows={shard_rows} is not a multiple of the {per_seq} rows per sequence "
+                         f"(seq={per_seq + first_position_skipped}{', first position skipped' if first_position_skipped else ''}): "
+                         f"shards must hold whole sequences so that an interrupted run can resume; use e.g. shard_rows="
+                         f"{max(1, shard_rows // per_seq) * per_seq}")
+
+
+def model_chunks(activations_fn: Callable[[jax.Array], jax.Array], token_batches: Iterable[np.ndarray],
+                 start_row: int = 0, n_sequences: int | None = None, skip_first_position: bool = False,
+                 shard_rows: int | None = None) -> Iterator[Chunk]:
+    """Run `activations_fn` over token batches: Chunk(rows [batch * seq', d], token ids, positions [batch * seq']).
 
     activations_fn: tokens [batch, seq] int32 -> activations [batch, seq, d] (e.g. `capture_site(...)`).
     token_batches: [batch, seq] integer arrays, all with the same seq; the batch size may vary.
-    Each batch gives rows [batch * seq', d] in sequence-major order with token ids and positions [batch * seq']
-    (positions 0..seq-1, or 1..seq-1 with `skip_first_position`, which drops e.g. a BOS position); seq' = seq
-    or seq - 1. Token ids and positions are stored when the writer was made `with_tokens`.
-    At most `n_sequences` sequences are used (counting those of a resumed run). If the writer resumes an
-    interrupted run (`writer.rows_written > 0`), the sequences already stored are skipped; batches are still
-    run whole, so the rows are identical to an uninterrupted run's. This needs shards of whole sequences:
-    `shard_rows` must be a multiple of seq'.
-    A progress line (rows done / total, rows/s, ETA) goes to `log` every `log_every_s` seconds.
-    Returns {"rows", "resumed_rows", "total_rows", "sequences", "seconds", "rows_per_s"}; "rows" counts this run.
+    Rows are in sequence-major order, positions 0..seq-1, or 1..seq-1 with `skip_first_position` (which drops
+    e.g. a BOS position); seq' = seq or seq - 1. At most `n_sequences` sequences are used. The first start_row
+    rows (whole sequences: a resumed run's) are skipped; batches are still run whole, so the rows are identical
+    to an uninterrupted run's. shard_rows, when given, must hold whole sequences (`check_whole_sequences`).
+    The next batch is dispatched before the last one's activations are brought to the host.
     """
-    shard_rows, with_tokens = writer.settings["shard_rows"], writer.settings["with_tokens"]
-    resumed_rows = writer.rows_written
     start_pos = 1 if skip_first_position else 0
-    seq = per_seq = skip = total = None
-    seen = rows = 0  # sequences taken from token_batches (incl. skipped ones); rows appended this run
-    t0 = last_log = time.perf_counter()
+    seq = skip = None
+    seen = 0  # sequences taken from token_batches (incl. skipped ones)
     pending = None
 
-    def write(item) -> None:
-        nonlocal rows, last_log
+    def chunk(item) -> Chunk:
         out, tokens, lo, hi = item  # keep sequences [lo, hi) of this batch
         acts = np.asarray(out)
         if acts.ndim != 3 or acts.shape[:2] != tokens.shape:
             raise ValueError(f"activations_fn returned shape {acts.shape} for tokens {tokens.shape}; "
                              f"expected {tokens.shape + ('d',)}")
         acts = acts[lo:hi, start_pos:].reshape(-1, acts.shape[-1])
-        if with_tokens:
-            ids = tokens[lo:hi, start_pos:].reshape(-1)
-            positions = np.tile(np.arange(start_pos, seq, dtype=np.int32), hi - lo)
-            writer.append(acts, tokens=ids, positions=positions)
-        else:
-            writer.append(acts)
-        rows += len(acts)
-        now = time.perf_counter()
-        if now - last_log >= log_every_s:
-            last_log = now
-            log(_progress(resumed_rows, rows, total, now - t0))
+        ids = tokens[lo:hi, start_pos:].reshape(-1)
+        positions = np.tile(np.arange(start_pos, seq, dtype=np.int32), hi - lo)
+        return Chunk(acts, ids, positions)
 
     for batch in token_batches:
         tokens = np.asarray(batch)
@@ -106,14 +100,9 @@ def cache_model(activations_fn: Callable[[jax.Array], jax.Array], token_batches:
             per_seq = seq - start_pos
             if per_seq <= 0:
                 raise ValueError(f"sequences of length {seq} leave no rows with skip_first_position")
-            if shard_rows % per_seq:
-                raise StoreError(f"shard_rows={shard_rows} is not a multiple of the {per_seq} rows per sequence "
-                                 f"(seq={seq}{', first position skipped' if start_pos else ''}): shards must hold "
-                                 f"whole sequences so that an interrupted run can resume; use e.g. shard_rows="
-                                 f"{max(1, shard_rows // per_seq) * per_seq}")
-            skip = resumed_rows // per_seq
-            if n_sequences is not None:
-                total = n_sequences * per_seq
+            if shard_rows is not None:
+                check_whole_sequences(shard_rows, per_seq, bool(start_pos))
+            skip = start_row // per_seq
         elif tokens.shape[1] != seq:
             raise ValueError(f"all token batches must have seq={seq}; got a batch of shape {tokens.shape}")
         lo = max(0, skip - seen)
@@ -124,12 +113,43 @@ def cache_model(activations_fn: Callable[[jax.Array], jax.Array], token_batches:
             if isinstance(out, jax.Array):
                 out.copy_to_host_async()
             if pending is not None:
-                write(pending)
+                yield chunk(pending)
             pending = (out, tokens, lo, hi)
         if n_sequences is not None and seen >= n_sequences:
             break
     if pending is not None:
-        write(pending)
+        yield chunk(pending)
+
+
+def cache_model(activations_fn: Callable[[jax.Array], jax.Array], token_batches: Iterable[np.ndarray],
+                writer: StoreWriter, n_sequences: int | None = None, skip_first_position: bool = False,
+                log_every_s: float = 5.0, log: Callable[[str], object] = print) -> dict:
+    """Append the activations of `model_chunks(activations_fn, token_batches, ...)` to `writer` as rows.
+
+    Token ids and positions are stored when the writer was made `with_tokens`. If the writer resumes an
+    interrupted run (`writer.rows_written > 0`), the sequences already stored are skipped; this needs shards of
+    whole sequences: `shard_rows` must be a multiple of seq'. A progress line (rows done / total, rows/s, ETA)
+    goes to `log` every `log_every_s` seconds.
+    Returns {"rows", "resumed_rows", "total_rows", "sequences", "seconds", "rows_per_s"}; "rows" counts this run.
+    """
+    shard_rows, with_tokens = writer.settings["shard_rows"], writer.settings["with_tokens"]
+    resumed_rows = writer.rows_written
+    rows, per_seq, total = 0, 0, None  # rows appended this run; rows per sequence; rows in all
+    t0 = last_log = time.perf_counter()
+    for chunk in model_chunks(activations_fn, token_batches, resumed_rows, n_sequences, skip_first_position,
+                              shard_rows):
+        if not per_seq:  # positions run start_pos .. seq − 1 in every sequence
+            per_seq = int(chunk.positions.max() - chunk.positions.min() + 1)
+            total = None if n_sequences is None else n_sequences * per_seq
+        if with_tokens:
+            writer.append(chunk.rows, tokens=chunk.tokens, positions=chunk.positions)
+        else:
+            writer.append(chunk.rows)
+        rows += len(chunk.rows)
+        now = time.perf_counter()
+        if now - last_log >= log_every_s:
+            last_log = now
+            log(_progress(resumed_rows, rows, total, now - t0))
     seconds = time.perf_counter() - t0
     log(_progress(resumed_rows, rows, total, seconds, done=True))
     return {"rows": rows, "resumed_rows": resumed_rows, "total_rows": resumed_rows + rows,

@@ -24,7 +24,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from sae.data.arrays import DataError
+from sae.errors import DataError
 
 FORMAT = "sae-jax-activation-store"
 VERSION = 1

@@ -15,13 +15,64 @@ gives its magnitude through the normal's inverse CDF.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae.config import SyntheticConfig
+from sae.data.generated import block_chunks, block_rows
+from sae.data.sources import BATCH_SOURCES, ROW_SOURCES, BatchSourceEntry, Chunk, DataConfig, RowSourceEntry
+from sae.errors import fraction, positive, require
 from toy_models.data import counter_uniform
+
+@dataclasses.dataclass
+class SyntheticConfig(DataConfig):
+    """`data=synthetic`: sparse non-negative combinations of ground-truth unit directions."""
+
+    name: str = "synthetic"
+    d_in: int = 64
+    n_features: int = 256
+    mean_active: float = 6.0  # expected number of active features per token
+    probability_decay: float = 0.5  # feature i fires with probability ∝ (i + 1)^(−decay)
+    magnitude_mean: float = 1.0
+    magnitude_std: float = 0.25
+    n_correlated_groups: int = 0
+    group_size: int = 4
+    group_correlation: float = 0.0  # 0..1: how often a group's members fire together
+    noise_std: float = 0.0
+
+    group_key = "data"  # the config key in messages (`source` for sae-cache)
+
+    def check(self) -> None:
+        super().check()
+        g = self.group_key
+        positive(self.d_in, f"{g}.d_in")
+        positive(self.n_features, f"{g}.n_features")
+        require(0 < self.mean_active <= self.n_features,
+                f"{g}.mean_active={self.mean_active} must be in (0, {g}.n_features={self.n_features}]")
+        require(self.probability_decay >= 0, f"{g}.probability_decay={self.probability_decay} must be ≥ 0")
+        require(self.magnitude_std >= 0, f"{g}.magnitude_std={self.magnitude_std} must be ≥ 0")
+        require(self.noise_std >= 0, f"{g}.noise_std={self.noise_std} must be ≥ 0")
+        fraction(self.group_correlation, f"{g}.group_correlation")
+        require(self.n_correlated_groups >= 0 and self.group_size > 0
+                and self.n_correlated_groups * self.group_size <= self.n_features,
+                f"{g}.n_correlated_groups={self.n_correlated_groups} × {g}.group_size={self.group_size} "
+                f"must be ≤ {g}.n_features={self.n_features}")
+
+
+@dataclasses.dataclass
+class SyntheticRowsConfig(SyntheticConfig):
+    """`source=synthetic` (sae-cache): n_rows of the same data; eval_tokens (inherited) is unused."""
+
+    n_rows: int = 1_000_000
+
+    group_key = "source"
+
+    def check(self) -> None:
+        super().check()
+        require(self.n_rows > 0, f"source.n_rows={self.n_rows} must be > 0")
+
 
 # Distinct hash seeds for the independent draws of one key (arbitrary odd constants).
 _MAGNITUDE, _GROUP, _SHARE = (np.uint32(c) for c in (0x68E31DA4, 0xB5297A4D, 0x1B56C4E9))  # no JAX at import
@@ -99,3 +150,70 @@ class SyntheticFeatures:
         if self.cfg.noise_std:
             x = x + self.cfg.noise_std * jax.random.normal(jax.random.fold_in(key, 1), x.shape)
         return x
+
+
+class SyntheticBatches:
+    """`data=synthetic`: training and held-out batches drawn on the device from the ground-truth features."""
+
+    process_local = False
+
+    def __init__(self, cfg: SyntheticConfig, batch_size: int, seed: int):
+        key = jax.random.PRNGKey(seed)
+        self.features = SyntheticFeatures.create(cfg, jax.random.fold_in(key, 0))
+        self._train_key, self._eval_key, self._sample_key = (jax.random.fold_in(key, i) for i in (1, 2, 3))
+        self._sample = jax.jit(self.features.sample, static_argnums=1)
+        self.d_in = cfg.d_in
+        self.eval_tokens = cfg.eval_tokens
+
+    @property
+    def ground_truth(self) -> jax.Array:
+        """[n_features, d_in] unit directions."""
+        return self.features.directions
+
+    def sample(self, n: int, seed: int) -> jax.Array:
+        return self._sample(jax.random.fold_in(self._sample_key, seed), n)
+
+    def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[jax.Array]:
+        """Batches start_batch .. n_batches − 1 of the seed's stream (a resumed run starts past 0)."""
+        key = jax.random.fold_in(self._train_key, seed)
+        for i in range(start_batch, n_batches):
+            yield self._sample(jax.random.fold_in(key, i), batch_size)
+
+    def eval_batches(self, batch_size: int) -> Iterator[jax.Array]:
+        for i in range(-(-self.eval_tokens // batch_size)):
+            yield self._sample(jax.random.fold_in(self._eval_key, i), batch_size)
+
+
+class SyntheticRows:
+    """`source=synthetic`: n_rows rows; the directions are those of `sae-train data=synthetic` with the same seed."""
+
+    with_tokens = False
+    resume_unit = 1
+
+    def __init__(self, cfg: SyntheticRowsConfig, chunk_rows: int, seed: int):
+        key = jax.random.PRNGKey(seed)
+        self.features = SyntheticFeatures.create(cfg, jax.random.fold_in(key, 0))
+        self._key = jax.random.fold_in(key, 4)  # 1..3: sae-train's train / eval / sample streams
+        self._sample = jax.jit(self.features.sample, static_argnums=1)
+        self.d_in, self.n_rows = cfg.d_in, cfg.n_rows
+        self.block_rows = block_rows(max(cfg.n_features, cfg.d_in))
+        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "eval_tokens"}
+        self.provenance = {"source": "synthetic", "config": config, "block_rows": self.block_rows, "seed": seed}
+
+    @property
+    def ground_truth(self) -> np.ndarray:
+        """[n_features, d_in] unit directions."""
+        return np.asarray(self.features.directions, np.float32)
+
+    def block(self, index: int) -> jax.Array:
+        return self._sample(jax.random.fold_in(self._key, index), self.block_rows)
+
+    def chunks(self, start: int) -> Iterator[Chunk]:
+        return block_chunks(self.block, self.block_rows, self.n_rows, start)
+
+    def files(self) -> dict[str, str]:
+        return {}
+
+
+BATCH_SOURCES.register("synthetic", BatchSourceEntry(SyntheticConfig, SyntheticBatches))
+ROW_SOURCES.register("synthetic", RowSourceEntry(SyntheticRowsConfig, SyntheticRows))

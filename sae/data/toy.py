@@ -15,10 +15,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae.config import ToyRunConfig
-from sae.data.arrays import DataError
+from sae.data.generated import block_chunks, block_rows
+from sae.data.sources import (
+    BATCH_SOURCES, ROW_SOURCES, BatchSourceEntry, Chunk, DataConfig, RowSourceEntry, source_keys,
+)
+from sae.errors import DataError, require
 from toy_models import analysis, models
 from toy_models.train import Task
+
+
+@dataclasses.dataclass
+class ToyRunConfig(DataConfig):
+    """`data=toy`: hidden activations of a trained toy model (a `toy-train` run directory)."""
+
+    name: str = "toy"
+    run: str = "???"  # the toy-train output directory (results.npz + metrics.json)
+    setting: int | None = None  # which setting's best model; toy-sae trains one SAE per setting when None
+
+    def check(self) -> None:
+        super().check()
+        require(self.setting is None or self.setting >= 0, f"data.setting={self.setting} must be ≥ 0")
+
+
+@dataclasses.dataclass
+class ToyRowsConfig:
+    """`source=toy` (sae-cache): hidden activations of one setting of a toy model."""
+
+    name: str = "toy"
+    run: str = "???"  # the toy-train output directory
+    setting: int = 0  # which setting's model
+    n_rows: int = 1_000_000
+
+    def check(self) -> None:
+        require(self.n_rows > 0, f"source.n_rows={self.n_rows} must be > 0")
+        require(self.setting >= 0, f"source.setting={self.setting} must be ≥ 0")
 
 
 def load_toy_run(run: str | Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -37,10 +67,12 @@ def load_toy_run(run: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, config
 
 
-class ToyModelSource:
-    """Batches of a toy model's hidden activations for one setting: [batch, m]."""
+class ToyBatches:
+    """`data=toy`: batches of a toy model's hidden activations for one setting: [batch, m]."""
 
-    def __init__(self, cfg: ToyRunConfig, seed: int):
+    process_local = False
+
+    def __init__(self, cfg: ToyRunConfig, batch_size: int, seed: int):
         arrays, config = load_toy_run(cfg.run)
         n_settings = len(arrays["feature_probability"])
         if cfg.setting is None or not 0 <= cfg.setting < n_settings:
@@ -87,3 +119,36 @@ class ToyModelSource:
         stream = self._stream(1, self._seed)
         for i in range(-(-self.eval_tokens // batch_size)):
             yield self._hidden(stream, batch_size, jnp.uint32(i))
+
+
+class ToyRows:
+    """`source=toy`: n_rows hidden activations of one setting of a trained toy model; ground truth: its
+    represented features."""
+
+    with_tokens = False
+    resume_unit = 1
+
+    def __init__(self, cfg: ToyRowsConfig, chunk_rows: int, seed: int):
+        self.toy = source_keys(ToyBatches, ToyRunConfig(run=cfg.run, setting=cfg.setting), 0, seed)
+        self.seed, self.d_in, self.n_rows = seed, self.toy.d_in, cfg.n_rows
+        self.block_rows = block_rows(max(self.toy.task.n_features, self.d_in))
+        config = {"run": str(Path(cfg.run).expanduser().absolute()), "setting": cfg.setting, "n_rows": cfg.n_rows}
+        self.provenance = {"source": "toy", "config": config, "block_rows": self.block_rows, "seed": seed}
+
+    @property
+    def ground_truth(self) -> np.ndarray:
+        """[n_represented, d_in] unit feature directions."""
+        return np.asarray(self.toy.ground_truth, np.float32)
+
+    def block(self, index: int) -> jax.Array:
+        return self.toy.block(index, self.block_rows, self.seed)
+
+    def chunks(self, start: int) -> Iterator[Chunk]:
+        return block_chunks(self.block, self.block_rows, self.n_rows, start)
+
+    def files(self) -> dict[str, str]:
+        return {}
+
+
+BATCH_SOURCES.register("toy", BatchSourceEntry(ToyRunConfig, ToyBatches))
+ROW_SOURCES.register("toy", RowSourceEntry(ToyRowsConfig, ToyRows))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae.architectures import saelens
 from sae.export import LoadedSAE
 
 
@@ -31,7 +32,7 @@ def context_rows(example_rows: np.ndarray, positions: np.ndarray, before: int, a
 def latent_values(sae: LoadedSAE) -> Callable:
     """jitted (params, x [P, d_in], features [P], floor [P]) -> [P]: latent features[p]'s activation on row x[p].
 
-    SAELens's inference rule (sae/export.py) for one latent at a time: one d_in dot product per pair instead
+    SAELens's inference rule (sae/architectures/saelens.py) for one latent at a time: one d_in dot product per pair instead
     of encoding whole rows. TopK needs the row's floor (its k-th largest activation, from the statistics
     pass; 0 when fewer than k latents are positive): the latent is active iff its pre-activation reaches it.
     """
@@ -41,17 +42,9 @@ def latent_values(sae: LoadedSAE) -> Callable:
     def values(params, x: jax.Array, features: jax.Array, floor: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
         u = x - params["b_dec"] if pre_bias else x
-        w = params["W_enc"].T[features]  # [P, d_in]
-        if arch == "gated":
-            gate = jnp.sum(u * w, axis=1) + params["b_gate"][features]
-            mag = jnp.sum(u * w, axis=1) * jnp.exp(params["r_mag"][features]) + params["b_mag"][features]
-            return jnp.where(gate > 0, jax.nn.relu(mag), 0.0)
-        pre = jnp.sum(u * w, axis=1) + params["b_enc"][features]
-        if arch == "jumprelu":
-            return jnp.where(pre > params["threshold"][features], jax.nn.relu(pre), 0.0)
-        if arch == "topk":  # 1e-5 relative slack: the floor came from a batched matmul, pre from a dot product
-            return jnp.where(pre >= floor * (1 - 1e-5), jax.nn.relu(pre), 0.0)
-        return jax.nn.relu(pre)
+        s = jnp.sum(u * params["W_enc"].T[features], axis=1)  # [P]: one d_in dot product per pair
+        latent = {name: params[name][features] for name in saelens.LATENT_TENSORS[arch]}
+        return saelens.activate(arch, s, latent, floor)
 
     return values
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sae.config import ArraysConfig, CachedConfig, ConfigError, SyntheticConfig, ToyRunConfig
-from sae.data import DataError, make_source
-from sae.data.arrays import open_activations, prefetch
+from sae.data import BATCH_SOURCES, open_batch_source
+from sae.data.arrays import ArraysConfig, open_activations, prefetch
+from sae.data.cached import CachedConfig
 from sae.data.store import Store
+from sae.errors import ConfigError
 
-DATA_SCHEMAS = {"synthetic": SyntheticConfig, "arrays": ArraysConfig, "cached": CachedConfig, "toy": ToyRunConfig}
 GENERATED_ROWS = 262_144
 _SEED_OFFSET = 1_000_003  # generated rows use stream seed + this, never the training stream
 
@@ -51,9 +51,9 @@ def data_config(saved: dict, overrides: dict):
     """The run's data config (a dict from cfg.json) with `data.*` overrides, as its typed dataclass."""
     merged = {**saved, **overrides}
     name = merged.get("name")
-    if name not in DATA_SCHEMAS:
-        raise ConfigError(f"data.name={name!r} is not one of {sorted(DATA_SCHEMAS)}")
-    schema = DATA_SCHEMAS[name]
+    if name not in BATCH_SOURCES:
+        raise ConfigError(f"data.name={name!r} is not one of {list(BATCH_SOURCES)}")
+    schema = BATCH_SOURCES[name].schema
     fields = {f.name for f in dataclasses.fields(schema)}
     for key in overrides:
         if key not in fields:
@@ -83,18 +83,17 @@ def open_rows(data, rows: int | None, seed: int, batch_size: int) -> Rows:
         n = array.shape[0] if rows is None else min(rows, array.shape[0])
         return Rows(n, array.shape[1], _sliced(lambda a, b: np.asarray(array[a:b]), n),
                     f"'{data.path}' ({n} of {array.shape[0]} rows)", take=lambda r: np.asarray(array[r]))
-    if isinstance(data, (SyntheticConfig, ToyRunConfig)):
-        source = make_source(data, batch_size, seed)
-        n = GENERATED_ROWS if rows is None else rows
+    # any other source generates its rows: a stream apart from training's
+    source = open_batch_source(data, batch_size, seed)
+    n = GENERATED_ROWS if rows is None else rows
 
-        def generated(size: int) -> Iterator[tuple[int, jax.Array]]:
-            stream = source.train_batches(size, -(-n // size), seed + _SEED_OFFSET)
-            for i, x in enumerate(stream):
-                yield i * size, x[: n - i * size]
+    def generated(size: int) -> Iterator[tuple[int, jax.Array]]:
+        stream = source.train_batches(size, -(-n // size), seed + _SEED_OFFSET)
+        for i, x in enumerate(stream):
+            yield i * size, x[: n - i * size]
 
-        truth = None if source.ground_truth is None else np.asarray(source.ground_truth)
-        return Rows(n, source.d_in, generated, f"{n} generated {data.name} rows", ground_truth=truth)
-    raise DataError(f"data.name={getattr(data, 'name', None)!r} cannot be inspected")
+    truth = None if source.ground_truth is None else np.asarray(source.ground_truth)
+    return Rows(n, source.d_in, generated, f"{n} generated {data.name} rows", ground_truth=truth)
 
 
 def load_vocab(path: str | Path | None, store_path: Path | None) -> list[str] | None:

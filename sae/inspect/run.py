@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae.config import ConfigError
+from sae.errors import ConfigError
 from sae.data import DataError
 from sae.export import load_sae
 from sae.inspect import config as inspect_config

@@ -1,18 +1,12 @@
-"""Typed config schemas of the language-model workflow: `lm-train` (LMTrainConfig) and `sae-cache source=lm`.
-
-Registered with Hydra's ConfigStore by `register()`; `check_train` rejects impossible values with a
-`sae.config.ConfigError` naming the field. `LMSourceConfig` is one of `sae.config.SOURCE_SCHEMAS`.
-"""
+"""Typed config schemas of `lm-train` (LMTrainConfig); `check_train` rejects impossible values with a
+`ConfigError` naming the field. (`sae-cache source=lm` has its schema beside its code: sae/data/lm.py.)"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
-
-from sae.tracking import LoggerConfig, check_logger
+from sae.config import LoggerConfig
+from sae.errors import positive, require
 
 SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
 TOKENIZERS = ("bytes", "bpe")
@@ -81,35 +75,8 @@ class LMTrainConfig:
     seed: int = 0
 
 
-@dataclass
-class LMSourceConfig:
-    """`sae-cache source=lm`: activations at one site of an `lm-train` run, with token ids and positions."""
-
-    name: str = MISSING
-    checkpoint: str = MISSING  # the lm-train run directory (lm_config.json + checkpoints/)
-    site: str = "mlp_post"  # a site name (one of SITES; blocks/<layer>/<site> when n_layers > 1)
-    split: str = "train"  # train | val: which files' text
-    n_rows: int = 1_000_000  # tokens cached, rounded up to whole sequences of the LM's n_ctx
-    batch_size: int = 64  # sequences per forward pass
-
-
-def register() -> None:
-    """Register the lm-train schema (conf/lm_train.yaml extends `lm_train_schema`; `logger_schema` comes
-    from sae.config.register)."""
-    ConfigStore.instance().store(name="lm_train_schema", node=LMTrainConfig)
-
-
 def check_train(cfg: LMTrainConfig) -> None:
     """Reject impossible lm-train values before anything runs. Raises ConfigError naming the field."""
-    from sae.config import ConfigError
-
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    def positive(value, key: str) -> None:
-        require(value is not None and value > 0 and math.isfinite(value), f"{key}={value} must be a positive number")
-
     m, c, o, t = cfg.model, cfg.corpus, cfg.optim, cfg.trainer
     for key in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx"):
         positive(getattr(m, key), f"model.{key}")
@@ -133,4 +100,4 @@ def check_train(cfg: LMTrainConfig) -> None:
     positive(t.keep_checkpoints, "trainer.keep_checkpoints")
     require(t.samples >= 0, f"trainer.samples={t.samples} must be ≥ 0")
     positive(t.temperature, "trainer.temperature")
-    check_logger(cfg.logger)
+    cfg.logger.check()

@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sae.data.store import Store
 from sae.lm.model import TransformerLM, resolve_site, token_losses
 from sae.lm.text import tiled_windows
+from sae.lm.train import corpus_of, load_lm
 
 Reconstruct = Callable[[jax.Array], jax.Array]
 
@@ -77,8 +79,6 @@ def loss_recovered(lm: TransformerLM, site: str, reconstruct: Reconstruct,
 def lm_provenance(store: str | Path | dict) -> dict | None:
     """The LM provenance of a store (its directory, or its manifest dict), or None if not from `source=lm`."""
     if not isinstance(store, dict):
-        from sae.data.store import Store
-
         store = {"provenance": Store(store).provenance}
     provenance = store.get("provenance", {})
     return provenance if provenance.get("source") == "lm" else None
@@ -91,8 +91,6 @@ def lm_eval_data(store: str | Path | dict, n_sequences: int = 256, batch_size: i
     The LM is its run's checkpoint of the step the store was cached from; the batches are up to
     n_sequences non-overlapping windows of the run's validation files (`tiled_windows(…, seed)`).
     """
-    from sae.lm.train import corpus_of, load_lm
-
     provenance = lm_provenance(store)
     if provenance is None:
         raise ValueError(f"{store if not isinstance(store, dict) else 'the manifest'} was not cached from an LM "

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae.data.arrays import DataError
+from sae.errors import DataError
 from sae.lm.config import CorpusConfig
 
 

@@ -27,7 +27,8 @@ import optax
 from flax import nnx
 
 from sae.checkpoint import CHECKPOINTS, Checkpointer
-from sae.config import CheckpointConfig, ConfigError
+from sae.config import CheckpointConfig
+from sae.errors import ConfigError
 from sae.lm.config import CorpusConfig, LMModelConfig, LMOptimConfig, LMTrainConfig, check_train
 from sae.lm.model import TransformerLM, build, generate, token_losses
 from sae.lm.text import (

@@ -1,326 +1,146 @@
-"""The training run: wires a data source, an architecture, the train step, checkpoints and tracking.
+"""The step loop shared by single runs and sweeps: train steps, logging, checkpoints, resume, SIGTERM.
 
-`train(cfg, out_dir)` is what `sae-train` runs; it needs no Hydra, so notebooks call it directly.
-Writes under out_dir: metrics.jsonl (one line per log interval), checkpoints/ (orbax), metrics.json
-(final held-out evaluation), sae/ (SAELens-format export), ground_truth.npy (synthetic data only),
-and the tracker's files (histograms.jsonl, wandb/).
+Nothing here waits on the device between steps except where a host value is needed: a log step's
+metrics are fetched one step later (after the next step is queued), histograms every
+`logger.histogram_every` steps and checkpoints every `checkpoint.every` steps read the state then.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import time
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from sae import config as config_lib
-from sae import parallel, tracking
-from sae.architectures import SAE, make_sae
-from sae.checkpoint import CHECKPOINTS, Checkpointer
-from sae.data import make_source
-from sae.evals import evaluate, feature_table
-from sae.export import export_sae
-from sae.training.driver import Hooks, decoder_norms, resume, run_steps, scratch_dir
-from sae.training.geometric_median import geometric_median
-from sae.training.step import init_state, make_optimizer, make_train_step
+from sae import parallel
+from sae.checkpoint import Checkpointer, Preempted, StopOnSigterm, check_compatible, resume_source
 
 
-def _format_count(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
+def abstract(state: Any) -> Any:
+    """The state's shapes, dtypes and shardings (where a restore puts the arrays)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 
 
-def _format_seconds(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+def resume(checkpointer: Checkpointer, resume_from: str | None, run_dir: Path, state: Any,
+           meta: dict) -> tuple[Any, int, dict | None, Path]:
+    """(state, steps already done, saved meta, the run dir it came from) from the checkpoint to resume,
+    or (state, 0, None, run_dir) for a fresh start.
+
+    meta: this run's meta (its config and d_in), which the checkpoint's must match (check_compatible).
+    """
+    source = resume_source(resume_from, run_dir)
+    if source is None:
+        return state, 0, None, run_dir
+    directory, step = source
+    reader = checkpointer if directory == checkpointer.directory else Checkpointer(
+        directory, checkpointer.cfg, read_only=True)
+    restored = reader.restore(abstract(state), lambda saved, path: check_compatible(saved, meta, path), step)
+    if restored is None:
+        return state, 0, None, run_dir
+    if jax.process_index() == 0:
+        print(f"resuming from {restored.path} (step {restored.step})", flush=True)
+    return restored.state, restored.step, restored.meta, directory.parent
 
 
-class ProgressLog:
-    """Console line and metrics.jsonl record per log interval, from metrics already on the host.
+class Hooks:
+    """What the loop calls on the host (process 0's are real; other processes pass no-ops).
 
-    A resumed run (resume_step > 0) starts the file with the records up to its checkpoint from `history`
-    (the run it resumes: this same file, or another run's) and appends after them.
+    log(step, metrics): a log step's metrics as host floats (per instance for a sweep);
+    histograms(step, fire_counts, decoder_norms, window_tokens): every histogram_every steps, the firing
+        counts over the last window of window_tokens tokens and the decoder rows' norms ([.., d_sae] each);
+    checkpointed(step, host_state, metrics, best): after each checkpoint, with the state on the host when
+        run_steps was asked for dictionaries (else None) and whether it is the best so far;
+    close(): at the end of the run, however it ends.
     """
 
-    def __init__(self, path: Path, n_steps: int, batch_size: int, resume_step: int = 0, history: Path | None = None):
-        kept = []
-        history = history or path
-        if resume_step and history.exists():
-            kept = [line for line in history.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-        self.file = path.open("w")
-        self.file.writelines(kept)
-        self.n_steps, self.batch_size = n_steps, batch_size
-        self.first: tuple[int, float] | None = None  # (step, time) after compilation
+    def log(self, step: int, metrics: dict) -> None: ...
 
-    def write(self, step: int, metrics: dict) -> dict:
-        """Print and append the step's record; returns it (with tokens and tokens_per_s)."""
-        now = time.perf_counter()
-        tokens = step * self.batch_size
-        if self.first is None:
-            self.first = (step, now)
-            rate = float("nan")
-        else:
-            rate = (step - self.first[0]) * self.batch_size / max(now - self.first[1], 1e-9)
-        record = {"step": step, "tokens": tokens, **{k: float(v) for k, v in metrics.items()}, "tokens_per_s": rate}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        eta = (self.n_steps - step) * self.batch_size / rate if not math.isnan(rate) and rate > 0 else float("nan")
-        print(
-            f"step {step}/{self.n_steps} | tokens {_format_count(tokens)}/{_format_count(self.n_steps * self.batch_size)}"
-            f" | {_format_count(rate) if not math.isnan(rate) else '-'} tok/s"
-            f" | ETA {_format_seconds(eta) if not math.isnan(eta) else '-'}"
-            f" | loss {record['loss']:.4g} | L0 {record['l0']:.2f} | FVU {record['fvu']:.4f}"
-            f" | dead {100 * record['dead_fraction']:.1f}%",
-            flush=True,
-        )
-        return record
+    def histograms(self, step: int, fire_counts: np.ndarray, decoder_norms: np.ndarray, window_tokens: int) -> None: ...
+
+    def checkpointed(self, step: int, host_state: Any, metrics: dict, best: bool) -> None: ...
 
     def close(self) -> None:
-        self.file.close()
+        """Flush and close logs and trackers (also when the run stops early)."""
 
 
-def input_scale_for(sample: jax.Array, normalize: bool) -> float:
-    """Factor making E‖x‖ = √d_in (Anthropic April 2024 update), or 1."""
-    if not normalize:
-        return 1.0
-    return float(math.sqrt(sample.shape[-1]) / jnp.mean(jnp.linalg.norm(sample, axis=-1)))
+def run_steps(
+    state: Any,
+    train_step: Callable[[Any, jax.Array], tuple[Any, dict]],
+    batches: Iterable[jax.Array],
+    *,
+    first_step: int,
+    n_steps: int,
+    batch_size: int,
+    log_every: int,
+    histogram_every: int,
+    checkpoint_every: int,
+    checkpointer: Checkpointer,
+    meta: Callable[[int], dict],
+    hooks: Hooks,
+    summaries: Callable[[Any], tuple[jax.Array, jax.Array]],
+    dictionaries: bool = False,
+) -> Any:
+    """Steps first_step+1 .. n_steps on `batches`; saves a checkpoint every checkpoint_every steps and at
+    the end; on SIGTERM saves the step reached and raises Preempted. Returns the final state.
 
-
-class Start(NamedTuple):
-    n_steps: int
-    lr: float
-    input_scale: float
-    params: dict
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-
-
-def initial_parameters(cfg: config_lib.Config, sae, source) -> Start:
-    """Steps, lr, input scale, initial params (b_dec at the geometric median of a sample) and optimiser."""
-    trainer = cfg.trainer
-    n_steps = trainer.total_tokens // trainer.batch_size
-    lr = cfg.optim.lr if cfg.optim.lr is not None else config_lib.default_lr(cfg.sae)
-    sample = source.sample(trainer.geometric_median_samples, cfg.seed)
-    input_scale = input_scale_for(sample, cfg.sae.normalize_activations)
-    params = sae.init_params(jax.random.PRNGKey(cfg.seed), geometric_median(sample * input_scale))
-    params = jax.tree.map(lambda v: v.astype(trainer.param_dtype), params)
-    tx, schedule = make_optimizer(cfg.optim, lr, n_steps)
-    return Start(n_steps, lr, input_scale, params, tx, schedule)
-
-
-def _global_batches(source, batch_size: int, n_batches: int, seed: int, shardings,
-                    start_batch: int = 0) -> Iterator[jax.Array]:
-    """Batches start_batch .. n_batches − 1 of the source, placed on the mesh: each process contributes
-    its rows of the global batch.
-
-    A process-local source (an activation store) reads only this process's rows; others produce the
-    whole batch on every process (the same seed), of which each process keeps its own slice.
+    meta(step): the checkpoint's JSON; summaries(state): (firing counters [.., d_sae] uint32, decoder
+    norms [.., d_sae]) on the device; dictionaries: bring the state to the host at checkpoints for
+    hooks.checkpointed. Every process runs this (the host copies are collectives); only process 0's
+    hooks do anything.
     """
-    if shardings is None:
-        yield from source.train_batches(batch_size, n_batches, seed, start_batch)
-        return
-    n_proc, index = jax.process_count(), jax.process_index()
-    local = batch_size // n_proc
-    if n_proc == 1:  # one process: reshard on the devices, no trip through the host
-        for x in source.train_batches(batch_size, n_batches, seed, start_batch):
-            yield jax.device_put(x, shardings[1])
-    elif getattr(source, "process_local", False):
-        for x in source.train_batches(local, n_batches, seed, start_batch):
-            yield parallel.global_batch(np.asarray(x), shardings[1])
-    else:
-        for x in source.train_batches(batch_size, n_batches, seed, start_batch):
-            yield parallel.global_batch(np.asarray(x)[index * local : (index + 1) * local], shardings[1])
+    summarise = jax.jit(summaries)
+    pending = None  # (step, device metrics) of the last log step, fetched after the next step is queued
+    window = (first_step, np.asarray(parallel.to_host(summarise(state)[0])))
+
+    def flush() -> None:
+        nonlocal pending
+        if pending is not None:
+            hooks.log(pending[0], jax.device_get(pending[1]))
+        pending = None
+
+    def save(step: int, state: Any, metrics: dict) -> None:
+        host = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+        checkpointer.save(step, state, meta(step), host)
+        host_state = parallel.to_host(state) if dictionaries else None
+        hooks.checkpointed(step, host_state, host, checkpointer.best_step() == step)
+
+    step, metrics = first_step, None
+    # One process: our SIGTERM flag. Several: JAX's preemption service (started by jax.distributed) takes
+    # SIGTERM and names a step every process reaches, so all of them save the same one.
+    multi_process = jax.process_count() > 1
+    with StopOnSigterm(install=not multi_process) as stop:
+        for step, x in enumerate(batches, start=first_step + 1):
+            state, metrics = train_step(state, x)
+            flush()
+            if step % log_every == 0 or step == n_steps:
+                pending = (step, metrics)
+            if step % histogram_every == 0:
+                counts, norms = parallel.to_host(summarise(state))
+                hooks.histograms(step, counts - window[1], norms, (step - window[0]) * batch_size)
+                window = (step, counts)
+            if stop.requested or (multi_process and checkpointer.manager.reached_preemption(step)):
+                flush()
+                save(step, state, metrics)
+                checkpointer.wait()
+                raise Preempted(step, checkpointer.directory)
+            if checkpoint_every and step % checkpoint_every == 0 and step < n_steps:
+                save(step, state, metrics)
+    flush()
+    if metrics is not None:
+        save(step, state, metrics)
+    checkpointer.wait()
+    return state
 
 
-@dataclasses.dataclass
-class Instance:
-    """One SAE of a run (a sweep has several): its family, config, run dir, progress log and tracker."""
-
-    sae: SAE
-    cfg: config_lib.Config
-    out_dir: Path
-    log: ProgressLog
-    tracker: tracking.Tracker
+def decoder_norms(params: dict) -> jax.Array:
+    """‖W_dec[i]‖ for every latent: [d_sae]."""
+    return jnp.linalg.norm(params["W_dec"].astype(jnp.float32), axis=-1)
 
 
-def export_buffers(buffers: dict) -> dict:
-    """The architecture's buffers without a sweep's per-instance k (which the export takes from the config)."""
-    return {name: value for name, value in buffers.items() if name != "k"}
-
-
-class RunHooks(Hooks):
-    """Process 0's side of the loop: progress lines, metrics.jsonl and the tracker, for each instance.
-
-    stacked: states and metrics carry a leading instance axis (a sweep).
-    """
-
-    def __init__(self, instances: list[Instance], source, stacked: bool):
-        self.instances, self.source, self.stacked = instances, source, stacked
-
-    def split(self, tree) -> list:
-        """Per-instance parts of a state or metrics tree (arrays on a leading instance axis)."""
-        if not self.stacked:
-            return [tree]
-        return [jax.tree.map(lambda v, i=i: v[i], tree) for i in range(len(self.instances))]
-
-    def log(self, step: int, metrics: dict) -> None:
-        for one, values in zip(self.instances, self.split(metrics)):
-            record = one.log.write(step, values)
-            one.tracker.log(step, record)
-
-    def histograms(self, step: int, fire_counts: np.ndarray, decoder_norms: np.ndarray, window_tokens: int) -> None:
-        for one, counts, norms in zip(self.instances, self.split(fire_counts), self.split(decoder_norms)):
-            density = np.asarray(counts, np.float64) / max(window_tokens, 1)
-            log_density = np.log10(density + 1e-10)  # SAELens's log_feature_sparsity
-            one.tracker.log_histograms(step, {"feature_density_log10": log_density, "decoder_norm": norms})
-
-    def close(self) -> None:
-        for one in self.instances:
-            one.log.close()
-            one.tracker.finish()
-
-    def checkpointed(self, step: int, host_state, metrics: dict, best: bool) -> None:
-        if host_state is None:
-            return
-        for one, state in zip(self.instances, self.split(host_state)):
-            log_dictionary(one, state, self.source, step, ["latest"] + (["best"] if best else []))
-
-
-def log_dictionary(one: Instance, state, source, step: int, aliases: list[str]) -> None:
-    """The feature dictionary as a tracker artifact (type `sae`): the SAELens-format export plus a
-    per-feature table (density, mean and max activation on held-out data, the best true feature)."""
-    buffers = export_buffers(state.buffers)
-    table = feature_table(one.sae, state.params, buffers, state.input_scale,
-                          source.eval_batches(one.cfg.trainer.batch_size), source.ground_truth)
-    with scratch_dir(one.out_dir) as scratch:
-        export_sae(Path(scratch), one.sae, state.params, buffers, float(state.input_scale),
-                   metadata={"config": config_lib.to_dict(one.cfg), "step": step})
-        one.tracker.log_artifact(f"sae-{one.tracker.run_id}", "sae", Path(scratch), table=table,
-                                 metadata={"step": step, "architecture": one.cfg.sae.name, "d_sae": one.sae.d_sae},
-                                 aliases=aliases + [f"step-{step}"])
-
-
-def run_meta(cfg: config_lib.Config, d_in: int, trackers: list[tracking.Tracker]):
-    """meta(step): a checkpoint's JSON (see sae/checkpoint.py)."""
-    config = config_lib.to_dict(cfg)
-
-    def meta(step: int) -> dict:
-        return {"step": step, "tokens": step * cfg.trainer.batch_size, "seed": cfg.seed,
-                "data_position": {"batches": step}, "d_in": d_in, "config": config,
-                "wandb_run_ids": [t.run_id for t in trackers]}
-
-    return meta
-
-
-def train(cfg: config_lib.Config, out_dir: str | Path) -> dict:
-    """Train an SAE as configured; returns the final metrics (also written to out_dir/metrics.json).
-
-    Resumes from the run dir's newest checkpoint (or cfg.resume). With `sweep.key` set, trains every
-    value of the sweep in one pass instead (sae/training/sweep.py).
-    """
-    config_lib.check(cfg)
-    if cfg.sweep.key is not None:
-        from sae.training.sweep import train_sweep
-
-        return train_sweep(cfg, out_dir)
-    parallel.initialize_distributed(cfg.mesh)
-    trainer = cfg.trainer
-    source = make_source(cfg.data, trainer.batch_size, cfg.seed)
-    out_dir = Path(out_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sae = make_sae(cfg.sae, source.d_in)
-    start = initial_parameters(cfg, sae, source)
-    n_steps, lr, tx, schedule = start.n_steps, start.lr, start.tx, start.schedule
-    state = init_state(sae, start.params, tx, start.input_scale)
-    mesh = parallel.make_mesh(cfg.mesh)
-    shardings = None
-    if mesh.size > 1:
-        shardings = (parallel.state_shardings(state, sae.d_sae, mesh), parallel.batch_sharding(mesh),
-                     parallel.replicated(mesh))
-        state = jax.device_put(state, shardings[0])
-    checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
-    state, done, saved, origin = resume(checkpointer, cfg.resume, out_dir, state, run_meta(cfg, sae.d_in, [])(0))
-    train_step = make_train_step(
-        sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens, shardings,
-        trainer.compute_dtype,
-    )
-    lead = jax.process_index() == 0  # only process 0 logs, evaluates and exports
-    hooks, trackers = Hooks(), []
-    if lead:
-        if source.ground_truth is not None:
-            np.save(out_dir / "ground_truth.npy", np.asarray(source.ground_truth))
-        print(f"training {cfg.sae.name} SAE: d_in={sae.d_in} d_sae={sae.d_sae} lr={lr:.3g} steps={n_steps} "
-              f"batch={trainer.batch_size} mesh={dict(mesh.shape)} -> {out_dir}", flush=True)
-        run_ids = (saved or {}).get("wandb_run_ids") or [None]
-        trackers = [tracking.make_tracker(cfg.logger, out_dir, config_lib.to_dict(cfg), run_id=run_ids[0])]
-        log = ProgressLog(out_dir / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done,
-                          history=origin / "metrics.jsonl")
-        hooks = RunHooks([Instance(sae, cfg, out_dir, log, trackers[0])], source, stacked=False)
-    try:
-        state = run_steps(
-            state, train_step, _global_batches(source, trainer.batch_size, n_steps, cfg.seed, shardings, done),
-            first_step=done, n_steps=n_steps, batch_size=trainer.batch_size, log_every=trainer.log_every,
-            histogram_every=cfg.logger.histogram_every, checkpoint_every=cfg.checkpoint.every,
-            checkpointer=checkpointer, meta=run_meta(cfg, sae.d_in, trackers), hooks=hooks,
-            summaries=lambda s: (s.fire_counts, decoder_norms(s.params)), dictionaries=cfg.logger.name == "wandb",
-        )
-        checkpointer.close()
-        state = parallel.to_host(state)
-        return finish(sae, cfg, state, state.buffers, source, out_dir, trackers[0]) if lead else {}
-    finally:  # also when stopped (SIGTERM, an error): the log flushed, the W&B run closed for a resume
-        hooks.close()
-
-
-SUMMARY = ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "mmcs", "recovered_fraction", "ce_loss_score",
-           "kl_div")
-
-
-def lm_loss_recovered(sae: SAE, params: dict, buffers: dict, input_scale: float, source) -> dict:
-    """For activations cached from a language model (`sae-cache source=lm`): the CE-loss score and KL with
-    the SAE's reconstruction spliced in at the cached site, on the LM's held-out text (sae/lm/splice.py);
-    {} for any other source."""
-    store = getattr(source, "store", None)
-    if store is None or store.provenance.get("source") != "lm":
-        return {}
-    from sae.lm.splice import store_loss_recovered
-
-    def reconstruct(x: jax.Array) -> jax.Array:
-        return sae.decode(params, sae.encode(params, x.astype(jnp.float32) * input_scale, buffers)) / input_scale
-
-    scores = store_loss_recovered(store.path, reconstruct)
-    return {key: scores[key] for key in ("ce_loss_score", "kl_div", "ce_loss_clean", "ce_loss_zero_ablation",
-                                         "ce_loss_sae")}
-
-
-def finish(sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: Path,
-           tracker: tracking.Tracker | None = None) -> dict:
-    """Held-out evaluation (written to out_dir/metrics.json, and to the tracker's summary) and the
-    SAELens-format export of a trained state."""
-    trainer = cfg.trainer
-    results = evaluate(sae, state.params, buffers, state.input_scale,
-                       source.eval_batches(trainer.batch_size), source.ground_truth)
-    results["dead_fraction"] = float(np.mean(np.asarray(state.tokens_since_fired) >= trainer.dead_tokens))
-    results["architecture"] = cfg.sae.name
-    results["tokens"] = trainer.total_tokens // trainer.batch_size * trainer.batch_size
-    results.update(lm_loss_recovered(sae, state.params, buffers, float(state.input_scale), source))
-    if tracker is not None:
-        tracker.log(int(state.step), {f"eval/{k}": results[k] for k in SUMMARY if k in results})
-        if tracker.run_id is not None:
-            results["wandb_run_id"] = tracker.run_id  # where sae-inspect logs its plots
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-    export_sae(out_dir / "sae", sae, state.params, buffers, float(state.input_scale),
-               metadata={"config": config_lib.to_dict(cfg)})
-    print(f"final (held-out) {out_dir.name}: " + " | ".join(f"{k} {results[k]:.4g}" for k in SUMMARY if k in results),
-          flush=True)
-    return results
+def scratch_dir(run_dir: Path) -> tempfile.TemporaryDirectory:
+    """A temporary folder beside the run (same file system) for exports handed to the tracker."""
+    return tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-")

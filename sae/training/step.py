@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from sae.architectures import SAE, Params
-from sae.architectures.base import latent_sharded_top_k, per_device_code
+from sae.architectures.sparse import latent_sharded_top_k, per_device_code
 from sae.config import OptimConfig
 from sae.training.schedules import lr_schedule, sparsity_warmup
 

@@ -25,10 +25,11 @@ from sae import config as config_lib
 from sae import parallel, tracking
 from sae.architectures import make_sae
 from sae.checkpoint import CHECKPOINTS, Checkpointer
-from sae.data import make_source
-from sae.training.driver import decoder_norms, resume, run_steps
-from sae.training.loop import Instance, ProgressLog, RunHooks, export_buffers, finish, initial_parameters, run_meta
+from sae.data import open_batch_source
+from sae.training.loop import decoder_norms, resume, run_steps
+from sae.training.run_parts import Instance, ProgressLog, RunHooks, export_buffers, finish, initial_parameters, run_meta
 from sae.training.step import init_state, make_sweep_step, pure_train_step
+from sae.errors import ConfigError
 
 
 def instance_configs(cfg: config_lib.Config) -> list[config_lib.Config]:
@@ -47,16 +48,16 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     """Train every instance of the sweep; returns {label: final metrics} (also out_dir/sweep.json)."""
     config_lib.check(cfg)
     if jax.process_count() > 1:
-        raise config_lib.ConfigError("sweeps run in one process (over its devices): start one per host")
+        raise ConfigError("sweeps run in one process (over its devices): start one per host")
     devices = parallel.make_mesh(cfg.mesh).devices.reshape(-1)
     if len(cfg.sweep.values) % len(devices):
-        raise config_lib.ConfigError(f"sweep.values has {len(cfg.sweep.values)} values, which must divide over the "
+        raise ConfigError(f"sweep.values has {len(cfg.sweep.values)} values, which must divide over the "
                                      f"mesh's {len(devices)} devices (set mesh.data / mesh.model to fewer)")
     configs = instance_configs(cfg)
     for one in configs:
         config_lib.check(one)
     trainer, out_dir = cfg.trainer, Path(out_dir).absolute()
-    source = make_source(cfg.data, trainer.batch_size, cfg.seed)
+    source = open_batch_source(cfg.data, trainer.batch_size, cfg.seed)
     widest = configs[int(np.argmax([getattr(c.sae, "k", 0) for c in configs]))]
     sae = make_sae(widest.sae, source.d_in)
     start = initial_parameters(cfg, sae, source)

@@ -14,22 +14,42 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from sae.data.arrays import DataError
-from sae.data.model_source import cache_model, capture_site
-from sae.data.store import StoreWriter
-from sae.lm.config import LMSourceConfig
+from sae.data.model_source import capture_site, model_chunks
+from sae.data.sources import ROW_SOURCES, Chunk, RowSourceEntry
+from sae.errors import DataError, require
 from sae.lm.model import resolve_site
+from sae.lm.splice import store_loss_recovered
 from sae.lm.text import CorpusError, tiled_windows
 from sae.lm.train import CHECKPOINTS, corpus_of, load_lm
 
 
-class LMCacheSource:
-    """The activations at `cfg.site` of the LM in `cfg.checkpoint`, ready to be written by `write_store`."""
+@dataclasses.dataclass
+class LMRowsConfig:
+    """`source=lm`: activations at one site of an `lm-train` run, with token ids and positions."""
 
-    def __init__(self, cfg: LMSourceConfig, seed: int = 0):
+    name: str = "lm"
+    checkpoint: str = "???"  # the lm-train run directory (lm_config.json + checkpoints/)
+    site: str = "mlp_post"  # a site name (one of sae.lm.config.SITES; blocks/<layer>/<site> when n_layers > 1)
+    split: str = "train"  # train | val: which files' text
+    n_rows: int = 1_000_000  # tokens cached, rounded up to whole sequences of the LM's n_ctx
+    batch_size: int = 64  # sequences per forward pass
+
+    def check(self) -> None:
+        require(bool(self.checkpoint), "source.checkpoint must name an lm-train run directory")
+        require(self.split in ("train", "val"), f"source.split={self.split!r} is not one of ['train', 'val']")
+        require(self.n_rows > 0, f"source.n_rows={self.n_rows} must be > 0")
+        require(self.batch_size > 0, f"source.batch_size={self.batch_size} must be > 0")
+
+
+class LMRows:
+    """`source=lm`: the activations at `cfg.site` of the LM in `cfg.checkpoint`, with token ids and positions."""
+
+    with_tokens = True
+
+    def __init__(self, cfg: LMRowsConfig, chunk_rows: int = 0, seed: int = 0):
         run = Path(cfg.checkpoint).expanduser().absolute()
         try:
             self.model, self.tokenizer, lm_config = load_lm(run)
@@ -52,6 +72,7 @@ class LMCacheSource:
             raise DataError(f"source.n_rows={cfg.n_rows} (source.split={cfg.split}): {err}") from None
         self.batch_size = cfg.batch_size
         self.n_rows = self.n_sequences * n_ctx
+        self.resume_unit = n_ctx  # shards of whole sequences
         name = self.site.rsplit("/", 1)[-1]
         self.d_in = self.model.cfg.d_mlp if name in ("mlp_pre", "mlp_post") else self.model.cfg.d_model
         steps = sorted(int(p.name) for p in (run / CHECKPOINTS).iterdir() if p.name.isdigit())
@@ -62,20 +83,12 @@ class LMCacheSource:
             "lm_model": lm_config["model"], "config": dataclasses.asdict(cfg), "seed": seed,
         }
 
-    def write_store(self, cfg) -> dict:
-        """Write the store cfg.out (CacheConfig: dtype, shard_rows), resuming an interrupted run; its manifest."""
-        t0 = time.perf_counter()
-        provenance = json.loads(json.dumps(self.provenance))
-        writer = StoreWriter(Path(cfg.out).expanduser(), self.d_in, cfg.dtype, cfg.shard_rows, provenance=provenance,
-                             with_tokens=True)
-        print(f"cache: {self.n_rows} rows × {self.d_in} ({self.n_sequences} sequences of {self.windows.shape[1]} "
-              f"tokens) at {self.site} of '{self.provenance['model']}' into '{writer.path}' ({cfg.dtype}, "
-              f"{cfg.shard_rows} rows per shard)", flush=True)
-        (writer.path / "vocab.json").write_text(json.dumps(self.tokenizer.token_strings()))  # for sae-inspect
+    def chunks(self, start: int) -> Iterator[Chunk]:
         batches = (self.windows[i : i + self.batch_size] for i in range(0, len(self.windows), self.batch_size))
-        cache_model(capture_site(self.model, self.site), batches, writer, n_sequences=self.n_sequences,
-                    log=lambda line: print(f"cache: {line}", flush=True))
-        manifest = writer.close()
-        print(f"cache: wrote {manifest['n_rows']} rows in {len(manifest['shards'])} shards to '{writer.path}' "
-              f"in {time.perf_counter() - t0:.1f} s", flush=True)
-        return manifest
+        return model_chunks(capture_site(self.model, self.site), batches, start, self.n_sequences)
+
+    def files(self) -> dict[str, str]:
+        return {"vocab.json": json.dumps(self.tokenizer.token_strings())}  # token strings for sae-inspect
+
+
+ROW_SOURCES.register("lm", RowSourceEntry(LMRowsConfig, LMRows, loss_recovered=store_loss_recovered))

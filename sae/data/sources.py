@@ -1,0 +1,116 @@
+"""What a source of activations is: two protocols, a registry each, and the schema every data config extends.
+
+- A `BatchSource` feeds `sae-train` (`data=<name>`): batches on the device, a held-out split, a sample for
+  the initialisation, and the true feature directions when they are known.
+- A `RowSource` feeds `sae-cache` (`source=<name>`): its rows in fixed chunks, the same rows wherever the
+  stream starts (the writer resumes after the complete shards of an interrupted run), with token ids and
+  positions when they come from a language model.
+
+Each source registers itself next to its code (`BATCH_SOURCES.register(...)`, `ROW_SOURCES.register(...)`):
+its name, its schema and its factory; a row source may also name how to score an SAE spliced back into the
+model the rows came from (`loss_recovered`), which `sae-train` finds from a store's provenance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import numpy as np
+
+from sae.errors import DataError, require
+from sae.registry import Registry
+
+
+@dataclass
+class DataConfig:
+    """Fields every `data=` schema has."""
+
+    name: str = "???"  # the source (each schema's default is its own name)
+    eval_tokens: int = 65536  # held-out tokens for the final evaluation
+
+    def check(self) -> None:
+        """Reject impossible values; ConfigError names the field."""
+        require(self.eval_tokens > 0, f"data.eval_tokens={self.eval_tokens} must be > 0")
+
+
+class BatchSource(Protocol):
+    """Training data for `sae-train`. Batches are [batch_size, d_in] arrays on the device."""
+
+    d_in: int
+    ground_truth: jax.Array | np.ndarray | None  # [n_features, d_in] unit directions, when known
+    process_local: bool  # train_batches yields this process's rows only (multi-host)
+
+    def sample(self, n: int, seed: int) -> jax.Array:
+        """n training rows for the geometric-median initialisation: [n, d_in] float32."""
+
+    def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[jax.Array]:
+        """Batches start_batch .. n_batches − 1 of the seed's stream (a resumed run starts past 0)."""
+
+    def eval_batches(self, batch_size: int) -> Iterator[jax.Array]:
+        """The held-out rows."""
+
+
+class Chunk(NamedTuple):
+    """Rows of a row source: rows [n, d_in] float16/float32; tokens, positions [n] int32 or None."""
+
+    rows: np.ndarray
+    tokens: np.ndarray | None = None
+    positions: np.ndarray | None = None
+
+
+class RowSource(Protocol):
+    """Rows for `sae-cache`."""
+
+    d_in: int
+    n_rows: int
+    provenance: dict  # what the rows are (recorded in the store's manifest); "source" is the registry name
+    ground_truth: np.ndarray | None  # [n_features, d_in] unit directions, when known
+    with_tokens: bool  # chunks carry token ids and positions
+    resume_unit: int  # rows per sequence: shards must hold whole ones, so a resume starts on a sequence (1: any)
+
+    def chunks(self, start: int) -> Iterator[Chunk]:
+        """Rows start .. n_rows − 1 in order (start: rows already stored, a multiple of `resume_unit`)."""
+
+    def files(self) -> dict[str, str]:
+        """Extra text files for the store directory (e.g. vocab.json), by name."""
+
+
+@dataclass(frozen=True)
+class BatchSourceEntry:
+    schema: type  # the `data=<name>` schema
+    open: Callable[[Any, int, int], BatchSource]  # (cfg, batch_size, seed) -> source
+
+
+@dataclass(frozen=True)
+class RowSourceEntry:
+    schema: type  # the `source=<name>` schema
+    open: Callable[[Any, int, int], RowSource]  # (cfg, chunk_rows, seed) -> source
+    # (store directory, reconstruct: x [n, d_in] -> x̂) -> {"ce_loss_score", "kl_div", ...}, for rows of a model
+    loss_recovered: Callable[[Path, Callable[[jax.Array], jax.Array]], dict] | None = None
+
+
+BATCH_SOURCES: Registry[BatchSourceEntry] = Registry("data", ("sae.data",))
+ROW_SOURCES: Registry[RowSourceEntry] = Registry("source", ("sae.data",))
+
+
+def open_batch_source(cfg, batch_size: int, seed: int) -> BatchSource:
+    """The training source named by the data config."""
+    return BATCH_SOURCES[cfg.name].open(cfg, batch_size, seed)
+
+
+def open_row_source(cfg, chunk_rows: int, seed: int) -> RowSource:
+    """The row source named by the source config."""
+    return ROW_SOURCES[cfg.name].open(cfg, chunk_rows, seed)
+
+
+def source_keys(fn: Callable, *args):
+    """fn(*args) for sae-cache, with the data.* keys in the DataError messages of sae.data renamed to source.*."""
+    try:
+        return fn(*args)
+    except DataError as err:
+        raise DataError(re.sub(r"\bdata\.(path|run|setting)=", r"source.\1=", str(err))) from None

@@ -1,0 +1,240 @@
+"""What a single run and a sweep share: the start (steps, lr, b_dec, optimiser), the progress log, the
+hooks that log and track each SAE, the checkpoint's meta, and the final evaluation and export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sae import config as config_lib
+from sae import tracking
+from sae.architectures import SAE
+from sae.data import ROW_SOURCES
+from sae.evals import evaluate, feature_table
+from sae.export import export_sae
+from sae.training.geometric_median import geometric_median
+from sae.training.loop import Hooks, scratch_dir
+from sae.training.step import make_optimizer
+
+
+def _format_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _format_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class ProgressLog:
+    """Console line and metrics.jsonl record per log interval, from metrics already on the host.
+
+    A resumed run (resume_step > 0) starts the file with the records up to its checkpoint from `history`
+    (the run it resumes: this same file, or another run's) and appends after them.
+    """
+
+    def __init__(self, path: Path, n_steps: int, batch_size: int, resume_step: int = 0, history: Path | None = None):
+        kept = []
+        history = history or path
+        if resume_step and history.exists():
+            kept = [line for line in history.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.file = path.open("w")
+        self.file.writelines(kept)
+        self.n_steps, self.batch_size = n_steps, batch_size
+        self.first: tuple[int, float] | None = None  # (step, time) after compilation
+
+    def write(self, step: int, metrics: dict) -> dict:
+        """Print and append the step's record; returns it (with tokens and tokens_per_s)."""
+        now = time.perf_counter()
+        tokens = step * self.batch_size
+        if self.first is None:
+            self.first = (step, now)
+            rate = float("nan")
+        else:
+            rate = (step - self.first[0]) * self.batch_size / max(now - self.first[1], 1e-9)
+        record = {"step": step, "tokens": tokens, **{k: float(v) for k, v in metrics.items()}, "tokens_per_s": rate}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        eta = (self.n_steps - step) * self.batch_size / rate if not math.isnan(rate) and rate > 0 else float("nan")
+        print(
+            f"step {step}/{self.n_steps} | tokens {_format_count(tokens)}/{_format_count(self.n_steps * self.batch_size)}"
+            f" | {_format_count(rate) if not math.isnan(rate) else '-'} tok/s"
+            f" | ETA {_format_seconds(eta) if not math.isnan(eta) else '-'}"
+            f" | loss {record['loss']:.4g} | L0 {record['l0']:.2f} | FVU {record['fvu']:.4f}"
+            f" | dead {100 * record['dead_fraction']:.1f}%",
+            flush=True,
+        )
+        return record
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def input_scale_for(sample: jax.Array, normalize: bool) -> float:
+    """Factor making E‖x‖ = √d_in (Anthropic April 2024 update), or 1."""
+    if not normalize:
+        return 1.0
+    return float(math.sqrt(sample.shape[-1]) / jnp.mean(jnp.linalg.norm(sample, axis=-1)))
+
+
+class Start(NamedTuple):
+    n_steps: int
+    lr: float
+    input_scale: float
+    params: dict
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def initial_parameters(cfg: config_lib.Config, sae, source) -> Start:
+    """Steps, lr, input scale, initial params (b_dec at the geometric median of a sample) and optimiser."""
+    trainer = cfg.trainer
+    n_steps = trainer.total_tokens // trainer.batch_size
+    lr = cfg.optim.lr if cfg.optim.lr is not None else sae.default_lr()
+    sample = source.sample(trainer.geometric_median_samples, cfg.seed)
+    input_scale = input_scale_for(sample, cfg.sae.normalize_activations)
+    params = sae.init_params(jax.random.PRNGKey(cfg.seed), geometric_median(sample * input_scale))
+    params = jax.tree.map(lambda v: v.astype(trainer.param_dtype), params)
+    tx, schedule = make_optimizer(cfg.optim, lr, n_steps)
+    return Start(n_steps, lr, input_scale, params, tx, schedule)
+
+
+@dataclasses.dataclass
+class Instance:
+    """One SAE of a run (a sweep has several): its family, config, run dir, progress log and tracker."""
+
+    sae: SAE
+    cfg: config_lib.Config
+    out_dir: Path
+    log: ProgressLog
+    tracker: tracking.Tracker
+
+
+def export_buffers(buffers: dict) -> dict:
+    """The architecture's buffers without a sweep's per-instance k (which the export takes from the config)."""
+    return {name: value for name, value in buffers.items() if name != "k"}
+
+
+class RunHooks(Hooks):
+    """Process 0's side of the loop: progress lines, metrics.jsonl and the tracker, for each instance.
+
+    stacked: states and metrics carry a leading instance axis (a sweep).
+    """
+
+    def __init__(self, instances: list[Instance], source, stacked: bool):
+        self.instances, self.source, self.stacked = instances, source, stacked
+
+    def split(self, tree) -> list:
+        """Per-instance parts of a state or metrics tree (arrays on a leading instance axis)."""
+        if not self.stacked:
+            return [tree]
+        return [jax.tree.map(lambda v, i=i: v[i], tree) for i in range(len(self.instances))]
+
+    def log(self, step: int, metrics: dict) -> None:
+        for one, values in zip(self.instances, self.split(metrics)):
+            record = one.log.write(step, values)
+            one.tracker.log(step, record)
+
+    def histograms(self, step: int, fire_counts: np.ndarray, decoder_norms: np.ndarray, window_tokens: int) -> None:
+        for one, counts, norms in zip(self.instances, self.split(fire_counts), self.split(decoder_norms)):
+            density = np.asarray(counts, np.float64) / max(window_tokens, 1)
+            log_density = np.log10(density + 1e-10)  # SAELens's log_feature_sparsity
+            one.tracker.log_histograms(step, {"feature_density_log10": log_density, "decoder_norm": norms})
+
+    def close(self) -> None:
+        for one in self.instances:
+            one.log.close()
+            one.tracker.finish()
+
+    def checkpointed(self, step: int, host_state, metrics: dict, best: bool) -> None:
+        if host_state is None:
+            return
+        for one, state in zip(self.instances, self.split(host_state)):
+            log_dictionary(one, state, self.source, step, ["latest"] + (["best"] if best else []))
+
+
+def log_dictionary(one: Instance, state, source, step: int, aliases: list[str]) -> None:
+    """The feature dictionary as a tracker artifact (type `sae`): the SAELens-format export plus a
+    per-feature table (density, mean and max activation on held-out data, the best true feature)."""
+    buffers = export_buffers(state.buffers)
+    table = feature_table(one.sae, state.params, buffers, state.input_scale,
+                          source.eval_batches(one.cfg.trainer.batch_size), source.ground_truth)
+    with scratch_dir(one.out_dir) as scratch:
+        export_sae(Path(scratch), one.sae, state.params, buffers, float(state.input_scale),
+                   metadata={"config": config_lib.to_dict(one.cfg), "step": step})
+        one.tracker.log_artifact(f"sae-{one.tracker.run_id}", "sae", Path(scratch), table=table,
+                                 metadata={"step": step, "architecture": one.cfg.sae.name, "d_sae": one.sae.d_sae},
+                                 aliases=aliases + [f"step-{step}"])
+
+
+def run_meta(cfg: config_lib.Config, d_in: int, trackers: list[tracking.Tracker]):
+    """meta(step): a checkpoint's JSON (see sae/checkpoint.py)."""
+    config = config_lib.to_dict(cfg)
+
+    def meta(step: int) -> dict:
+        return {"step": step, "tokens": step * cfg.trainer.batch_size, "seed": cfg.seed,
+                "data_position": {"batches": step}, "d_in": d_in, "config": config,
+                "wandb_run_ids": [t.run_id for t in trackers]}
+
+    return meta
+
+
+SUMMARY = ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "mmcs", "recovered_fraction", "ce_loss_score",
+           "kl_div")
+
+
+def loss_recovered(sae: SAE, params: dict, buffers: dict, input_scale: float, source) -> dict:
+    """For a store cached from a model: the CE-loss score and KL with the SAE's reconstruction spliced in at
+    the cached site, scored by the store's row source (its `loss_recovered`, found from the store's
+    provenance); {} for sources that have none."""
+    store = getattr(source, "store", None)
+    if store is None:
+        return {}
+    name = store.provenance.get("source")
+    score = ROW_SOURCES[name].loss_recovered if name in ROW_SOURCES else None
+    if score is None:
+        return {}
+
+    def reconstruct(x: jax.Array) -> jax.Array:
+        return sae.decode(params, sae.encode(params, x.astype(jnp.float32) * input_scale, buffers)) / input_scale
+
+    scores = score(store.path, reconstruct)
+    return {key: scores[key] for key in ("ce_loss_score", "kl_div", "ce_loss_clean", "ce_loss_zero_ablation",
+                                         "ce_loss_sae")}
+
+
+def finish(sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: Path,
+           tracker: tracking.Tracker | None = None) -> dict:
+    """Held-out evaluation (written to out_dir/metrics.json, and to the tracker's summary) and the
+    SAELens-format export of a trained state."""
+    trainer = cfg.trainer
+    results = evaluate(sae, state.params, buffers, state.input_scale,
+                       source.eval_batches(trainer.batch_size), source.ground_truth)
+    results["dead_fraction"] = float(np.mean(np.asarray(state.tokens_since_fired) >= trainer.dead_tokens))
+    results["architecture"] = cfg.sae.name
+    results["tokens"] = trainer.total_tokens // trainer.batch_size * trainer.batch_size
+    results.update(loss_recovered(sae, state.params, buffers, float(state.input_scale), source))
+    if tracker is not None:
+        tracker.log(int(state.step), {f"eval/{k}": results[k] for k in SUMMARY if k in results})
+        if tracker.run_id is not None:
+            results["wandb_run_id"] = tracker.run_id  # where sae-inspect logs its plots
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    export_sae(out_dir / "sae", sae, state.params, buffers, float(state.input_scale),
+               metadata={"config": config_lib.to_dict(cfg)})
+    print(f"final (held-out) {out_dir.name}: " + " | ".join(f"{k} {results[k]:.4g}" for k in SUMMARY if k in results),
+          flush=True)
+    return results
