@@ -20,10 +20,16 @@ import numpy as np
 from sae import config as config_lib
 from sae.config import CacheConfig
 from sae.data.model_source import check_whole_sequences
-from sae.data.sources import Chunk, RowSource, open_row_source
+from sae.data.sources import ROW_SOURCES, Chunk, RowSource, entry_of, open_row_source
 from sae.data.store import MANIFEST, StoreError, StoreWriter
 
 GROUND_TRUTH = "ground_truth.npy"
+
+
+def check(cfg: CacheConfig) -> None:
+    """Reject impossible sae-cache values, and a source config of another source's schema. Raises ConfigError."""
+    config_lib.check_cache(cfg)
+    entry_of(ROW_SOURCES, cfg.source)
 
 
 def open_source(cfg: CacheConfig) -> RowSource:
@@ -128,7 +134,7 @@ def write_store(source: RowSource, cfg: CacheConfig) -> dict:
 
 def cache(cfg: CacheConfig, out_dir_ignored: str | None = None) -> dict:
     """The `sae-cache` job: check the config, open the source, write the store; returns its manifest."""
-    config_lib.check_cache(cfg)
+    check(cfg)
     out = Path(cfg.out).expanduser().absolute()
     if (out / MANIFEST).exists():  # before opening (and scanning) the source
         raise StoreError(f"'{out}' already holds a complete store ({MANIFEST}); choose another out dir")

@@ -55,7 +55,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 def _sigterm_at(monkeypatch, step: int) -> None:
     """Send this process SIGTERM while the batch of `step` is being handed to the train step."""
-    original = SyntheticSource.train_batches
+    original = SyntheticBatches.train_batches
 
     def batches(self, batch_size, n_batches, seed, start_batch=0):
         for i, x in enumerate(original(self, batch_size, n_batches, seed, start_batch), start=start_batch + 1):
@@ -63,7 +63,7 @@ def _sigterm_at(monkeypatch, step: int) -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
             yield x
 
-    monkeypatch.setattr(SyntheticSource, "train_batches", batches)
+    monkeypatch.setattr(SyntheticBatches, "train_batches", batches)
 
 
 KILLED_WORKER = """

@@ -296,7 +296,7 @@ def tiny_train_config(corpus_dir, steps: int) -> LMTrainConfig:
     trainer = LMTrainerConfig(steps=steps, batch_size=4, steps_per_call=5, log_every=5, eval_every=10,
                               eval_sequences=8, checkpoint_every=10, samples=1, sample_tokens=8)
     return LMTrainConfig(model=LMModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, n_ctx=16),
-                         corpus=corpus_cfg(corpus_dir), trainer=trainer, logger=LoggerConfig())
+                         corpus=corpus_cfg(corpus_dir), trainer=trainer, logger=LoggerConfig(name="none"))
 
 
 @pytest.fixture(scope="module")

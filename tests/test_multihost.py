@@ -30,7 +30,7 @@ if len(sys.argv) > 4:
     cfg.mesh.distributed = True
     cfg.mesh.coordinator_address, cfg.mesh.num_processes, cfg.mesh.process_id = sys.argv[4], 2, int(sys.argv[5])
 if stop:  # a pre-emption notice (SIGTERM) to this process while step 20's batch is drawn
-    batches = SyntheticSource.train_batches
+    batches = SyntheticBatches.train_batches
     def stopping(self, batch_size, n_batches, seed, start_batch=0):
         for i, x in enumerate(batches(self, batch_size, n_batches, seed, start_batch), start=start_batch + 1):
             if i == 20:
@@ -38,7 +38,7 @@ if stop:  # a pre-emption notice (SIGTERM) to this process while step 20's batch
             if i > 20:  # steps as slow as a real run's, so the preemption service agrees before step 40
                 time.sleep(0.25)
             yield x
-    SyntheticSource.train_batches = stopping
+    SyntheticBatches.train_batches = stopping
 try:
     train(cfg, out)
 except Preempted as err:

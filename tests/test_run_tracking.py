@@ -22,7 +22,7 @@ def _config():
     cfg = small_config("topk", total_tokens=40 * 512, k=3)
     cfg.trainer = replace(cfg.trainer, batch_size=512, log_every=5)
     cfg.checkpoint = CheckpointConfig(every=20)
-    cfg.logger = LoggerConfig(histogram_every=10)
+    cfg.logger = LoggerConfig(name="wandb", histogram_every=10)
     return cfg
 
 

@@ -47,7 +47,7 @@ STEP_METRICS = {"loss": 0.5, "mse_loss": 0.4, "auxk_loss": 0.1, "l0": 8.0, "fvu"
 def test_offline_wandb_run_holds_metrics_histograms_and_dictionary_artifact(offline, capsys):
     run_dir = offline / "run"
     config = {"sae": {"name": "topk", "d_sae": 4, "k": 2}, "seed": 0}
-    tracker = make_tracker(LoggerConfig(project="test"), run_dir, config)
+    tracker = make_tracker(LoggerConfig(name="wandb", project="test"), run_dir, config)
     assert tracker.mode == "offline" and tracker.run_id
     assert "wandb sync" in capsys.readouterr().out
     tracker.log(10, STEP_METRICS)
@@ -100,10 +100,10 @@ def test_offline_wandb_run_holds_metrics_histograms_and_dictionary_artifact(offl
 
 
 def test_resumed_run_continues_the_same_wandb_run(offline):
-    first = make_tracker(LoggerConfig(), offline / "run", {})
+    first = make_tracker(LoggerConfig(name="wandb"), offline / "run", {})
     first.log(1, {"loss": 2.0})
     first.finish()
-    resumed = make_tracker(LoggerConfig(), offline / "run", {}, run_id=first.run_id)
+    resumed = make_tracker(LoggerConfig(name="wandb"), offline / "run", {}, run_id=first.run_id)
     resumed.log(2, {"loss": 1.0})
     resumed.finish()
     assert resumed.run_id == first.run_id
@@ -115,11 +115,11 @@ def test_resumed_run_continues_the_same_wandb_run(offline):
 def test_wandb_files_go_under_the_run_dir_without_wandb_dir(offline, monkeypatch):
     monkeypatch.delenv("WANDB_DIR")
     monkeypatch.delenv("WANDB_MODE")  # logger.mode decides; without a key, null means offline
-    tracker = make_tracker(LoggerConfig(mode="disabled"), offline / "off", {})
+    tracker = make_tracker(LoggerConfig(name="wandb", mode="disabled"), offline / "off", {})
     tracker.log(1, {"loss": 1.0})
     tracker.finish()
     assert tracker.run_id is None and not (offline / "off" / "wandb").exists()  # disabled: a no-op run
-    tracker = make_tracker(LoggerConfig(), offline / "run", {}, name="named")
+    tracker = make_tracker(LoggerConfig(name="wandb"), offline / "run", {}, name="named")
     tracker.finish()
     (path,) = wandb_files(offline)
     assert path.is_relative_to(offline / "run" / "wandb") and read_wandb_run(path)["run_id"] == tracker.run_id
@@ -133,7 +133,7 @@ def test_unreachable_online_server_means_offline_with_the_same_id(offline, monke
     monkeypatch.setenv("WANDB_API_KEY", "x" * 86)
     monkeypatch.delenv("WANDB_MODE")
     with pytest.warns(RuntimeWarning, match="unreachable"):
-        tracker = make_tracker(LoggerConfig(), offline / "run", {}, run_id="abc12345")
+        tracker = make_tracker(LoggerConfig(name="wandb"), offline / "run", {}, run_id="abc12345")
     tracker.log(1, {"loss": 1.0})
     tracker.finish()
     assert tracker.mode == "offline" and tracker.run_id == "abc12345"
@@ -162,7 +162,7 @@ def test_failed_online_start_falls_back_to_offline(offline, monkeypatch):
     monkeypatch.setattr(wandb, "init", init)
     try:
         with pytest.warns(RuntimeWarning, match="online start failed .*CommError") as caught:
-            tracker = make_tracker(LoggerConfig(init_timeout=3.0), offline / "run", {}, run_id="abc12345")
+            tracker = make_tracker(LoggerConfig(name="wandb", init_timeout=3.0), offline / "run", {}, run_id="abc12345")
     finally:
         server.close()
     tracker.log(1, {"loss": 1.0})
@@ -177,7 +177,7 @@ def test_none_logger_never_touches_wandb(offline, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` would now raise ImportError
     monkeypatch.delenv("WANDB_MODE")
     run_dir = offline / "run"
-    tracker = make_tracker(LoggerConfig(), run_dir, {"sae": {"name": "topk"}})
+    tracker = make_tracker(LoggerConfig(name="none"), run_dir, {"sae": {"name": "topk"}})
     tracker.log(1, STEP_METRICS)
     tracker.log_histograms(1, {"decoder_norm": np.ones(4)})
     tracker.log_images(1, {"fig": offline / "missing.png"})
@@ -200,7 +200,7 @@ def test_importing_tracking_and_logging_to_none_does_not_import_wandb(tmp_path):
 
 def test_jsonl_writes_histogram_counts_and_artifact_records(offline):
     run_dir = offline / "run"
-    tracker = make_tracker(LoggerConfig(), run_dir, {})
+    tracker = make_tracker(LoggerConfig(name="jsonl"), run_dir, {})
     values = np.array([0.0, 0.0, 1.0, 2.0, 2.0, 2.0, -np.inf])
     tracker.log(5, {"loss": 1.0})  # scalars are the loop's metrics.jsonl
     tracker.log_histograms(5, {"feature_density_log10": values})
@@ -237,7 +237,7 @@ def test_log_toy_run_logs_figures_and_results(offline):
     for name in ("wtw", "loss"):
         Image.new("RGB", (8, 6), "white").save(run_dir / f"{name}.png")
 
-    run_id = log_toy_run(run_dir, LoggerConfig())
+    run_id = log_toy_run(run_dir, LoggerConfig(name="wandb"))
     (path,) = wandb_files(offline / "wandb_dir")
     run = read_wandb_run(path)
     assert run["run_id"] == run_id and run["config"]["model"] == {"n_features": 5}

@@ -48,6 +48,7 @@ class LMRows:
     """`source=lm`: the activations at `cfg.site` of the LM in `cfg.checkpoint`, with token ids and positions."""
 
     with_tokens = True
+    ground_truth = None
 
     def __init__(self, cfg: LMRowsConfig, chunk_rows: int = 0, seed: int = 0):
         run = Path(cfg.checkpoint).expanduser().absolute()

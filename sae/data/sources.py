@@ -98,14 +98,21 @@ BATCH_SOURCES: Registry[BatchSourceEntry] = Registry("data", ("sae.data",))
 ROW_SOURCES: Registry[RowSourceEntry] = Registry("source", ("sae.data",))
 
 
+def entry_of(registry: Registry, cfg) -> BatchSourceEntry | RowSourceEntry:
+    """The registry's entry for cfg.name; ConfigError unless cfg is of that entry's schema."""
+    entry = registry[cfg.name]
+    require(type(cfg) is entry.schema, f"{registry.key}.name={cfg.name!r} does not match its schema")
+    return entry
+
+
 def open_batch_source(cfg, batch_size: int, seed: int) -> BatchSource:
     """The training source named by the data config."""
-    return BATCH_SOURCES[cfg.name].open(cfg, batch_size, seed)
+    return entry_of(BATCH_SOURCES, cfg).open(cfg, batch_size, seed)
 
 
 def open_row_source(cfg, chunk_rows: int, seed: int) -> RowSource:
     """The row source named by the source config."""
-    return ROW_SOURCES[cfg.name].open(cfg, chunk_rows, seed)
+    return entry_of(ROW_SOURCES, cfg).open(cfg, chunk_rows, seed)
 
 
 def source_keys(fn: Callable, *args):

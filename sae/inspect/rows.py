@@ -23,7 +23,7 @@ from sae.data import BATCH_SOURCES, open_batch_source
 from sae.data.arrays import ArraysConfig, open_activations, prefetch
 from sae.data.cached import CachedConfig
 from sae.data.store import Store
-from sae.errors import ConfigError
+from sae.errors import ConfigError, DataError
 
 GENERATED_ROWS = 262_144
 _SEED_OFFSET = 1_000_003  # generated rows use stream seed + this, never the training stream

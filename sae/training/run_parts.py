@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
