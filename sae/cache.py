@@ -80,8 +80,10 @@ class _Progress:
         rate = (rows - self.first) / elapsed
         eta = (self.total - rows) / rate if rate > 0 else float("inf")
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-        print(f"cache: {rows}/{self.total} rows ({100 * rows / self.total:.0f}%)  {rate:,.0f} rows/s  ETA {eta_text}",
-              flush=True)
+        print(
+            f"cache: {rows}/{self.total} rows ({100 * rows / self.total:.0f}%)  {rate:,.0f} rows/s  ETA {eta_text}",
+            flush=True,
+        )
         self.next = self._after(rows)
 
 
@@ -101,8 +103,14 @@ def write_store(source: RowSource, cfg: CacheConfig) -> dict:
     provenance = json.loads(json.dumps(provenance))  # as the progress file records it (lists, not tuples)
     if source.resume_unit > 1:
         check_whole_sequences(cfg.shard_rows, source.resume_unit)
-    writer = StoreWriter(Path(cfg.out).expanduser(), source.d_in, cfg.dtype, cfg.shard_rows, provenance=provenance,
-                         with_tokens=source.with_tokens)
+    writer = StoreWriter(
+        Path(cfg.out).expanduser(),
+        source.d_in,
+        cfg.dtype,
+        cfg.shard_rows,
+        provenance=provenance,
+        with_tokens=source.with_tokens,
+    )
     start = writer.rows_written
     if start > source.n_rows:
         raise StoreError(f"'{writer.path}' already holds {start} rows, more than the source's {source.n_rows}")
@@ -112,8 +120,11 @@ def write_store(source: RowSource, cfg: CacheConfig) -> dict:
         (writer.path / name).write_text(text)
     if start:
         print(f"cache: resuming '{writer.path}' after its {start} stored rows", flush=True)
-    print(f"cache: {source.n_rows} rows × {source.d_in} from {provenance['source']} into '{writer.path}' "
-          f"({cfg.dtype}, {cfg.shard_rows} rows per shard)", flush=True)
+    print(
+        f"cache: {source.n_rows} rows × {source.d_in} from {provenance['source']} into '{writer.path}' "
+        f"({cfg.dtype}, {cfg.shard_rows} rows per shard)",
+        flush=True,
+    )
     progress, done = _Progress(source.n_rows, start), start
     for chunk in _rechunk(source.chunks(start), cfg.chunk_rows):
         if source.with_tokens:
@@ -126,9 +137,12 @@ def write_store(source: RowSource, cfg: CacheConfig) -> dict:
         raise StoreError(f"the source gave {done} rows, expected {source.n_rows}")
     manifest = writer.close()
     size = sum((writer.path / s["file"]).stat().st_size for s in manifest["shards"])
-    print(f"cache: wrote {manifest['n_rows']} rows × {manifest['d_in']} ({manifest['dtype']}) in "
-          f"{len(manifest['shards'])} shards, {size / 2**20:.1f} MiB, to '{writer.path}' "
-          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(
+        f"cache: wrote {manifest['n_rows']} rows × {manifest['d_in']} ({manifest['dtype']}) in "
+        f"{len(manifest['shards'])} shards, {size / 2**20:.1f} MiB, to '{writer.path}' "
+        f"in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     return manifest
 
 

@@ -50,8 +50,10 @@ class Preempted(Exception):
     """SIGTERM arrived: a checkpoint of the step reached was written; rerunning the command resumes."""
 
     def __init__(self, step: int, directory: Path):
-        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint saved in {directory}/{step}; "
-                         "run the same command again to resume")
+        super().__init__(
+            f"stopped by SIGTERM at step {step}; checkpoint saved in {directory}/{step}; "
+            "run the same command again to resume"
+        )
         self.step, self.directory = step, directory
 
 
@@ -76,17 +78,22 @@ def check_compatible(saved: dict, current: dict, where: Path) -> None:
     """
     old = _flatten({**saved["config"], "d_in": saved["d_in"]})
     new = _flatten({**current["config"], "d_in": current["d_in"]})
-    differs = sorted(key for key in old.keys() | new.keys()
-                     if old.get(key) != new.get(key) and not key.startswith(NOT_COMPARED))
+    differs = sorted(
+        key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and not key.startswith(NOT_COMPARED)
+    )
     fatal = [key for key in differs if key in MUST_MATCH]
     if fatal:
         raise CheckpointMismatch(
             f"checkpoint {where} was made with a different SAE: "
             + ", ".join(f"{key}={old.get(key)!r} there but {new.get(key)!r} here" for key in fatal)
-            + "; start in a new run directory, or set the same values to resume")
+            + "; start in a new run directory, or set the same values to resume"
+        )
     if differs:
-        warnings.warn(f"resuming from {where} with changed settings: "
-                      + ", ".join(f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in differs), stacklevel=2)
+        warnings.warn(
+            f"resuming from {where} with changed settings: "
+            + ", ".join(f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in differs),
+            stacklevel=2,
+        )
 
 
 class Checkpointer:
@@ -98,9 +105,14 @@ class Checkpointer:
         policies = [preservation.LatestN(n=cfg.keep)]
         if cfg.best_metric is not None:
             metric = cfg.best_metric
-            policies.append(preservation.BestN(get_metric_fn=lambda metrics: metrics[metric], n=1,
-                                               reverse=cfg.best_mode == "min",
-                                               keep_checkpoints_without_metrics=False))
+            policies.append(
+                preservation.BestN(
+                    get_metric_fn=lambda metrics: metrics[metric],
+                    n=1,
+                    reverse=cfg.best_mode == "min",
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preservation.AnyPreservationPolicy(policies),
             enable_async_checkpointing=cfg.async_save,
@@ -115,22 +127,26 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict[str, float] | None = None) -> None:
         """Start saving `state` and `meta` as checkpoint `step`; returns once the arrays are off the device."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)),
-                          metrics=metrics, force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics,
+            force=True,
+        )
 
     def best_step(self) -> int | None:
         return self.manager.best_step() if self.cfg.best_metric is not None else None
 
-    def restore(self, abstract_state: Any, check_meta: Callable[[dict, Path], None],
-                step: int | None = None) -> Restored | None:
+    def restore(
+        self, abstract_state: Any, check_meta: Callable[[dict, Path], None], step: int | None = None
+    ) -> Restored | None:
         """The newest checkpoint (or `step`) that reads back whole, or None when there is none.
 
         abstract_state: a pytree of jax.ShapeDtypeStruct with shardings (where the arrays go).
         check_meta(meta, path) may raise to refuse a checkpoint (a CheckpointMismatch propagates);
         an unreadable checkpoint is moved to checkpoints.unreadable/ with a warning, and the one before used.
         """
-        for candidate in ([step] if step is not None else reversed(self.steps())):
+        for candidate in [step] if step is not None else reversed(self.steps()):
             path = self.directory / str(candidate)
             try:
                 meta = self.manager.restore(candidate, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -139,8 +155,9 @@ class Checkpointer:
                 continue
             check_meta(meta, path)
             try:
-                state = self.manager.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state))).state
+                state = self.manager.restore(
+                    candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                ).state
             except Exception as err:  # noqa: BLE001
                 self._set_aside(path, err)
                 continue
@@ -153,11 +170,12 @@ class Checkpointer:
             target = path.parent.parent / UNREADABLE / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             target.parent.mkdir(exist_ok=True)
             shutil.move(path, target)
-            warnings.warn(f"checkpoint {path} is unreadable ({reason}); moved it to {target} and "
-                          "fell back to the previous one", stacklevel=3)
+            warnings.warn(
+                f"checkpoint {path} is unreadable ({reason}); moved it to {target} and fell back to the previous one",
+                stacklevel=3,
+            )
         else:
-            warnings.warn(f"checkpoint {path} is unreadable ({reason}); falling back to the previous one",
-                          stacklevel=3)
+            warnings.warn(f"checkpoint {path} is unreadable ({reason}); falling back to the previous one", stacklevel=3)
         self.manager.reload()
 
     def wait(self) -> None:
@@ -184,8 +202,10 @@ def resume_source(resume: str | None, run_dir: Path) -> tuple[Path, int | None] 
         return path.parent, int(path.name)
     if path.is_dir() and path.name == CHECKPOINTS:
         return path, None
-    raise ConfigError(f"resume={resume!r}: not a run directory with checkpoints/, a checkpoints/ directory, "
-                      "or one checkpoint step's directory")
+    raise ConfigError(
+        f"resume={resume!r}: not a run directory with checkpoints/, a checkpoints/ directory, "
+        "or one checkpoint step's directory"
+    )
 
 
 class StopOnSigterm:

@@ -40,9 +40,11 @@ def register_schemas() -> None:
     cs.store(name="inspect_schema", node=InspectConfig)
     cs.store(group="mesh", name="mesh_schema", node=config_lib.MeshConfig)
     cs.store(group="logger", name="logger_schema", node=config_lib.LoggerConfig)
-    for group, entries in (("sae", [(n, f.config) for n, f in FAMILIES.items()]),
-                           ("data", [(n, e.schema) for n, e in BATCH_SOURCES.items()]),
-                           ("source", [(n, e.schema) for n, e in ROW_SOURCES.items()])):
+    for group, entries in (
+        ("sae", [(n, f.config) for n, f in FAMILIES.items()]),
+        ("data", [(n, e.schema) for n, e in BATCH_SOURCES.items()]),
+        ("source", [(n, e.schema) for n, e in ROW_SOURCES.items()]),
+    ):
         for name, schema in entries:
             cs.store(group=group, name=f"{name}_schema", node=schema)
 
@@ -68,8 +70,9 @@ def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfi
         try:
             typed = OmegaConf.to_object(cfg)
         except MissingMandatoryValue as err:  # a `???` left in the yaml, e.g. data.path
-            print(f"error: {err.full_key} is required: give it on the command line as {err.full_key}=...",
-                  file=sys.stderr)
+            print(
+                f"error: {err.full_key} is required: give it on the command line as {err.full_key}=...", file=sys.stderr
+            )
             sys.exit(2)
         try:
             job(typed, HydraConfig.get().runtime.output_dir)

@@ -108,15 +108,22 @@ class LoggerConfig:
 
     def check(self) -> None:
         require(self.name in LOGGER_NAMES, f"logger.name={self.name!r} must be one of {'|'.join(LOGGER_NAMES)}")
-        require(self.mode is None or self.mode in WANDB_MODES,
-                f"logger.mode={self.mode!r} must be null or one of {'|'.join(WANDB_MODES)}")
+        require(
+            self.mode is None or self.mode in WANDB_MODES,
+            f"logger.mode={self.mode!r} must be null or one of {'|'.join(WANDB_MODES)}",
+        )
         require(isinstance(self.project, str) and bool(self.project.strip()), "logger.project must be a non-empty name")
-        require(isinstance(self.histogram_every, int) and self.histogram_every > 0,
-                f"logger.histogram_every={self.histogram_every} must be a positive number of steps")
-        require(all(isinstance(t, str) and t for t in self.tags),
-                f"logger.tags={list(self.tags)} must be non-empty strings")
-        require(self.init_timeout > 0 and math.isfinite(self.init_timeout),
-                f"logger.init_timeout={self.init_timeout} must be a positive number of seconds")
+        require(
+            isinstance(self.histogram_every, int) and self.histogram_every > 0,
+            f"logger.histogram_every={self.histogram_every} must be a positive number of steps",
+        )
+        require(
+            all(isinstance(t, str) and t for t in self.tags), f"logger.tags={list(self.tags)} must be non-empty strings"
+        )
+        require(
+            self.init_timeout > 0 and math.isfinite(self.init_timeout),
+            f"logger.init_timeout={self.init_timeout} must be a positive number of seconds",
+        )
 
 
 # --- sae-train ---------------------------------------------------------------------------------------
@@ -154,8 +161,9 @@ def check(cfg: Config) -> None:
     positive(optim.eps, "optim.eps")
     fraction(optim.warmup_fraction, "optim.warmup_fraction")
     fraction(optim.decay_fraction, "optim.decay_fraction")
-    require(optim.warmup_fraction + optim.decay_fraction <= 1,
-            "optim.warmup_fraction + optim.decay_fraction must be ≤ 1")
+    require(
+        optim.warmup_fraction + optim.decay_fraction <= 1, "optim.warmup_fraction + optim.decay_fraction must be ≤ 1"
+    )
     fraction(optim.sparsity_warmup_fraction, "optim.sparsity_warmup_fraction")
     if optim.grad_clip is not None:
         positive(optim.grad_clip, "optim.grad_clip")
@@ -164,23 +172,30 @@ def check(cfg: Config) -> None:
         keys = sweep_keys()
         families = keys.get(cfg.sweep.key)
         require(families is not None, f"sweep.key={cfg.sweep.key!r} is not one of {sorted(keys)}")
-        require(sae.name in families, f"sweep.key={cfg.sweep.key} applies to sae={'|'.join(families)}, "
-                                      f"not sae={sae.name}")
+        require(
+            sae.name in families, f"sweep.key={cfg.sweep.key} applies to sae={'|'.join(families)}, not sae={sae.name}"
+        )
         require(len(cfg.sweep.values) >= 1, "sweep.values must list at least one value")
         if cfg.sweep.key == "sae.k":
-            require(all(float(v).is_integer() and 0 < v <= sae.d_sae for v in cfg.sweep.values),
-                    f"sweep.values={list(cfg.sweep.values)} must be integers k in 1..sae.d_sae={sae.d_sae}")
+            require(
+                all(float(v).is_integer() and 0 < v <= sae.d_sae for v in cfg.sweep.values),
+                f"sweep.values={list(cfg.sweep.values)} must be integers k in 1..sae.d_sae={sae.d_sae}",
+            )
         else:
             require(all(v >= 0 for v in cfg.sweep.values), f"sweep.values={list(cfg.sweep.values)} must be ≥ 0")
     positive(cfg.mesh.model, "mesh.model")
     if cfg.mesh.data is not None:
         positive(cfg.mesh.data, "mesh.data")
-        require(trainer.batch_size % cfg.mesh.data == 0,
-                f"trainer.batch_size={trainer.batch_size} must divide by mesh.data={cfg.mesh.data}")
+        require(
+            trainer.batch_size % cfg.mesh.data == 0,
+            f"trainer.batch_size={trainer.batch_size} must divide by mesh.data={cfg.mesh.data}",
+        )
     require(sae.d_sae % cfg.mesh.model == 0, f"sae.d_sae={sae.d_sae} must divide by mesh.model={cfg.mesh.model}")
     positive(trainer.batch_size, "trainer.batch_size")
-    require(trainer.total_tokens >= trainer.batch_size,
-            f"trainer.total_tokens={trainer.total_tokens} must be ≥ trainer.batch_size={trainer.batch_size}")
+    require(
+        trainer.total_tokens >= trainer.batch_size,
+        f"trainer.total_tokens={trainer.total_tokens} must be ≥ trainer.batch_size={trainer.batch_size}",
+    )
     positive(trainer.log_every, "trainer.log_every")
     positive(trainer.dead_tokens, "trainer.dead_tokens")
     positive(trainer.geometric_median_samples, "trainer.geometric_median_samples")
@@ -188,13 +203,18 @@ def check(cfg: Config) -> None:
     checkpoint = cfg.checkpoint
     require(checkpoint.every >= 0, f"checkpoint.every={checkpoint.every} must be ≥ 0 (0: only at the end)")
     require(checkpoint.keep >= 1, f"checkpoint.keep={checkpoint.keep} must be ≥ 1")
-    require(checkpoint.best_mode in ("min", "max"),
-            f"checkpoint.best_mode={checkpoint.best_mode!r} must be 'min' or 'max'")
-    require(checkpoint.best_metric is None or checkpoint.best_metric in STEP_METRICS,
-            f"checkpoint.best_metric={checkpoint.best_metric!r} is not one of {list(STEP_METRICS)} (or null)")
+    require(
+        checkpoint.best_mode in ("min", "max"), f"checkpoint.best_mode={checkpoint.best_mode!r} must be 'min' or 'max'"
+    )
+    require(
+        checkpoint.best_metric is None or checkpoint.best_metric in STEP_METRICS,
+        f"checkpoint.best_metric={checkpoint.best_metric!r} is not one of {list(STEP_METRICS)} (or null)",
+    )
     for key in ("compute_dtype", "param_dtype"):
-        require(getattr(trainer, key) in ("float32", "bfloat16"),
-                f"trainer.{key}={getattr(trainer, key)!r} must be 'float32' or 'bfloat16'")
+        require(
+            getattr(trainer, key) in ("float32", "bfloat16"),
+            f"trainer.{key}={getattr(trainer, key)!r} must be 'float32' or 'bfloat16'",
+        )
 
 
 # --- sae-cache ---------------------------------------------------------------------------------------

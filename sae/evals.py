@@ -39,8 +39,9 @@ def _batch_sums(sae: SAE):
     return sums
 
 
-def _accumulate(sae: SAE, params: Params, buffers: dict, input_scale: float,
-                batches: Iterable[jax.Array]) -> dict[str, np.ndarray]:
+def _accumulate(
+    sae: SAE, params: Params, buffers: dict, input_scale: float, batches: Iterable[jax.Array]
+) -> dict[str, np.ndarray]:
     """Per-batch sums added up over `batches` (maxima kept as maxima), in float64 on the host."""
     sums = _batch_sums(sae)
     totals: dict[str, np.ndarray] = {}
@@ -76,7 +77,11 @@ def density_histogram(fires: np.ndarray, n_tokens: float) -> dict:
     alive = density[density > 0]
     low = np.floor(np.log10(1.0 / n_tokens))
     counts, edges = np.histogram(np.log10(alive), bins=int(-low) * 4, range=(low, 0.0))
-    return {"log10_bin_edges": edges.round(4).tolist(), "counts": counts.tolist(), "never_fired": int((density == 0).sum())}
+    return {
+        "log10_bin_edges": edges.round(4).tolist(),
+        "counts": counts.tolist(),
+        "never_fired": int((density == 0).sum()),
+    }
 
 
 def evaluate(

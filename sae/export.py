@@ -34,6 +34,7 @@ WEIGHTS_FILENAME = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
 OUR_KEY = "sae_jax"  # cfg["metadata"][OUR_KEY]: our family name, folded input scale, family config
 
+
 def _jsonable(cfg: Any) -> dict[str, Any]:
     """The family config (dataclass or OmegaConf node) as a JSON-serialisable dict."""
     if dataclasses.is_dataclass(cfg):
@@ -152,8 +153,11 @@ class LoadedSAE:
         """x: [batch, d_in] -> f: [batch, d_sae] by SAELens's inference rule for the architecture."""
         x = jnp.asarray(x, jnp.float32)
         return _encode(
-            self.params, x, arch=self.saelens_architecture,
-            pre_bias=bool(self.cfg["apply_b_dec_to_input"]), k=int(self.cfg.get("k", 0)),
+            self.params,
+            x,
+            arch=self.saelens_architecture,
+            pre_bias=bool(self.cfg["apply_b_dec_to_input"]),
+            k=int(self.cfg.get("k", 0)),
         )
 
     def decode(self, f: jax.Array) -> jax.Array:
@@ -173,13 +177,15 @@ def load_sae(directory: str | Path) -> LoadedSAE:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory; expected one holding "
-                                f"{CFG_FILENAME} and {WEIGHTS_FILENAME}")
+        raise FileNotFoundError(
+            f"{directory}: no such directory; expected one holding {CFG_FILENAME} and {WEIGHTS_FILENAME}"
+        )
     cfg_path, weights_path = directory / CFG_FILENAME, directory / WEIGHTS_FILENAME
     for path in (cfg_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; a SAELens SAE directory holds "
-                                    f"{CFG_FILENAME} and {WEIGHTS_FILENAME}")
+            raise FileNotFoundError(
+                f"{path}: missing; a SAELens SAE directory holds {CFG_FILENAME} and {WEIGHTS_FILENAME}"
+            )
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -193,8 +199,10 @@ def load_sae(directory: str | Path) -> LoadedSAE:
             raise ValueError(f"{cfg_path}: {key}={cfg.get(key)!r}; expected an integer")
     cfg.setdefault("apply_b_dec_to_input", True)  # SAELens's default
     if cfg.get("normalize_activations", "none") != "none":
-        raise ValueError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r}; "
-                         "this loader expects 'none' (scaling folded into the weights)")
+        raise ValueError(
+            f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r}; "
+            "this loader expects 'none' (scaling folded into the weights)"
+        )
     if arch == "topk":
         if not isinstance(cfg.get("k"), int) or not 0 < cfg["k"] <= cfg["d_sae"]:
             raise ValueError(f"{cfg_path}: k={cfg.get('k')!r}; expected an integer in 1..d_sae")
@@ -206,15 +214,18 @@ def load_sae(directory: str | Path) -> LoadedSAE:
     if OUR_KEY in (cfg.get("metadata") or {}):
         exported = FAMILIES[family] if family in FAMILIES else None
         if exported is None or exported.saelens != arch or exported.pre_bias != cfg["apply_b_dec_to_input"]:
-            raise ValueError(f"{cfg_path}: metadata.{OUR_KEY}.architecture={family!r} does not match "
-                             f"architecture={arch!r}, apply_b_dec_to_input={cfg['apply_b_dec_to_input']}; "
-                             f"expected one of {list(FAMILIES)} exported by export_sae")
+            raise ValueError(
+                f"{cfg_path}: metadata.{OUR_KEY}.architecture={family!r} does not match "
+                f"architecture={arch!r}, apply_b_dec_to_input={cfg['apply_b_dec_to_input']}; "
+                f"expected one of {list(FAMILIES)} exported by export_sae"
+            )
 
     tensors = load_file(str(weights_path))
     expected = saelens.tensor_shapes(arch, cfg["d_in"], cfg["d_sae"])
     if set(tensors) != set(expected):
-        raise ValueError(f"{weights_path}: tensors {sorted(tensors)}; expected {sorted(expected)} "
-                         f"for architecture {arch!r}")
+        raise ValueError(
+            f"{weights_path}: tensors {sorted(tensors)}; expected {sorted(expected)} for architecture {arch!r}"
+        )
     for name, shape in expected.items():
         if tensors[name].shape != shape:
             raise ValueError(f"{weights_path}: {name} has shape {tensors[name].shape}; expected {shape}")

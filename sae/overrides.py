@@ -88,8 +88,11 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str], groups:
         parsed: list[Override] = OverridesParser.create().parse_overrides(tokens)
     except HydraException as err:
         raise ConfigError(str(err).splitlines()[0]) from None
-    mine = [(token, o) for token, o in zip(tokens, parsed) if not o.is_hydra_override()
-            and not o.key_or_group.startswith("hydra/")]
+    mine = [
+        (token, o)
+        for token, o in zip(tokens, parsed)
+        if not o.is_hydra_override() and not o.key_or_group.startswith("hydra/")
+    ]
     choices = [t for t, o in mine if o.key_or_group in groups and not o.is_sweep_override()]
     cfg = _compose(config_dir, config_name, choices)
     for _, o in mine:

@@ -29,8 +29,9 @@ def initialize_distributed(cfg: MeshConfig) -> None:
     if not cfg.distributed or jax.distributed.is_initialized():
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
-                               process_id=cfg.process_id)
+    jax.distributed.initialize(
+        coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id
+    )
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
@@ -39,10 +40,14 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     model = cfg.model
     data = cfg.data if cfg.data is not None else len(devices) // max(model, 1)
     if model <= 0 or data <= 0 or data * model > len(devices) or (cfg.data is None and len(devices) % model):
-        raise ConfigError(f"mesh.data={cfg.data} × mesh.model={cfg.model} does not fit the "
-                          f"{len(devices)} devices available")
-    return Mesh(np.asarray(devices[: data * model]).reshape(data, model), (DATA, MODEL),
-                axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        raise ConfigError(
+            f"mesh.data={cfg.data} × mesh.model={cfg.model} does not fit the {len(devices)} devices available"
+        )
+    return Mesh(
+        np.asarray(devices[: data * model]).reshape(data, model),
+        (DATA, MODEL),
+        axis_types=(jax.sharding.AxisType.Auto,) * 2,
+    )
 
 
 def latent_spec(shape: tuple[int, ...], d_sae: int, mesh: Mesh) -> PartitionSpec:

@@ -42,6 +42,8 @@ def train_per_setting(cfg: Config, out_dir: str | Path) -> dict:
     (out_dir / "toy_sae.json").write_text(json.dumps(report, indent=2))
     print("setting  p         MMCS    recovered  L0")
     for row in rows:
-        print(f"{row['setting']:>7}  {row['feature_probability']:<8.3g}  {row['mmcs']:.3f}   "
-              f"{row['recovered_fraction']:>8.2f}  {row['l0']:.2f}")
+        print(
+            f"{row['setting']:>7}  {row['feature_probability']:<8.3g}  {row['mmcs']:.3f}   "
+            f"{row['recovered_fraction']:>8.2f}  {row['l0']:.2f}"
+        )
     return report

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sae import parallel
-from sae.architectures import make_sae
-from sae.architectures import FAMILIES
+from sae.architectures import FAMILIES, make_sae
 from sae.architectures.topk import TopKConfig
 from sae.config import MeshConfig, OptimConfig
 from sae.training.step import init_state, make_optimizer, make_sweep_step, make_train_step, pure_train_step
@@ -42,8 +41,12 @@ def interleaved_medians(fns, repeats: int) -> list[float]:
 def per_device_bytes(tree) -> int:
     """Bytes of a pytree's arrays held by the first device (params + optimizer state + counters)."""
     first = jax.devices()[0]
-    return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree) for shard in leaf.addressable_shards
-               if shard.device == first)
+    return sum(
+        shard.data.nbytes
+        for leaf in jax.tree.leaves(tree)
+        for shard in leaf.addressable_shards
+        if shard.device == first
+    )
 
 
 def sweep_runner(sae, params, tx, schedule, steps: int, x, instances: int):
@@ -67,8 +70,9 @@ def sweep_runner(sae, params, tx, schedule, steps: int, x, instances: int):
     return run
 
 
-def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, mesh: str | None = None,
-              instances: int = 1) -> dict:
+def benchmark(
+    arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, mesh: str | None = None, instances: int = 1
+) -> dict:
     cfg = FAMILIES[arch].config(d_sae=d_sae)
     if isinstance(cfg, TopKConfig):
         cfg.k = k
@@ -82,8 +86,11 @@ def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, 
     if mesh is not None:
         data, model = (int(n) for n in mesh.split("x"))
         device_mesh = parallel.make_mesh(MeshConfig(data=data, model=model))
-        shardings = (parallel.state_shardings(state, d_sae, device_mesh), parallel.batch_sharding(device_mesh),
-                     parallel.replicated(device_mesh))
+        shardings = (
+            parallel.state_shardings(state, d_sae, device_mesh),
+            parallel.batch_sharding(device_mesh),
+            parallel.replicated(device_mesh),
+        )
         state = jax.device_put(state, shardings[0])
         x = jax.device_put(x, shardings[1])
     state_bytes = per_device_bytes(state)
@@ -102,14 +109,26 @@ def benchmark(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, 
     step_s, matmul_s, *sweep_s = interleaved_medians(fns, steps)
     sweep = {}
     if sweep_s:
-        sweep = {"instances": instances, "sweep_step_s": sweep_s[0],
-                 "sweep_tokens_per_s": batch / sweep_s[0], "sequential_tokens_per_s": batch / (instances * step_s),
-                 "sweep_speedup": instances * step_s / sweep_s[0]}
+        sweep = {
+            "instances": instances,
+            "sweep_step_s": sweep_s[0],
+            "sweep_tokens_per_s": batch / sweep_s[0],
+            "sequential_tokens_per_s": batch / (instances * step_s),
+            "sweep_speedup": instances * step_s / sweep_s[0],
+        }
     return sweep | {
-        "arch": arch, "d_in": d_in, "d_sae": d_sae, "batch": batch, "k": k,
-        "tokens_per_s": batch / step_s, "step_s": step_s, "matmul_s": matmul_s,
-        "step_over_matmul": step_s / matmul_s, "device": str(jax.devices()[0].platform),
-        "mesh": mesh or "1x1", "state_bytes_per_device": state_bytes,
+        "arch": arch,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "batch": batch,
+        "k": k,
+        "tokens_per_s": batch / step_s,
+        "step_s": step_s,
+        "matmul_s": matmul_s,
+        "step_over_matmul": step_s / matmul_s,
+        "device": str(jax.devices()[0].platform),
+        "mesh": mesh or "1x1",
+        "state_bytes_per_device": state_bytes,
     }
 
 
@@ -121,19 +140,29 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--mesh", help="DATAxMODEL, e.g. 4x2 (with XLA_FLAGS=--xla_force_host_platform_device_count=8 "
-                                       "on a CPU); default one device")
-    parser.add_argument("--instances", type=int, default=1,
-                        help="also time a one-pass sweep of this many SAEs against as many sequential steps")
+    parser.add_argument(
+        "--mesh",
+        help="DATAxMODEL, e.g. 4x2 (with XLA_FLAGS=--xla_force_host_platform_device_count=8 "
+        "on a CPU); default one device",
+    )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="also time a one-pass sweep of this many SAEs against as many sequential steps",
+    )
     args = parser.parse_args()
     archs = list(FAMILIES) if args.arch == "all" else args.arch.split(",")
     unknown = [a for a in archs if a not in FAMILIES]
     if unknown:
         parser.error(f"--arch {','.join(unknown)}: expected some of {','.join(FAMILIES)} or 'all'")
     for arch in archs:
-        print(json.dumps(benchmark(arch, args.d_in, args.d_sae, args.batch, args.k, args.steps, args.mesh,
-                                   args.instances)),
-              flush=True)
+        print(
+            json.dumps(
+                benchmark(arch, args.d_in, args.d_sae, args.batch, args.k, args.steps, args.mesh, args.instances)
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

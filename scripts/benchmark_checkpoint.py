@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from sae.architectures import make_sae
-from sae.checkpoint import Checkpointer
 from sae.architectures.topk import TopKConfig
+from sae.checkpoint import Checkpointer
 from sae.config import CheckpointConfig, OptimConfig
 from sae.training.loop import Hooks, decoder_norms, run_steps
 from sae.training.step import init_state, make_optimizer, make_train_step
@@ -52,13 +52,26 @@ def main() -> None:
     def loop(every: int, async_save: bool) -> tuple[float, int]:
         state = init_state(sae, jax.tree.map(jnp.copy, params), tx, 1.0)
         with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-            checkpointer = Checkpointer(Path(directory) / "checkpoints",
-                                        CheckpointConfig(every=every, keep=2, best_metric=None, async_save=async_save))
+            checkpointer = Checkpointer(
+                Path(directory) / "checkpoints",
+                CheckpointConfig(every=every, keep=2, best_metric=None, async_save=async_save),
+            )
             start = time.perf_counter()
-            run_steps(state, step, (x for _ in range(args.steps)), first_step=0, n_steps=args.steps,
-                      batch_size=args.batch, log_every=args.steps, histogram_every=10**9, checkpoint_every=every,
-                      checkpointer=checkpointer, meta=lambda s: {"step": s}, hooks=Hooks(),
-                      summaries=lambda s: (s.fire_counts, decoder_norms(s.params)))
+            run_steps(
+                state,
+                step,
+                (x for _ in range(args.steps)),
+                first_step=0,
+                n_steps=args.steps,
+                batch_size=args.batch,
+                log_every=args.steps,
+                histogram_every=10**9,
+                checkpoint_every=every,
+                checkpointer=checkpointer,
+                meta=lambda s: {"step": s},
+                hooks=Hooks(),
+                summaries=lambda s: (s.fire_counts, decoder_norms(s.params)),
+            )
             seconds = time.perf_counter() - start
             checkpointer.close()
         return seconds, len([s for s in range(1, args.steps) if every and s % every == 0])
@@ -72,8 +85,13 @@ def main() -> None:
             times[name].append(seconds)
     median = {name: statistics.median(t) for name, t in times.items()}
     result = {
-        "d_in": args.d_in, "d_sae": args.d_sae, "batch": args.batch, "steps": args.steps, "every": args.every,
-        "state_mb": round(state_mb, 1), "device": str(jax.devices()[0].platform),
+        "d_in": args.d_in,
+        "d_sae": args.d_sae,
+        "batch": args.batch,
+        "steps": args.steps,
+        "every": args.every,
+        "state_mb": round(state_mb, 1),
+        "device": str(jax.devices()[0].platform),
         **{f"step_s_{name}": median[name] / args.steps for name in variants},
         "checkpoints": saves["async"],
         "async_s_per_checkpoint": (median["async"] - median["none"]) / max(saves["async"], 1),

@@ -3,14 +3,14 @@
   python scripts/benchmark_inspect.py [--rows 1000000] [--d-in 512] [--d-sae 8192] [--k 32] [--seq 128]
       [--vocab 50000] [--batch 4096] [--no-tokens] [--dir DIR]
 
-Builds (once, under --dir, which is kept; default a temporary directory, removed) a float16 store of --rows random rows (Gaussian plus a random sparse code, so
-latents fire unevenly) with token ids and positions of --seq-token sequences unless --no-tokens, and a run
-directory holding an initialised TopK SAE (W_enc = W_dec.T of random unit rows, b_enc 0) exported as
-`sae-train` would, with `data=cached` pointing at the store. Then runs `inspect_run` on all rows and prints
-ONE JSON object: machine (cpu_count, load_avg_before), config, rows, stats_s (the streamed jitted pass,
-compilation included), context_s (the second pass encoding the example contexts; absent with --no-tokens),
-total_s (stats through neighbours, plots and the browser files), rows_per_s (rows / stats_s), site_bytes.
-"""
+Builds (once, under --dir, which is kept; default a temporary directory, removed) a float16 store of --rows
+random rows (Gaussian plus a random sparse code, so latents fire unevenly) with token ids and positions of
+--seq-token sequences unless --no-tokens, and a run directory holding an initialised TopK SAE (W_enc = W_dec.T
+of random unit rows, b_enc 0) exported as `sae-train` would, with `data=cached` pointing at the store. Then
+runs `inspect_run` on all rows and prints ONE JSON object: machine (cpu_count, load_avg_before), config, rows,
+stats_s (the streamed jitted pass, compilation included), context_s (the second pass encoding the example
+contexts; absent with --no-tokens), total_s (stats through neighbours, plots and the browser files),
+rows_per_s (rows / stats_s), site_bytes. """
 
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ from sae.inspect import inspect_run
 def make_store(path: Path, rows: int, d_in: int, seq: int, vocab: int, tokens: bool, chunk: int = 65536) -> None:
     rng = np.random.default_rng(0)
     dictionary = rng.standard_normal((4 * d_in, d_in)).astype(np.float32) / np.sqrt(d_in)
-    with StoreWriter(path, d_in, "float16", shard_rows=262_144, with_tokens=tokens,
-                     provenance={"source": "benchmark_inspect"}) as writer:
+    with StoreWriter(
+        path, d_in, "float16", shard_rows=262_144, with_tokens=tokens, provenance={"source": "benchmark_inspect"}
+    ) as writer:
         for start in range(0, rows, chunk):
             n = min(chunk, rows - start)
             code = rng.exponential(size=(n, 4 * d_in)).astype(np.float32) * (rng.random((n, 4 * d_in)) < 0.01)
@@ -52,7 +53,9 @@ def make_run(path: Path, store: Path, d_in: int, d_sae: int, k: int) -> None:
     cfg = TopKConfig(d_sae=d_sae, k=k)
     sae = make_sae(cfg, d_in)
     params = sae.init_params(jax.random.PRNGKey(0), np.zeros(d_in, np.float32))
-    export_sae(path / "sae", sae, params, {}, 1.0, metadata={"config": {"data": {"name": "cached", "path": str(store)}}})
+    export_sae(
+        path / "sae", sae, params, {}, 1.0, metadata={"config": {"data": {"name": "cached", "path": str(store)}}}
+    )
 
 
 def main() -> None:
@@ -82,11 +85,14 @@ def main() -> None:
     site = run / "inspect"
     result = {
         "machine": {"cpu_count": os.cpu_count(), "load_avg_before": load_before, "device": str(jax.devices()[0])},
-        "config": vars(args), "rows": insp.n_rows, "setup_s": round(setup_s, 1),
+        "config": vars(args),
+        "rows": insp.n_rows,
+        "setup_s": round(setup_s, 1),
         **{k: round(v, 1) for k, v in timings.items()},
         "rows_per_s": round(insp.n_rows / timings["stats_s"]),
         "site_bytes": sum(f.stat().st_size for f in site.rglob("*.js")) + (site / "index.html").stat().st_size,
-        "dead": len(insp.dead), "mean_l0": float((insp.l0[0] * insp.l0[1]).sum() / insp.n_rows),
+        "dead": len(insp.dead),
+        "mean_l0": float((insp.l0[0] * insp.l0[1]).sum() / insp.n_rows),
     }
     print(json.dumps(result))
     if args.dir is None:

@@ -42,16 +42,34 @@ def main() -> None:
     register_schemas()
     names = list(FAMILIES) if args.arch == "all" else args.arch.split(",")
     for name in names:
-        cfg = family_config(name, [f"data.d_in={args.d_in}", f"data.n_features={args.n_features}",
-                                   f"sae.d_sae={args.d_sae}", f"trainer.total_tokens={args.tokens}",
-                                   f"seed={args.seed}"])
+        cfg = family_config(
+            name,
+            [
+                f"data.d_in={args.d_in}",
+                f"data.n_features={args.n_features}",
+                f"sae.d_sae={args.d_sae}",
+                f"trainer.total_tokens={args.tokens}",
+                f"seed={args.seed}",
+            ],
+        )
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             metrics = train(cfg, Path(args.out) / name)
         keys = ("mmcs", "recovered_fraction", "fvu", "l0", "dead_fraction")
-        print(json.dumps({"arch": name, **{k: metrics[k] for k in keys}, "d_in": args.d_in,
-                          "n_features": args.n_features, "d_sae": args.d_sae, "tokens": metrics["tokens"],
-                          "seconds": time.perf_counter() - start}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "arch": name,
+                    **{k: metrics[k] for k in keys},
+                    "d_in": args.d_in,
+                    "n_features": args.n_features,
+                    "d_sae": args.d_sae,
+                    "tokens": metrics["tokens"],
+                    "seconds": time.perf_counter() - start,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,12 @@ def machine_facts() -> dict:
         uptime = subprocess.run(["uptime"], check=False, capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         uptime = None
-    return {"cpu_count": os.cpu_count(), "mem_total_bytes": mem_total,
-            "load_avg_before": [round(x, 2) for x in os.getloadavg()], "uptime": uptime}
+    return {
+        "cpu_count": os.cpu_count(),
+        "mem_total_bytes": mem_total,
+        "load_avg_before": [round(x, 2) for x in os.getloadavg()],
+        "uptime": uptime,
+    }
 
 
 def dir_files(path: Path) -> list[Path]:
@@ -152,8 +156,13 @@ def write_store(path: Path, rows: int, d_in: int, dtype: str, shard_rows: int) -
         t0 = time.perf_counter()
     write_s += time.perf_counter() - t0  # close(): the last shard and the manifest
     nbytes = rows * d_in * DTYPES[dtype].itemsize
-    return {"rows": rows, "seconds": write_s, "generate_seconds": gen_s, "rows_per_s": rows / write_s,
-            "mb_per_s": nbytes / MB / write_s}
+    return {
+        "rows": rows,
+        "seconds": write_s,
+        "generate_seconds": gen_s,
+        "rows_per_s": rows / write_s,
+        "mb_per_s": nbytes / MB / write_s,
+    }
 
 
 # --- 2. shuffled reading ---
@@ -180,9 +189,16 @@ def read_pass(path: Path, batch: int, mixing_rows: int, batches: int, verify: bo
         loader.close()
         loader._thread.join()  # a window load in flight is not interruptible: let it end before timing more
     rows = count * batch
-    return {"batches": count, "rows": rows, "seconds": wall, "first_batch_s": first,
-            "read_rows_per_s": rows / wall, "read_mb_per_s": rows * row_bytes / MB / wall,
-            "loader_thread_rows_per_s": thread_rows_per_s, "cpu_cores_used": cpu / wall}
+    return {
+        "batches": count,
+        "rows": rows,
+        "seconds": wall,
+        "first_batch_s": first,
+        "read_rows_per_s": rows / wall,
+        "read_mb_per_s": rows * row_bytes / MB / wall,
+        "loader_thread_rows_per_s": thread_rows_per_s,
+        "cpu_cores_used": cpu / wall,
+    }
 
 
 # --- the run ---

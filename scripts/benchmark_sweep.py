@@ -27,8 +27,11 @@ TRAIN = Path(__file__).resolve().parent / "train_sae.py"
 def run(args: list[str], out: Path) -> float:
     """Wall seconds of one `sae-train` run writing to out."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(TRAIN), *args, f"hydra.run.dir={out}", "checkpoint.every=0"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(TRAIN), *args, f"hydra.run.dir={out}", "checkpoint.every=0"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 
@@ -53,11 +56,22 @@ def main() -> None:
         }
     separate, sweep = statistics.median(separate_s), statistics.median(sweep_s)
     total = len(values) * args.tokens
-    print(json.dumps({
-        "values": values, "tokens_per_sae": args.tokens, "d_sae": args.d_sae, "extra": args.extra,
-        "separate_s": separate, "sweep_s": sweep, "separate_tokens_per_s": total / separate,
-        "sweep_tokens_per_s": total / sweep, "sweep_speedup": separate / sweep, "mmcs": mmcs,
-    }))
+    print(
+        json.dumps(
+            {
+                "values": values,
+                "tokens_per_sae": args.tokens,
+                "d_sae": args.d_sae,
+                "extra": args.extra,
+                "separate_s": separate,
+                "sweep_s": sweep,
+                "separate_tokens_per_s": total / separate,
+                "sweep_tokens_per_s": total / sweep,
+                "sweep_speedup": separate / sweep,
+                "mmcs": mmcs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -117,8 +117,9 @@ def main() -> None:
     use_all_cpu_cores()
     result = benchmark(args.steps, args.repeats)
     if args.torch_python:
-        out = subprocess.run([args.torch_python, "-c", TORCH_LOOP, str(args.steps)], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [args.torch_python, "-c", TORCH_LOOP, str(args.steps)], capture_output=True, text=True, check=True
+        )
         result["torch_steps_per_s"] = float(out.stdout.split()[-1])
         result["speedup"] = result["steps_per_s"] / result["torch_steps_per_s"]
     print(json.dumps(result))

@@ -24,9 +24,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS = {"out": None, "lm": None, "lm_steps": "1000", "rows": "2000000", "sae_tokens": "2000000",
-            "d_sae": "4096", "families": "topk,batchtopk", "k": "24", "l0_coefficient": "0.3",
-            "eval_sequences": "256", "inspect_rows": "262144"}
+DEFAULTS = {
+    "out": None,
+    "lm": None,
+    "lm_steps": "1000",
+    "rows": "2000000",
+    "sae_tokens": "2000000",
+    "d_sae": "4096",
+    "families": "topk,batchtopk",
+    "k": "24",
+    "l0_coefficient": "0.3",
+    "eval_sequences": "256",
+    "inspect_rows": "262144",
+}
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -46,18 +56,28 @@ def run(stage: str, script: str, *overrides: str, timings: dict, log: Path) -> N
     print(f"[{stage}] {script} {' '.join(overrides)}", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *overrides], stdout=f,
-                              stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / script), *overrides],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     timings[stage] = time.perf_counter() - t0
     if proc.returncode:
-        sys.exit(f"error: stage {stage} failed (exit {proc.returncode}); the end of {log}:\n"
-                 + "\n".join(log.read_text().splitlines()[-20:]))
+        sys.exit(
+            f"error: stage {stage} failed (exit {proc.returncode}); the end of {log}:\n"
+            + "\n".join(log.read_text().splitlines()[-20:])
+        )
     print(f"[{stage}] done in {timings[stage]:.0f} s", flush=True)
 
 
 def sae_overrides(family: str, args: dict[str, str]) -> list[str]:
-    extra = {"topk": [f"sae.k={args['k']}"], "batchtopk": [f"sae.k={args['k']}"],
-             "matryoshka": [f"sae.k={args['k']}"], "jumprelu": [f"sae.l0_coefficient={args['l0_coefficient']}"]}
+    extra = {
+        "topk": [f"sae.k={args['k']}"],
+        "batchtopk": [f"sae.k={args['k']}"],
+        "matryoshka": [f"sae.k={args['k']}"],
+        "jumprelu": [f"sae.l0_coefficient={args['l0_coefficient']}"],
+    }
     return [f"sae={family}", f"sae.d_sae={args['d_sae']}", *extra.get(family, [])]
 
 
@@ -75,13 +95,28 @@ def main(argv: list[str]) -> None:
 
     lm = Path(args["lm"]).expanduser().absolute() if args["lm"] else out / "lm"
     if not (lm / "metrics.json").exists():
-        run("lm-train", "train_lm.py", f"trainer.steps={args['lm_steps']}", f"hydra.run.dir={lm}",
-            timings=timings, log=logs / "lm_train.log")
+        run(
+            "lm-train",
+            "train_lm.py",
+            f"trainer.steps={args['lm_steps']}",
+            f"hydra.run.dir={lm}",
+            timings=timings,
+            log=logs / "lm_train.log",
+        )
         save_timings()
     store = out / "store"
     if not (store / "manifest.json").exists():
-        run("sae-cache", "cache_activations.py", "source=lm", f"source.checkpoint={lm}", "source.site=mlp_post",
-            f"source.n_rows={args['rows']}", f"out={store}", timings=timings, log=logs / "sae_cache.log")
+        run(
+            "sae-cache",
+            "cache_activations.py",
+            "source=lm",
+            f"source.checkpoint={lm}",
+            "source.site=mlp_post",
+            f"source.n_rows={args['rows']}",
+            f"out={store}",
+            timings=timings,
+            log=logs / "sae_cache.log",
+        )
         save_timings()
 
     from sae.export import load_sae
@@ -91,9 +126,17 @@ def main(argv: list[str]) -> None:
     for family in args["families"].split(","):
         run_dir = out / family
         if not (run_dir / "metrics.json").exists():
-            run(f"sae-train {family}", "train_sae.py", *sae_overrides(family, args), "data=cached",
-                f"data.path={store}", f"trainer.total_tokens={args['sae_tokens']}", f"hydra.run.dir={run_dir}",
-                timings=timings, log=logs / f"sae_train_{family}.log")
+            run(
+                f"sae-train {family}",
+                "train_sae.py",
+                *sae_overrides(family, args),
+                "data=cached",
+                f"data.path={store}",
+                f"trainer.total_tokens={args['sae_tokens']}",
+                f"hydra.run.dir={run_dir}",
+                timings=timings,
+                log=logs / f"sae_train_{family}.log",
+            )
             save_timings()
         metrics = json.loads((run_dir / "metrics.json").read_text())
         if "ce_loss_score" not in metrics:
@@ -103,12 +146,29 @@ def main(argv: list[str]) -> None:
             timings[f"loss recovered {family}"] = time.perf_counter() - t0
             save_timings()
         if not (run_dir / "inspect" / "index.html").exists():
-            run(f"sae-inspect {family}", "inspect_features.py", f"run={run_dir}", f"rows={args['inspect_rows']}",
-                timings=timings, log=logs / f"sae_inspect_{family}.log")
+            run(
+                f"sae-inspect {family}",
+                "inspect_features.py",
+                f"run={run_dir}",
+                f"rows={args['inspect_rows']}",
+                timings=timings,
+                log=logs / f"sae_inspect_{family}.log",
+            )
             save_timings()
-        results["saes"][family] = {k: metrics.get(k) for k in ("l0", "explained_variance", "fvu", "dead_fraction",
-                                                               "ce_loss_score", "kl_div", "ce_loss_clean",
-                                                               "ce_loss_sae", "ce_loss_zero_ablation")}
+        results["saes"][family] = {
+            k: metrics.get(k)
+            for k in (
+                "l0",
+                "explained_variance",
+                "fvu",
+                "dead_fraction",
+                "ce_loss_score",
+                "kl_div",
+                "ce_loss_clean",
+                "ce_loss_sae",
+                "ce_loss_zero_ablation",
+            )
+        }
     results["timings_s"] = timings
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(table(results, args))
@@ -119,12 +179,17 @@ def table(results: dict, args: dict[str, str]) -> str:
     lm = results["lm"]
     per_byte = f" ({lm['val_loss_per_byte']:.3f} nats/byte)" if "val_loss_per_byte" in lm else ""
     head = f"LM: validation loss {lm['val_loss']:.3f} nats/token{per_byte} after {lm['steps']} steps, "
-    lines = [head + f"{lm['seconds'] / 60:.1f} min", "",
-             f"| SAE (d_sae={args['d_sae']}) | L0 | explained variance | dead fraction | CE-loss score | KL (nats) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        head + f"{lm['seconds'] / 60:.1f} min",
+        "",
+        f"| SAE (d_sae={args['d_sae']}) | L0 | explained variance | dead fraction | CE-loss score | KL (nats) |",
+        "|---|---|---|---|---|---|",
+    ]
     for family, m in results["saes"].items():
-        lines.append(f"| {family} | {m['l0']:.1f} | {m['explained_variance']:.3f} | {m['dead_fraction']:.3f} | "
-                     f"{m['ce_loss_score']:.3f} | {m['kl_div']:.4f} |")
+        lines.append(
+            f"| {family} | {m['l0']:.1f} | {m['explained_variance']:.3f} | {m['dead_fraction']:.3f} | "
+            f"{m['ce_loss_score']:.3f} | {m['kl_div']:.4f} |"
+        )
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["timings_s"].items()]
     return "\n".join(lines) + "\n"

@@ -10,9 +10,26 @@ from conftest import ROOT
 
 def test_benchmark_prints_one_json_line_per_architecture():
     out = subprocess.run(
-        [sys.executable, str(Path(ROOT) / "scripts" / "benchmark.py"), "--arch", "topk,relu", "--d-in", "16",
-         "--d-sae", "64", "--batch", "128", "--k", "4", "--steps", "3"],
-        capture_output=True, text=True, check=True, timeout=300,
+        [
+            sys.executable,
+            str(Path(ROOT) / "scripts" / "benchmark.py"),
+            "--arch",
+            "topk,relu",
+            "--d-in",
+            "16",
+            "--d-sae",
+            "64",
+            "--batch",
+            "128",
+            "--k",
+            "4",
+            "--steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [line["arch"] for line in lines] == ["topk", "relu"]

@@ -12,15 +12,14 @@ from conftest import ROOT
 from safetensors.numpy import save_file
 
 import sae.cache as cache_lib
-from sae.data import synthetic, toy
 from sae.cache import GROUND_TRUTH, cache, open_source
 from sae.config import CacheConfig
+from sae.data import DataError, synthetic, toy
 from sae.data.arrays import ArrayRowsConfig
+from sae.data.store import MANIFEST, PROGRESS, Store, StoreError
 from sae.data.synthetic import SyntheticRowsConfig
 from sae.data.toy import ToyRowsConfig
 from sae.errors import ConfigError
-from sae.data import DataError
-from sae.data.store import MANIFEST, PROGRESS, Store, StoreError
 from toy_models.config import ToyConfig, ToyDataConfig, ToyModelConfig, to_dict
 
 SCRIPT = str(Path(ROOT) / "scripts" / "cache_activations.py")
@@ -96,8 +95,11 @@ def test_safetensors_import(tmp_path):
 
 
 def test_npy_directory_and_glob_are_concatenated_in_sorted_order(tmp_path):
-    parts = {"acts_2.npy": acts(70, seed=2), "acts_0.npy": acts(130, seed=0, dtype=np.float16),
-             "acts_1.npy": acts(45, seed=1)}
+    parts = {
+        "acts_2.npy": acts(70, seed=2),
+        "acts_0.npy": acts(130, seed=0, dtype=np.float16),
+        "acts_1.npy": acts(45, seed=1),
+    }
     (tmp_path / "dir").mkdir()
     for name, data in parts.items():
         np.save(tmp_path / "dir" / name, data)
@@ -147,17 +149,29 @@ def toy_run(tmp_path_factory):
     """A toy-train output directory with a hand-built pentagon ReLU model (as in test_toy_sae.py)."""
     run = tmp_path_factory.mktemp("toy_run")
     pentagon = np.stack([np.cos(2 * np.pi * np.arange(5) / 5), np.sin(2 * np.pi * np.arange(5) / 5)])
-    np.savez(run / "results.npz", W=pentagon[None], b=np.zeros((1, 5)), loss=np.zeros(1),
-             feature_probability=np.array([0.05]), importance=np.ones((1, 5)))
-    cfg = ToyConfig(model=ToyModelConfig(kind="relu", n_features=5, n_hidden=2),
-                    data=ToyDataConfig(feature_probability=[0.05]))
+    np.savez(
+        run / "results.npz",
+        W=pentagon[None],
+        b=np.zeros((1, 5)),
+        loss=np.zeros(1),
+        feature_probability=np.array([0.05]),
+        importance=np.ones((1, 5)),
+    )
+    cfg = ToyConfig(
+        model=ToyModelConfig(kind="relu", n_features=5, n_hidden=2), data=ToyDataConfig(feature_probability=[0.05])
+    )
     (run / "metrics.json").write_text(json.dumps({"config": to_dict(cfg)}))
     return run
 
 
 def test_toy_store_holds_the_models_hidden_activations(tmp_path, toy_run, small_blocks):
-    cfg = CacheConfig(source=ToyRowsConfig(run=str(toy_run), setting=0, n_rows=1500), out=str(tmp_path / "s"),
-                      dtype="float32", shard_rows=400, chunk_rows=128)
+    cfg = CacheConfig(
+        source=ToyRowsConfig(run=str(toy_run), setting=0, n_rows=1500),
+        out=str(tmp_path / "s"),
+        dtype="float32",
+        shard_rows=400,
+        chunk_rows=128,
+    )
     manifest = cache(cfg)
     source = open_source(cfg)
     expected = np.concatenate([np.asarray(source.toy.block(i, 256, 0)) for i in range(6)])[:1500]
@@ -226,14 +240,17 @@ def test_resuming_with_other_settings_is_refused(tmp_path, monkeypatch, small_bl
 # --- config checks and the command line ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("dtype", "int8", "dtype='int8' is not one of"),
-    ("shard_rows", 0, "shard_rows=0 must be > 0"),
-    ("chunk_rows", -1, "chunk_rows=-1 must be > 0"),
-    ("source.n_rows", 0, "source.n_rows=0 must be > 0"),
-    ("source.mean_active", 100.0, r"source.mean_active=100.0 must be in \(0, source.n_features=24\]"),
-    ("source.name", "arrays", "source.name='arrays' does not match its schema"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("dtype", "int8", "dtype='int8' is not one of"),
+        ("shard_rows", 0, "shard_rows=0 must be > 0"),
+        ("chunk_rows", -1, "chunk_rows=-1 must be > 0"),
+        ("source.n_rows", 0, "source.n_rows=0 must be > 0"),
+        ("source.mean_active", 100.0, r"source.mean_active=100.0 must be in \(0, source.n_features=24\]"),
+        ("source.name", "arrays", "source.name='arrays' does not match its schema"),
+    ],
+)
 def test_check_cache_names_the_field(tmp_path, field, value, message):
     cfg = synthetic_cfg(tmp_path / "s")
     setattr(cfg.source if field.startswith("source.") else cfg, field.removeprefix("source."), value)
@@ -248,8 +265,13 @@ def test_command_line(tmp_path):
     cache(arrays_cfg(tmp_path / "acts.npy", tmp_path / "done"))
     ok = {
         "arrays": ["source=arrays", "source.path=acts.npy", "out=arrays_store"],
-        "synthetic": ["source=synthetic", "source.n_features=32", "source.d_in=8", "source.n_rows=3000",
-                      "out=synthetic_store"],
+        "synthetic": [
+            "source=synthetic",
+            "source.n_features=32",
+            "source.d_in=8",
+            "source.n_rows=3000",
+            "out=synthetic_store",
+        ],
     }
     bad = {  # overrides -> text the error must contain
         "missing_npy": (["source=arrays", "source.path=missing.npy", "out=x"], "missing.npy': no such file"),
@@ -260,9 +282,12 @@ def test_command_line(tmp_path):
         "complete_store": (["source=arrays", "source.path=acts.npy", "out=done"], "already holds a complete store"),
         "no_out": (["source=synthetic"], "out is required"),
     }
-    procs = {name: subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, cwd=tmp_path)
-             for name, args in [*ok.items(), *((name, args) for name, (args, _) in bad.items())]}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+        )
+        for name, args in [*ok.items(), *((name, args) for name, (args, _) in bad.items())]
+    }
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         if name in ok:

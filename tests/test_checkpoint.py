@@ -13,18 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, small_config
+from conftest import FAMILY_TESTS, ROOT, small_config
 from safetensors.numpy import load_file
 
-from sae.checkpoint import CHECKPOINTS, UNREADABLE, CheckpointMismatch, Preempted, resume_source
 from sae.architectures import FAMILIES
+from sae.checkpoint import CHECKPOINTS, UNREADABLE, CheckpointMismatch, Preempted, resume_source
 from sae.config import CheckpointConfig, SweepConfig
-from sae.errors import ConfigError
 from sae.data.synthetic import SyntheticBatches
+from sae.errors import ConfigError
 from sae.training import train
 
-FAMILY_FIELDS = {"relu": {}, "relu_april": {}, "gated": {}, "jumprelu": {}, "topk": {"k": 3},
-                 "batchtopk": {"k": 3}, "matryoshka": {"k": 3, "prefixes": [16, 48, 96]}}
+FAMILY_FIELDS = {name: t.small for name, t in FAMILY_TESTS.items()}
 
 
 def _config(name: str, every: int = 8, **checkpoint):
@@ -38,8 +37,10 @@ def _outputs(run: Path) -> tuple[dict, dict, list]:
     """(final weights, final metrics, per-step log without timings) of a finished run."""
     weights = load_file(run / "sae" / "sae_weights.safetensors")
     metrics = json.loads((run / "metrics.json").read_text())
-    log = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
-           for line in (run / "metrics.jsonl").read_text().splitlines()]
+    log = [
+        {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
     return weights, metrics, log
 
 
@@ -78,8 +79,14 @@ train(_config(sys.argv[1]), sys.argv[2])
 def _sigkill_at_random_step(name: str, run: Path) -> int:
     """Train family `name` in a subprocess and SIGKILL it once it reports a random step; returns that step."""
     at = random.Random().randint(12, 30)
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, name, str(run), os.path.dirname(__file__)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WORKER, name, str(run), os.path.dirname(__file__)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
     for line in proc.stdout:
         if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= at:
             proc.kill()
@@ -173,9 +180,19 @@ def test_resume_paths(tmp_path):
 
 # --- the CLI in a subprocess: SIGKILL and SIGTERM ----------------------------------------------------
 
-CLI_ARGS = ["data.d_in=24", "data.n_features=48", "data.mean_active=3", "data.eval_tokens=4096",
-            "sae.d_sae=512", "trainer.batch_size=256", "trainer.total_tokens=38400", "trainer.log_every=1",
-            "trainer.geometric_median_samples=512", "checkpoint.every=20", "optim.lr=0.003"]
+CLI_ARGS = [
+    "data.d_in=24",
+    "data.n_features=48",
+    "data.mean_active=3",
+    "data.eval_tokens=4096",
+    "sae.d_sae=512",
+    "trainer.batch_size=256",
+    "trainer.total_tokens=38400",
+    "trainer.log_every=1",
+    "trainer.geometric_median_samples=512",
+    "checkpoint.every=20",
+    "optim.lr=0.003",
+]
 
 
 def _cli(run: Path, family: list[str]) -> list[str]:
@@ -196,8 +213,9 @@ def _interrupt(run: Path, family: list[str], at: int, sig: int, after_a_checkpoi
     """Start the CLI and send it `sig` once it reports step `at` (and, with after_a_checkpoint, once a
     checkpoint is committed: saves are asynchronous, and a few fast steps may pass before one lands);
     returns (exit status, rest of its output)."""
-    proc = subprocess.Popen(_cli(run, family), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        _cli(run, family), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT
+    )
     last = 0
     for line in proc.stdout:
         if line.startswith("step "):
@@ -218,7 +236,9 @@ def test_cli_sigkill_at_random_step_resumes_bit_identical(family, tmp_path):
     code, _ = _interrupt(tmp_path / "cut", family, at, signal.SIGKILL, after_a_checkpoint=True)
     assert code == -signal.SIGKILL
     assert not (tmp_path / "cut" / "metrics.json").exists()
-    done = subprocess.run(_cli(tmp_path / "cut", family), capture_output=True, text=True, env=_env(), cwd=ROOT, check=False)
+    done = subprocess.run(
+        _cli(tmp_path / "cut", family), capture_output=True, text=True, env=_env(), cwd=ROOT, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stdout, f"killed at step {at}: {done.stdout[-2000:]}"
     _assert_same_run(tmp_path / "whole", tmp_path / "cut")
@@ -230,7 +250,9 @@ def test_cli_sigkill_at_random_step_resumes_bit_identical(family, tmp_path):
         stopped = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
         assert stopped >= at
         assert (tmp_path / "term" / CHECKPOINTS / str(stopped)).is_dir()
-        done = subprocess.run(_cli(tmp_path / "term", family), capture_output=True, text=True, env=_env(), cwd=ROOT, check=False)
+        done = subprocess.run(
+            _cli(tmp_path / "term", family), capture_output=True, text=True, env=_env(), cwd=ROOT, check=False
+        )
         assert f"(step {stopped})" in done.stdout, done.stdout[-2000:]
         _assert_same_run(tmp_path / "whole", tmp_path / "term")
 

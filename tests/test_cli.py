@@ -43,8 +43,9 @@ def test_bad_inputs_fail_before_training(bad_files, tmp_path):
     procs = {}
     for name, (overrides, _) in CASES.items():
         args = [o.format(d=bad_files) for o in overrides] + [f"hydra.run.dir={tmp_path / name}"]
-        procs[name] = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        procs[name] = subprocess.Popen(
+            [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+        )
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         expected = CASES[name][1].format(d=bad_files)

@@ -81,12 +81,15 @@ def test_cache_source_composes_to_the_python_default(name):
     assert container(composed("cache", [f"source={name}"]).source) == container(python_default("source", name))
 
 
-@pytest.mark.parametrize("config_name, default", [
-    ("train", Config(sae=FAMILIES["topk"].config(), data=SyntheticConfig())),
-    ("cache", CacheConfig(source=SyntheticRowsConfig())),
-    ("lm_train", LMTrainConfig()),
-    ("inspect", InspectConfig()),
-])
+@pytest.mark.parametrize(
+    "config_name, default",
+    [
+        ("train", Config(sae=FAMILIES["topk"].config(), data=SyntheticConfig())),
+        ("cache", CacheConfig(source=SyntheticRowsConfig())),
+        ("lm_train", LMTrainConfig()),
+        ("inspect", InspectConfig()),
+    ],
+)
 def test_primary_config_composes_to_the_python_default(config_name, default):
     assert container(composed(config_name)) == container(default)
 
@@ -94,11 +97,21 @@ def test_primary_config_composes_to_the_python_default(config_name, default):
 def test_toy_sae_differs_only_where_it_says():
     cfg = OmegaConf.to_object(composed("toy_sae", ["data.run=RUN"]))
     default = Config(sae=FAMILIES["relu"].config(), data=BATCH_SOURCES["toy"].schema(run="RUN"))
-    changed = {f"{part}.{f.name}" for part in ("sae", "trainer")
-               for f in dataclasses.fields(getattr(cfg, part)) if getattr(getattr(cfg, part), f.name)
-               != getattr(getattr(default, part), f.name)}
-    assert changed == {"sae.d_sae", "sae.l1_coefficient", "trainer.total_tokens", "trainer.batch_size",
-                       "trainer.log_every", "trainer.dead_tokens", "trainer.geometric_median_samples"}
+    changed = {
+        f"{part}.{f.name}"
+        for part in ("sae", "trainer")
+        for f in dataclasses.fields(getattr(cfg, part))
+        if getattr(getattr(cfg, part), f.name) != getattr(getattr(default, part), f.name)
+    }
+    assert changed == {
+        "sae.d_sae",
+        "sae.l1_coefficient",
+        "trainer.total_tokens",
+        "trainer.batch_size",
+        "trainer.log_every",
+        "trainer.dead_tokens",
+        "trainer.geometric_median_samples",
+    }
     assert dataclasses.replace(cfg, sae=default.sae, trainer=default.trainer) == default
 
 
@@ -112,8 +125,9 @@ def leaves(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*.yaml")
-                                        if p.parent.name != "toy"))
+@pytest.mark.parametrize(
+    "path", sorted(p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*.yaml") if p.parent.name != "toy")
+)
 def test_no_conf_file_restates_a_default(path):
     """A value in a conf file that equals the schema's default is a second copy that can drift.
     (conf/toy/ files are exempt: each pins a paper experiment's full setup.)"""
@@ -124,12 +138,18 @@ def test_no_conf_file_restates_a_default(path):
     if group:
         default = leaves(container(LoggerConfig() if group == "logger" else python_default(group, name)))
     else:
-        default = leaves(container({"train": Config(sae=FAMILIES["topk"].config(), data=SyntheticConfig()),
-                                    "toy_sae": Config(sae=FAMILIES["relu"].config(),
-                                                      data=BATCH_SOURCES["toy"].schema()),
-                                    "cache": CacheConfig(source=SyntheticRowsConfig()),
-                                    "lm_train": LMTrainConfig(), "inspect": InspectConfig(),
-                                    "toy_train": toy_config.ToyConfig()}[name]))
+        default = leaves(
+            container(
+                {
+                    "train": Config(sae=FAMILIES["topk"].config(), data=SyntheticConfig()),
+                    "toy_sae": Config(sae=FAMILIES["relu"].config(), data=BATCH_SOURCES["toy"].schema()),
+                    "cache": CacheConfig(source=SyntheticRowsConfig()),
+                    "lm_train": LMTrainConfig(),
+                    "inspect": InspectConfig(),
+                    "toy_train": toy_config.ToyConfig(),
+                }[name]
+            )
+        )
     restated = {k: v for k, v in leaves(raw).items() if k in default and default[k] == v}
     assert not restated, f"conf/{path} restates defaults {restated}"
 
@@ -141,8 +161,11 @@ def test_no_conf_file_restates_a_default(path):
 def test_cli_and_python_train_identical_weights(tmp_path, family):
     budget = ["trainer.total_tokens=16384", "trainer.batch_size=2048", "data.eval_tokens=2048", "sae.d_sae=64"]
     cli = OmegaConf.to_object(composed("train", [f"sae={family}", *budget]))
-    python = Config(sae=FAMILIES[family].config(d_sae=64), data=SyntheticConfig(eval_tokens=2048),
-                    trainer=TrainerConfig(total_tokens=16384, batch_size=2048))
+    python = Config(
+        sae=FAMILIES[family].config(d_sae=64),
+        data=SyntheticConfig(eval_tokens=2048),
+        trainer=TrainerConfig(total_tokens=16384, batch_size=2048),
+    )
     assert cli == python
     weights = []
     for run, cfg in (("cli", cli), ("python", python)):
@@ -165,8 +188,12 @@ def test_misspelt_key_is_an_error_however_given(prefix):
 
 
 def test_valid_overrides_pass_and_other_mistakes_are_one_line():
-    check_overrides(CONF_DIR, "train", ["sae=jumprelu", "sae.l0_coefficient=0.1", "++seed=3", "hydra.run.dir=x",
-                                        "-m", "sweep.values=[1,2]"], GROUPS)
+    check_overrides(
+        CONF_DIR,
+        "train",
+        ["sae=jumprelu", "sae.l0_coefficient=0.1", "++seed=3", "hydra.run.dir=x", "-m", "sweep.values=[1,2]"],
+        GROUPS,
+    )
     check_overrides(CONF_DIR, "inspect", ["run=R", "+data.path=STORE"], GROUPS)  # an open dict takes any key
     with pytest.raises(ConfigError, match=r"^sae=topkk is not one of batchtopk, gated, .*topk$"):
         check_overrides(CONF_DIR, "train", ["sae=topkk"], GROUPS)
@@ -178,8 +205,13 @@ def test_valid_overrides_pass_and_other_mistakes_are_one_line():
 
 def test_sae_train_refuses_a_plus_typo_in_one_line(tmp_path):
     script = CONF_DIR.parent / "scripts" / "train_sae.py"
-    proc = subprocess.run([sys.executable, str(script), "+trainer.totl_tokens=5",
-                           f"hydra.run.dir={tmp_path}/r"], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(script), "+trainer.totl_tokens=5", f"hydra.run.dir={tmp_path}/r"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: trainer.totl_tokens is not a key of this config (did you mean trainer.total_tokens?)"]
+        "error: trainer.totl_tokens is not a key of this config (did you mean trainer.total_tokens?)"
+    ]
     assert not (tmp_path / "r").exists()

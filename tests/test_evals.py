@@ -14,8 +14,10 @@ def test_evaluate_matches_numpy():
     d_in, d_sae, scale = 6, 20, 2.0
     sae = make_sae(ReLUConfig(d_sae=d_sae), d_in)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(np.float32),
-                          sae.init_params(jax.random.PRNGKey(0), jnp.zeros(d_in)))
+    params = jax.tree.map(
+        lambda a: a + 0.1 * rng.normal(size=a.shape).astype(np.float32),
+        sae.init_params(jax.random.PRNGKey(0), jnp.zeros(d_in)),
+    )
     x = (rng.normal(size=(300, d_in)) + 3.0).astype(np.float32)
     truth = rng.normal(size=(5, d_in)).astype(np.float32)
     metrics = evaluate(sae, params, {}, scale, [jnp.asarray(x[:128]), jnp.asarray(x[128:])], jnp.asarray(truth))

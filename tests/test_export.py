@@ -9,46 +9,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAMILY_TESTS
 from safetensors.numpy import load_file
 
-from sae.architectures import make_sae
-from sae.architectures.batchtopk import BatchTopKConfig
-from sae.architectures.gated import GatedConfig
-from sae.architectures.jumprelu import JumpReLUConfig
-from sae.architectures.matryoshka import MatryoshkaConfig
-from sae.architectures.relu import ReLUConfig
-from sae.architectures.relu_april import ReLUAprilConfig
-from sae.architectures.topk import TopKConfig
+from sae.architectures import FAMILIES, make_sae
 from sae.export import CFG_FILENAME, WEIGHTS_FILENAME, export_sae, load_sae
 
 D_IN, D_SAE, BATCH, SCALE = 16, 64, 32, 2.5
 
-CONFIGS = {
-    "relu": ReLUConfig(d_sae=D_SAE),
-    "relu_april": ReLUAprilConfig(d_sae=D_SAE),
-    "topk": TopKConfig(d_sae=D_SAE, k=6),
-    "batchtopk": BatchTopKConfig(d_sae=D_SAE, k=6),
-    "jumprelu": JumpReLUConfig(d_sae=D_SAE),
-    "gated": GatedConfig(d_sae=D_SAE),
-    "matryoshka": MatryoshkaConfig(d_sae=D_SAE, k=6, prefixes=[8, 32]),
-}
-FAMILIES = sorted(CONFIGS)
-EXPECTED = {  # our family -> (SAELens architecture, apply_b_dec_to_input)
-    "relu": ("standard", True),
-    "relu_april": ("standard", False),
-    "topk": ("topk", True),
-    "batchtopk": ("jumprelu", True),
-    "matryoshka": ("jumprelu", True),
-    "jumprelu": ("jumprelu", False),
-    "gated": ("gated", True),
-}
+CONFIGS = {name: FAMILIES[name].config(d_sae=D_SAE) for name in FAMILIES}  # TopK family: the default k = 6
+EXPECTED = {name: t.saelens for name, t in FAMILY_TESTS.items()}  # family -> (SAELens arch, apply_b_dec_to_input)
 SAELENS_TENSORS = {  # SAELens parameter names and shapes per architecture
     "standard": {"W_enc": (D_IN, D_SAE), "b_enc": (D_SAE,), "W_dec": (D_SAE, D_IN), "b_dec": (D_IN,)},
     "topk": {"W_enc": (D_IN, D_SAE), "b_enc": (D_SAE,), "W_dec": (D_SAE, D_IN), "b_dec": (D_IN,)},
-    "jumprelu": {"W_enc": (D_IN, D_SAE), "b_enc": (D_SAE,), "threshold": (D_SAE,),
-                 "W_dec": (D_SAE, D_IN), "b_dec": (D_IN,)},
-    "gated": {"W_enc": (D_IN, D_SAE), "b_gate": (D_SAE,), "r_mag": (D_SAE,), "b_mag": (D_SAE,),
-              "W_dec": (D_SAE, D_IN), "b_dec": (D_IN,)},
+    "jumprelu": {
+        "W_enc": (D_IN, D_SAE),
+        "b_enc": (D_SAE,),
+        "threshold": (D_SAE,),
+        "W_dec": (D_SAE, D_IN),
+        "b_dec": (D_IN,),
+    },
+    "gated": {
+        "W_enc": (D_IN, D_SAE),
+        "b_gate": (D_SAE,),
+        "r_mag": (D_SAE,),
+        "b_mag": (D_SAE,),
+        "W_dec": (D_SAE, D_IN),
+        "b_dec": (D_IN,),
+    },
 }
 
 
@@ -74,7 +62,7 @@ def reference(sae, params, buffers, x, scale):
     return f, sae.decode(params, f) / scale
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_round_trip_reproduces_reconstructions(tmp_path, family):
     sae, params, buffers, x = build(family)
     export_sae(tmp_path, sae, params, buffers, input_scale=SCALE)
@@ -91,11 +79,17 @@ def test_round_trip_reproduces_reconstructions(tmp_path, family):
     assert float(jnp.abs(x_hat_ref).max()) > 0.1
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_on_disk_layout_is_saelens(tmp_path, family):
     sae, params, buffers, x = build(family)
-    out = export_sae(tmp_path / "sae", sae, params, buffers, input_scale=SCALE,
-                     metadata={"model_name": "toy", "hook_name": "blocks.0.hook_resid_post"})
+    out = export_sae(
+        tmp_path / "sae",
+        sae,
+        params,
+        buffers,
+        input_scale=SCALE,
+        metadata={"model_name": "toy", "hook_name": "blocks.0.hook_resid_post"},
+    )
     assert out == tmp_path / "sae"
     cfg = json.loads((out / CFG_FILENAME).read_text())
     arch, pre_bias = EXPECTED[family]
@@ -190,7 +184,7 @@ def test_load_errors_name_the_path(tmp_path):
         load_sae(tmp_path / "b")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_saelens_loads_export(tmp_path, family):
     """SAELens's own loader reads the export and reproduces our reconstructions (torch, CPU)."""
     sae_lens = pytest.importorskip("sae_lens")

@@ -25,8 +25,10 @@ def import_graph(packages=("sae", "toy_models")) -> dict[str, set[str]]:
                 candidates = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 # `from a.b import c` imports a.b.c when that is a module, else a.b
-                candidates = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules
-                              else node.module for alias in node.names]
+                candidates = [
+                    f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                    for alias in node.names
+                ]
             else:
                 continue
             targets |= {c for c in candidates if c in modules and c != name}
@@ -44,7 +46,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()

@@ -16,7 +16,7 @@ from conftest import ROOT
 
 from sae.architectures import FAMILIES
 
-DRIVER = r'''
+DRIVER = r"""
 import json
 import os
 import sys
@@ -69,13 +69,19 @@ for name in sys.argv[1].split(","):
         diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12)), got, ref)
         out[name][f"{shape[0]}x{shape[1]}"] = {"max_rel": max(jax.tree.leaves(diffs)), "l0_equal": l0 == ref_l0}
 print(json.dumps(out))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def sharded_runs():
-    proc = subprocess.run([sys.executable, "-c", DRIVER, ",".join(sorted(FAMILIES))], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1200, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, ",".join(sorted(FAMILIES))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

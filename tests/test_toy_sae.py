@@ -24,10 +24,18 @@ PAIR = np.array([[1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.01]])  # feat
 def toy_run(tmp_path_factory):
     """A toy-train output directory holding two hand-built ReLU models (no toy training needed)."""
     run = tmp_path_factory.mktemp("toy_run")
-    np.savez(run / "results.npz", W=np.stack([PENTAGON, PAIR]), b=np.zeros((2, 5)), loss=np.zeros(2),
-             feature_probability=np.array([0.05, 0.05]), importance=np.ones((2, 5)))
-    cfg = ToyConfig(model=ToyModelConfig(kind="relu", n_features=5, n_hidden=2),
-                    data=ToyDataConfig(feature_probability=[0.05, 0.05]))
+    np.savez(
+        run / "results.npz",
+        W=np.stack([PENTAGON, PAIR]),
+        b=np.zeros((2, 5)),
+        loss=np.zeros(2),
+        feature_probability=np.array([0.05, 0.05]),
+        importance=np.ones((2, 5)),
+    )
+    cfg = ToyConfig(
+        model=ToyModelConfig(kind="relu", n_features=5, n_hidden=2),
+        data=ToyDataConfig(feature_probability=[0.05, 0.05]),
+    )
     (run / "metrics.json").write_text(json.dumps({"config": to_dict(cfg)}))
     return run
 
@@ -54,10 +62,13 @@ def test_bad_toy_runs_are_named(toy_run, tmp_path):
 
 
 def test_toy_sae_recovers_each_settings_features(toy_run, tmp_path):
-    cfg = Config(sae=TopKConfig(d_sae=10, k=1),
-                 data=ToyRunConfig(run=str(toy_run), eval_tokens=8192),
-                 trainer=TrainerConfig(total_tokens=1_000_000, batch_size=1024, log_every=100, dead_tokens=50_000,
-                                       geometric_median_samples=1024))
+    cfg = Config(
+        sae=TopKConfig(d_sae=10, k=1),
+        data=ToyRunConfig(run=str(toy_run), eval_tokens=8192),
+        trainer=TrainerConfig(
+            total_tokens=1_000_000, batch_size=1024, log_every=100, dead_tokens=50_000, geometric_median_samples=1024
+        ),
+    )
     report = train_per_setting(cfg, tmp_path)
     assert [row["setting"] for row in report["settings"]] == [0, 1]
     for row in report["settings"]:
@@ -68,8 +79,17 @@ def test_toy_sae_recovers_each_settings_features(toy_run, tmp_path):
 
 
 def test_toy_sae_cli_rejects_a_missing_run(tmp_path):
-    proc = subprocess.run([sys.executable, str(Path(ROOT) / "scripts" / "toy_sae.py"), f"data.run={tmp_path / 'nope'}",
-                           f"hydra.run.dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300,
-                          check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(ROOT) / "scripts" / "toy_sae.py"),
+            f"data.run={tmp_path / 'nope'}",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "no results.npz" in proc.stderr and "Traceback" not in proc.stderr

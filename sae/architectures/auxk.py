@@ -26,8 +26,11 @@ def _auxk_value(params: Params, x, residual, xw, dead, k_aux: int, pre_bias: boo
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _auxk(params: Params, x, residual, xw, dead, k_aux: int, pre_bias: bool) -> jax.Array:
-    return jax.lax.cond(jnp.any(dead), lambda: _auxk_value(params, x, residual, xw, dead, k_aux, pre_bias),
-                        lambda: jnp.zeros((), x.dtype))
+    return jax.lax.cond(
+        jnp.any(dead),
+        lambda: _auxk_value(params, x, residual, xw, dead, k_aux, pre_bias),
+        lambda: jnp.zeros((), x.dtype),
+    )
 
 
 def _auxk_fwd(params, x, residual, xw, dead, k_aux, pre_bias):

@@ -38,8 +38,9 @@ class BatchTopKConfig(TopKConfig):
 
     def check(self) -> None:
         super().check()
-        require(0 <= self.threshold_ema_decay < 1,
-                f"sae.threshold_ema_decay={self.threshold_ema_decay} must be in [0, 1)")
+        require(
+            0 <= self.threshold_ema_decay < 1, f"sae.threshold_ema_decay={self.threshold_ema_decay} must be in [0, 1)"
+        )
 
 
 def kth_largest_nonnegative(r: jax.Array, n: int) -> jax.Array:
@@ -83,10 +84,12 @@ def batch_threshold(r: jax.Array, k: int) -> jax.Array:
     def with_full_rows():
         _, rows = jax.lax.top_k(overflow.astype(jnp.float32), max_rows)  # the overflowing rows first
         valid = overflow[rows]
-        pool = jnp.concatenate([
-            jnp.where(overflow[:, None], 0.0, candidates).reshape(-1),
-            jnp.where(valid[:, None], r[rows], 0.0).reshape(-1),
-        ])
+        pool = jnp.concatenate(
+            [
+                jnp.where(overflow[:, None], 0.0, candidates).reshape(-1),
+                jnp.where(valid[:, None], r[rows], 0.0).reshape(-1),
+            ]
+        )
         return kth_largest_nonnegative(pool, n)
 
     branch = jnp.where(n_overflow == 0, 0, jnp.where(n_overflow <= max_rows, 1, 2))

@@ -40,8 +40,14 @@ class Gated(UnitNormDecoder):
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
         params = tied_init(key, self.d_sae, self.d_in, b_dec)
         zeros = lambda: jnp.zeros((self.d_sae,))  # distinct buffers: the train step donates them
-        return {"W_enc": params["W_enc"], "b_gate": zeros(), "r_mag": zeros(), "b_mag": zeros(),
-                "W_dec": params["W_dec"], "b_dec": params["b_dec"]}
+        return {
+            "W_enc": params["W_enc"],
+            "b_gate": zeros(),
+            "r_mag": zeros(),
+            "b_mag": zeros(),
+            "W_dec": params["W_dec"],
+            "b_dec": params["b_dec"],
+        }
 
     def gate_and_magnitude(self, params, x):
         """(π_gate, π_mag): [batch, d_sae] each; one shared matmul."""

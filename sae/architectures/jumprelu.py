@@ -22,7 +22,14 @@ import jax
 import jax.numpy as jnp
 
 from sae.architectures.base import (
-    Forward, Params, SAEConfig, UnitNormDecoder, preacts, register, squared_error, tied_init,
+    Forward,
+    Params,
+    SAEConfig,
+    UnitNormDecoder,
+    preacts,
+    register,
+    squared_error,
+    tied_init,
 )
 from sae.errors import positive, require
 

@@ -29,8 +29,10 @@ class MatryoshkaConfig(BatchTopKConfig):
     def check(self) -> None:
         super().check()
         p = list(self.prefixes)
-        require(all(a < b for a, b in zip([0] + p, p)) and (not p or p[-1] <= self.d_sae),
-                f"sae.prefixes={p} must be strictly increasing positive sizes ≤ sae.d_sae={self.d_sae}")
+        require(
+            all(a < b for a, b in zip([0] + p, p)) and (not p or p[-1] <= self.d_sae),
+            f"sae.prefixes={p} must be strictly increasing positive sizes ≤ sae.d_sae={self.d_sae}",
+        )
 
 
 def prefix_sizes(prefixes: list[int] | tuple[int, ...], d_sae: int) -> tuple[int, ...]:

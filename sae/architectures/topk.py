@@ -46,8 +46,10 @@ class TopKConfig(SAEConfig):
     def check(self) -> None:
         super().check()
         require(0 < self.k <= self.d_sae, f"sae.k={self.k} must be in 1..sae.d_sae={self.d_sae}")
-        require(self.k_aux is None or 0 < self.k_aux <= self.d_sae,
-                f"sae.k_aux={self.k_aux} must be null or in 1..sae.d_sae={self.d_sae}")
+        require(
+            self.k_aux is None or 0 < self.k_aux <= self.d_sae,
+            f"sae.k_aux={self.k_aux} must be null or in 1..sae.d_sae={self.d_sae}",
+        )
         require(self.aux_coefficient >= 0, f"sae.aux_coefficient={self.aux_coefficient} must be ≥ 0")
 
 

@@ -4,5 +4,12 @@ and its loader. Each source registers itself in its module (see sae/data/sources
 from sae.data.sources import BATCH_SOURCES, ROW_SOURCES, BatchSource, RowSource, open_batch_source, open_row_source
 from sae.errors import DataError
 
-__all__ = ["BATCH_SOURCES", "ROW_SOURCES", "BatchSource", "DataError", "RowSource", "open_batch_source",
-           "open_row_source"]
+__all__ = [
+    "BATCH_SOURCES",
+    "ROW_SOURCES",
+    "BatchSource",
+    "DataError",
+    "RowSource",
+    "open_batch_source",
+    "open_row_source",
+]

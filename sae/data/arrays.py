@@ -25,7 +25,13 @@ import numpy as np
 from safetensors import safe_open
 
 from sae.data.sources import (
-    BATCH_SOURCES, ROW_SOURCES, BatchSourceEntry, Chunk, DataConfig, RowSourceEntry, source_keys,
+    BATCH_SOURCES,
+    ROW_SOURCES,
+    BatchSourceEntry,
+    Chunk,
+    DataConfig,
+    RowSourceEntry,
+    source_keys,
 )
 from sae.errors import DataError, require
 
@@ -150,14 +156,17 @@ class ArrayRows:
             parts = [(label, array)]
         else:
             if cfg.tensor is not None:
-                raise DataError(f"source.tensor={cfg.tensor!r} is only for a .safetensors source.path, "
-                                f"not {cfg.path!r}")
+                raise DataError(
+                    f"source.tensor={cfg.tensor!r} is only for a .safetensors source.path, not {cfg.path!r}"
+                )
             parts = [(str(f.absolute()), source_keys(open_activations, f)) for f in self._npy_files(cfg.path)]
         self.d_in = int(parts[0][1].shape[1])
         for label, array in parts:
             if array.shape[1] != self.d_in:
-                raise DataError(f"source.path={cfg.path!r}: '{label}' has d_in={array.shape[1]}, the earlier "
-                                f"files {self.d_in} (all files must have the same d_in)")
+                raise DataError(
+                    f"source.path={cfg.path!r}: '{label}' has d_in={array.shape[1]}, the earlier "
+                    f"files {self.d_in} (all files must have the same d_in)"
+                )
         self.parts = parts
         self.offsets = np.concatenate([[0], np.cumsum([a.shape[0] for _, a in parts])]).astype(int)
         self.n_rows = int(self.offsets[-1])

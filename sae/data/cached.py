@@ -47,8 +47,10 @@ class StoreBatches:
         self.n_eval = min(cfg.eval_tokens, self.store.n_rows // 10)
         self.n_train = self.store.n_rows - self.n_eval
         if self.n_eval == 0 or self.n_train < batch_size:
-            raise StoreError(f"data.path='{cfg.path}': {self.store.n_rows} rows is too few for "
-                             f"trainer.batch_size={batch_size} plus a held-out tenth for evaluation")
+            raise StoreError(
+                f"data.path='{cfg.path}': {self.store.n_rows} rows is too few for "
+                f"trainer.batch_size={batch_size} plus a held-out tenth for evaluation"
+            )
         truth = self.store.provenance.get("ground_truth")
         self.ground_truth = jax.device_put(np.load(self.store.path / truth)) if truth else None
 
@@ -59,10 +61,18 @@ class StoreBatches:
 
     def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[jax.Array]:
         """Batches start_batch .. n_batches − 1 of the seed's stream (a resumed run starts past 0)."""
-        with StoreLoader(self.store, batch_size, seed, self.cfg.mixing_rows, rows=(0, self.n_train),
-                         process_index=jax.process_index(), process_count=jax.process_count(),
-                         start_batch=start_batch, verify=self.cfg.verify,
-                         check_finite=self.cfg.check_finite) as loader:
+        with StoreLoader(
+            self.store,
+            batch_size,
+            seed,
+            self.cfg.mixing_rows,
+            rows=(0, self.n_train),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            start_batch=start_batch,
+            verify=self.cfg.verify,
+            check_finite=self.cfg.check_finite,
+        ) as loader:
             for _, batch in zip(range(n_batches - start_batch), loader):
                 yield jax.device_put(batch)
 

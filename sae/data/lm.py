@@ -78,10 +78,18 @@ class LMRows:
         self.d_in = self.model.cfg.d_mlp if name in ("mlp_pre", "mlp_post") else self.model.cfg.d_model
         steps = sorted(int(p.name) for p in (run / CHECKPOINTS).iterdir() if p.name.isdigit())
         self.provenance = {
-            "source": "lm", "model": str(run), "model_step": steps[-1] if steps else None, "site": self.site,
-            "tokenizer": self.tokenizer.to_dict(), "context_length": n_ctx, "rows_per_sequence": n_ctx,
-            "dataset": {**lm_config["corpus"], "split": cfg.split}, "n_sequences": self.n_sequences,
-            "lm_model": lm_config["model"], "config": dataclasses.asdict(cfg), "seed": seed,
+            "source": "lm",
+            "model": str(run),
+            "model_step": steps[-1] if steps else None,
+            "site": self.site,
+            "tokenizer": self.tokenizer.to_dict(),
+            "context_length": n_ctx,
+            "rows_per_sequence": n_ctx,
+            "dataset": {**lm_config["corpus"], "split": cfg.split},
+            "n_sequences": self.n_sequences,
+            "lm_model": lm_config["model"],
+            "config": dataclasses.asdict(cfg),
+            "seed": seed,
         }
 
     def chunks(self, start: int) -> Iterator[Chunk]:

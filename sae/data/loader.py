@@ -39,9 +39,20 @@ class Segment:
 class StoreLoader:
     """Iterate for [batch_size, d_in] numpy batches in the store's dtype; `close()` stops the thread."""
 
-    def __init__(self, store: Store, batch_size: int, seed: int = 0, mixing_rows: int = 1 << 20,
-                 rows: tuple[int, int] | None = None, process_index: int = 0, process_count: int = 1,
-                 start_batch: int = 0, prefetch: int = 4, verify: bool = True, check_finite: bool = False):
+    def __init__(
+        self,
+        store: Store,
+        batch_size: int,
+        seed: int = 0,
+        mixing_rows: int = 1 << 20,
+        rows: tuple[int, int] | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+        start_batch: int = 0,
+        prefetch: int = 4,
+        verify: bool = True,
+        check_finite: bool = False,
+    ):
         self.store, self.batch_size, self.seed = store, batch_size, seed
         self.mixing_rows, self.verify, self.check_finite = mixing_rows, verify, check_finite
         self.process_index, self.process_count = process_index, process_count
@@ -52,8 +63,10 @@ class StoreLoader:
             if min(stop, hi) > max(start, lo)
         ]
         if not 0 <= process_index < process_count or len(self.segments) < process_count:
-            raise StoreError(f"'{store.path}': process {process_index} of {process_count} needs at least "
-                             f"{process_count} shards in the row range, the store has {len(self.segments)}")
+            raise StoreError(
+                f"'{store.path}': process {process_index} of {process_count} needs at least "
+                f"{process_count} shards in the row range, the store has {len(self.segments)}"
+            )
         if sum(s.rows for s in self.epoch_segments(0)) < batch_size:
             raise StoreError(f"'{store.path}': too few rows per process for batch_size={batch_size}")
         self.start_batch = start_batch
@@ -97,8 +110,9 @@ class StoreLoader:
     def _load_window(self, epoch: int, w: int) -> np.ndarray:
         """The window's rows, permuted: [rows, d_in]."""
         window = self.windows(epoch)[w]
-        rows = np.concatenate([self.store.read_shard(s.shard, self.verify, self.check_finite)[s.start : s.stop]
-                               for s in window])
+        rows = np.concatenate(
+            [self.store.read_shard(s.shard, self.verify, self.check_finite)[s.start : s.stop] for s in window]
+        )
         return rows[np.random.default_rng([self.seed, epoch, w + 1]).permutation(len(rows))]
 
     def _load_ahead(self, epoch: int, w: int) -> Callable[[], tuple[np.ndarray, float]]:

@@ -36,8 +36,10 @@ def capture_site(module: nnx.Module, site: str) -> Callable[[jax.Array], jax.Arr
         matches = [p for p in sites if p == site] or [p for p in sites if p.rsplit("/", 1)[-1] == site]
         if len(matches) != 1:
             why = "is sown at several paths" if matches else "is never sown by the module"
-            raise ValueError(f"site {site!r} {why}; sown sites: {sorted(sites) or 'none'} "
-                             f"(record one with self.sow(nnx.Intermediate, name, value))")
+            raise ValueError(
+                f"site {site!r} {why}; sown sites: {sorted(sites) or 'none'} "
+                f"(record one with self.sow(nnx.Intermediate, name, value))"
+            )
         values = sites[matches[0]].get_value()
         if len(values) != 1:
             raise ValueError(f"site {matches[0]!r} is sown {len(values)} times per forward pass; expected once")
@@ -55,15 +57,22 @@ def _duration(seconds: float) -> str:
 def check_whole_sequences(shard_rows: int, per_seq: int, first_position_skipped: bool = False) -> None:
     """Shards must hold whole sequences, so that an interrupted run resumes on a sequence boundary."""
     if shard_rows % per_seq:
-        raise StoreError(f"shard_rows={shard_rows} is not a multiple of the {per_seq} rows per sequence "
-                         f"(seq={per_seq + first_position_skipped}{', first position skipped' if first_position_skipped else ''}): "
-                         f"shards must hold whole sequences so that an interrupted run can resume; use e.g. shard_rows="
-                         f"{max(1, shard_rows // per_seq) * per_seq}")
+        raise StoreError(
+            f"shard_rows={shard_rows} is not a multiple of the {per_seq} rows per sequence "
+            f"(seq={per_seq + first_position_skipped}{', first position skipped' if first_position_skipped else ''}): "
+            f"shards must hold whole sequences so that an interrupted run can resume; use e.g. shard_rows="
+            f"{max(1, shard_rows // per_seq) * per_seq}"
+        )
 
 
-def model_chunks(activations_fn: Callable[[jax.Array], jax.Array], token_batches: Iterable[np.ndarray],
-                 start_row: int = 0, n_sequences: int | None = None, skip_first_position: bool = False,
-                 shard_rows: int | None = None) -> Iterator[Chunk]:
+def model_chunks(
+    activations_fn: Callable[[jax.Array], jax.Array],
+    token_batches: Iterable[np.ndarray],
+    start_row: int = 0,
+    n_sequences: int | None = None,
+    skip_first_position: bool = False,
+    shard_rows: int | None = None,
+) -> Iterator[Chunk]:
     """Run `activations_fn` over token batches: Chunk(rows [batch * seq', d], token ids, positions [batch * seq']).
 
     activations_fn: tokens [batch, seq] int32 -> activations [batch, seq, d] (e.g. `capture_site(...)`).
@@ -83,8 +92,10 @@ def model_chunks(activations_fn: Callable[[jax.Array], jax.Array], token_batches
         out, tokens, lo, hi = item  # keep sequences [lo, hi) of this batch
         acts = np.asarray(out)
         if acts.ndim != 3 or acts.shape[:2] != tokens.shape:
-            raise ValueError(f"activations_fn returned shape {acts.shape} for tokens {tokens.shape}; "
-                             f"expected {tokens.shape + ('d',)}")
+            raise ValueError(
+                f"activations_fn returned shape {acts.shape} for tokens {tokens.shape}; "
+                f"expected {tokens.shape + ('d',)}"
+            )
         acts = acts[lo:hi, start_pos:].reshape(-1, acts.shape[-1])
         ids = tokens[lo:hi, start_pos:].reshape(-1)
         positions = np.tile(np.arange(start_pos, seq, dtype=np.int32), hi - lo)
@@ -121,9 +132,15 @@ def model_chunks(activations_fn: Callable[[jax.Array], jax.Array], token_batches
         yield chunk(pending)
 
 
-def cache_model(activations_fn: Callable[[jax.Array], jax.Array], token_batches: Iterable[np.ndarray],
-                writer: StoreWriter, n_sequences: int | None = None, skip_first_position: bool = False,
-                log_every_s: float = 5.0, log: Callable[[str], object] = print) -> dict:
+def cache_model(
+    activations_fn: Callable[[jax.Array], jax.Array],
+    token_batches: Iterable[np.ndarray],
+    writer: StoreWriter,
+    n_sequences: int | None = None,
+    skip_first_position: bool = False,
+    log_every_s: float = 5.0,
+    log: Callable[[str], object] = print,
+) -> dict:
     """Append the activations of `model_chunks(activations_fn, token_batches, ...)` to `writer` as rows.
 
     Token ids and positions are stored when the writer was made `with_tokens`. If the writer resumes an
@@ -136,8 +153,9 @@ def cache_model(activations_fn: Callable[[jax.Array], jax.Array], token_batches:
     resumed_rows = writer.rows_written
     rows, per_seq, total = 0, 0, None  # rows appended this run; rows per sequence; rows in all
     t0 = last_log = time.perf_counter()
-    for chunk in model_chunks(activations_fn, token_batches, resumed_rows, n_sequences, skip_first_position,
-                              shard_rows):
+    for chunk in model_chunks(
+        activations_fn, token_batches, resumed_rows, n_sequences, skip_first_position, shard_rows
+    ):
         if not per_seq:  # positions run start_pos .. seq − 1 in every sequence
             per_seq = int(chunk.positions.max() - chunk.positions.min() + 1)
             total = None if n_sequences is None else n_sequences * per_seq
@@ -152,9 +170,14 @@ def cache_model(activations_fn: Callable[[jax.Array], jax.Array], token_batches:
             log(_progress(resumed_rows, rows, total, now - t0))
     seconds = time.perf_counter() - t0
     log(_progress(resumed_rows, rows, total, seconds, done=True))
-    return {"rows": rows, "resumed_rows": resumed_rows, "total_rows": resumed_rows + rows,
-            "sequences": (resumed_rows + rows) // per_seq if per_seq else 0, "seconds": seconds,
-            "rows_per_s": rows / seconds if seconds > 0 else 0.0}
+    return {
+        "rows": rows,
+        "resumed_rows": resumed_rows,
+        "total_rows": resumed_rows + rows,
+        "sequences": (resumed_rows + rows) // per_seq if per_seq else 0,
+        "seconds": seconds,
+        "rows_per_s": rows / seconds if seconds > 0 else 0.0,
+    }
 
 
 def _progress(resumed: int, rows: int, total: int | None, seconds: float, done: bool = False) -> str:

@@ -13,8 +13,8 @@ model the rows came from (`loss_recovered`), which `sae-train` finds from a stor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol

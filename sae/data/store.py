@@ -69,15 +69,27 @@ class StoreWriter:
     many leading rows are already stored, and the caller skips that many rows of its source.
     """
 
-    def __init__(self, path: str | Path, d_in: int, dtype: str = "float16", shard_rows: int = 262_144,
-                 provenance: dict | None = None, with_tokens: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        d_in: int,
+        dtype: str = "float16",
+        shard_rows: int = 262_144,
+        provenance: dict | None = None,
+        with_tokens: bool = False,
+    ):
         if dtype not in DTYPES:
             raise StoreError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
         if d_in <= 0 or shard_rows <= 0:
             raise StoreError(f"d_in={d_in} and shard_rows={shard_rows} must be positive")
         self.path = Path(path).absolute()
-        self.settings = {"d_in": d_in, "dtype": dtype, "shard_rows": shard_rows, "with_tokens": with_tokens,
-                         "provenance": provenance or {}}
+        self.settings = {
+            "d_in": d_in,
+            "dtype": dtype,
+            "shard_rows": shard_rows,
+            "with_tokens": with_tokens,
+            "provenance": provenance or {},
+        }
         if (self.path / MANIFEST).exists():
             raise StoreError(f"'{self.path}' already holds a complete store ({MANIFEST}); choose another out dir")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -97,8 +109,10 @@ class StoreWriter:
         lines = progress.read_text().splitlines()
         earlier = json.loads(lines[0])["settings"]
         if earlier != self.settings:
-            raise StoreError(f"'{self.path}' holds an interrupted cache run with other settings "
-                             f"({earlier}); resume it with those, or choose another out dir")
+            raise StoreError(
+                f"'{self.path}' holds an interrupted cache run with other settings "
+                f"({earlier}); resume it with those, or choose another out dir"
+            )
         shards = []
         for line in lines[1:]:
             try:
@@ -127,8 +141,10 @@ class StoreWriter:
         finite = np.isfinite(rows).all(axis=1)
         if not finite.all():
             bad = self.rows_written + self._pending_rows + int(np.flatnonzero(~finite)[0])
-            raise StoreError(f"row {bad} is NaN or Inf (or overflows {self.settings['dtype']}); the store keeps "
-                             f"the {self.rows_written} rows of its complete shards")
+            raise StoreError(
+                f"row {bad} is NaN or Inf (or overflows {self.settings['dtype']}); the store keeps "
+                f"the {self.rows_written} rows of its complete shards"
+            )
         self._pending.append((rows, tokens, positions))
         self._pending_rows += len(rows)
         while self._pending_rows >= self.settings["shard_rows"]:
@@ -136,8 +152,9 @@ class StoreWriter:
 
     def _flush(self, n: int) -> None:
         """Write the first n pending rows as the next shard: temp file, fsync, rename, then record it."""
-        rows, tokens, positions = (np.concatenate([p[i] for p in self._pending]) if self._pending[0][i] is not None
-                                   else None for i in range(3))
+        rows, tokens, positions = (
+            np.concatenate([p[i] for p in self._pending]) if self._pending[0][i] is not None else None for i in range(3)
+        )
         name = shard_name(len(self.shards))
         if tokens is not None:
             self._write(_side(name, "tokens"), tokens[:n].astype(np.int32))
@@ -151,8 +168,11 @@ class StoreWriter:
         self.shards.append(shard)
         self.rows_written += n
         rest = len(rows) - n
-        self._pending = [(rows[n:], None if tokens is None else tokens[n:],
-                          None if positions is None else positions[n:])] if rest else []
+        self._pending = (
+            [(rows[n:], None if tokens is None else tokens[n:], None if positions is None else positions[n:])]
+            if rest
+            else []
+        )
         self._pending_rows = rest
 
     def _write(self, name: str, array: np.ndarray) -> None:
@@ -200,7 +220,11 @@ class Store:
         self.path = Path(path).absolute()
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
-            hint = " (an interrupted cache run: run sae-cache again to resume it)" if (self.path / PROGRESS).exists() else ""
+            hint = (
+                " (an interrupted cache run: run sae-cache again to resume it)"
+                if (self.path / PROGRESS).exists()
+                else ""
+            )
             raise StoreError(f"'{self.path}' is not an activation store: no {MANIFEST}{hint}")
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -211,13 +235,16 @@ class Store:
         except (ValueError, KeyError, TypeError) as err:
             raise StoreError(f"'{manifest_path}' is not a valid manifest ({err})") from err
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise StoreError(f"'{manifest_path}': format {manifest.get('format')!r} version "
-                             f"{manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")
+            raise StoreError(
+                f"'{manifest_path}': format {manifest.get('format')!r} version "
+                f"{manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}"
+            )
         if self.dtype_name not in DTYPES:
             raise StoreError(f"'{manifest_path}': dtype {self.dtype_name!r} is not one of {sorted(DTYPES)}")
         if sum(s.rows for s in self.shards) != self.n_rows:
-            raise StoreError(f"'{manifest_path}': shard rows sum to {sum(s.rows for s in self.shards)}, "
-                             f"not n_rows={self.n_rows}")
+            raise StoreError(
+                f"'{manifest_path}': shard rows sum to {sum(s.rows for s in self.shards)}, not n_rows={self.n_rows}"
+            )
         self.dtype = DTYPES[self.dtype_name]
         self.offsets = np.concatenate([[0], np.cumsum([s.rows for s in self.shards])])
         for shard in self.shards:

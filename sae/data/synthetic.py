@@ -26,6 +26,7 @@ from sae.data.sources import BATCH_SOURCES, ROW_SOURCES, BatchSourceEntry, Chunk
 from sae.errors import fraction, positive, require
 from toy_models.data import counter_uniform
 
+
 @dataclasses.dataclass
 class SyntheticConfig(DataConfig):
     """`data=synthetic`: sparse non-negative combinations of ground-truth unit directions."""
@@ -49,16 +50,21 @@ class SyntheticConfig(DataConfig):
         g = self.group_key
         positive(self.d_in, f"{g}.d_in")
         positive(self.n_features, f"{g}.n_features")
-        require(0 < self.mean_active <= self.n_features,
-                f"{g}.mean_active={self.mean_active} must be in (0, {g}.n_features={self.n_features}]")
+        require(
+            0 < self.mean_active <= self.n_features,
+            f"{g}.mean_active={self.mean_active} must be in (0, {g}.n_features={self.n_features}]",
+        )
         require(self.probability_decay >= 0, f"{g}.probability_decay={self.probability_decay} must be ≥ 0")
         require(self.magnitude_std >= 0, f"{g}.magnitude_std={self.magnitude_std} must be ≥ 0")
         require(self.noise_std >= 0, f"{g}.noise_std={self.noise_std} must be ≥ 0")
         fraction(self.group_correlation, f"{g}.group_correlation")
-        require(self.n_correlated_groups >= 0 and self.group_size > 0
-                and self.n_correlated_groups * self.group_size <= self.n_features,
-                f"{g}.n_correlated_groups={self.n_correlated_groups} × {g}.group_size={self.group_size} "
-                f"must be ≤ {g}.n_features={self.n_features}")
+        require(
+            self.n_correlated_groups >= 0
+            and self.group_size > 0
+            and self.n_correlated_groups * self.group_size <= self.n_features,
+            f"{g}.n_correlated_groups={self.n_correlated_groups} × {g}.group_size={self.group_size} "
+            f"must be ≤ {g}.n_features={self.n_features}",
+        )
 
 
 @dataclasses.dataclass
@@ -120,7 +126,7 @@ class SyntheticFeatures:
         return self.cfg.d_in
 
     @classmethod
-    def create(cls, cfg: SyntheticConfig, key: jax.Array) -> "SyntheticFeatures":
+    def create(cls, cfg: SyntheticConfig, key: jax.Array) -> SyntheticFeatures:
         directions = jax.random.normal(key, (cfg.n_features, cfg.d_in))
         directions = directions / jnp.linalg.norm(directions, axis=-1, keepdims=True)
         p = firing_probabilities(cfg.n_features, cfg.mean_active, cfg.probability_decay)

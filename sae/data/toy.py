@@ -17,7 +17,13 @@ import numpy as np
 
 from sae.data.generated import block_chunks, block_rows
 from sae.data.sources import (
-    BATCH_SOURCES, ROW_SOURCES, BatchSourceEntry, Chunk, DataConfig, RowSourceEntry, source_keys,
+    BATCH_SOURCES,
+    ROW_SOURCES,
+    BatchSourceEntry,
+    Chunk,
+    DataConfig,
+    RowSourceEntry,
+    source_keys,
 )
 from sae.errors import DataError, require
 from toy_models import analysis, models
@@ -79,11 +85,21 @@ class ToyBatches:
             raise DataError(f"data.setting={cfg.setting}: pick one of 0..{n_settings - 1} of the toy run '{cfg.run}'")
         model, data = config["model"], config["data"]
         self.kind = model["kind"]
-        self.params = {name: jnp.asarray(arrays[name][cfg.setting : cfg.setting + 1])
-                       for name in ("W", "W1", "W2", "b") if name in arrays}
+        self.params = {
+            name: jnp.asarray(arrays[name][cfg.setting : cfg.setting + 1])
+            for name in ("W", "W1", "W2", "b")
+            if name in arrays
+        }
         self.feature_probability = jnp.asarray(arrays["feature_probability"][cfg.setting : cfg.setting + 1])
-        self.task = Task(self.kind, model["n_features"], model["n_hidden"], 0, data["correlated_pairs"],
-                         data["anticorrelated_pairs"], data["rng"])
+        self.task = Task(
+            self.kind,
+            model["n_features"],
+            model["n_hidden"],
+            0,
+            data["correlated_pairs"],
+            data["anticorrelated_pairs"],
+            data["rng"],
+        )
         W = np.asarray(models.feature_directions(self.params)[0])  # [m, n]
         kept = analysis.represented(W)
         self.ground_truth = jnp.asarray((W[:, kept] / analysis.feature_norms(W)[kept]).T)  # [n_represented, m]

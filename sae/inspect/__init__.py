@@ -1,11 +1,11 @@
 """Inspecting learned features: statistics, top-activating examples, plots and a static HTML browser.
 
-    from sae.inspect import inspect_run, load
-    insp = inspect_run("OUT")          # or load("OUT") after `sae-inspect run=OUT`
-    f = insp.feature(12)               # Feature: density, histogram, top / random Examples, neighbours
-    insp.plot_histogram(12)
-    insp.features_by_token("the"); insp.features_by_direction(v)
-    insp.summary_plots("figs")         # {"density": Path, "l0": Path, "recovery": Path (ground truth)}
+from sae.inspect import inspect_run, load
+insp = inspect_run("OUT")          # or load("OUT") after `sae-inspect run=OUT`
+f = insp.feature(12)               # Feature: density, histogram, top / random Examples, neighbours
+insp.plot_histogram(12)
+insp.features_by_token("the"); insp.features_by_direction(v)
+insp.summary_plots("figs")         # {"density": Path, "l0": Path, "recovery": Path (ground truth)}
 """
 
 from sae.inspect.config import InspectConfig

@@ -40,13 +40,19 @@ def check(cfg: InspectConfig) -> None:
     """Reject impossible values before anything is read. Raises ConfigError naming the field."""
     require(bool(cfg.run), "run must name a sae-train output directory")
     require(cfg.rows is None or cfg.rows > 0, f"rows={cfg.rows} must be null or > 0")
-    for key in ("batch_size", "top_k", "n_random", "random_stride", "n_neighbours", "page_size",
-                "chunk_features"):
+    for key in ("batch_size", "top_k", "n_random", "random_stride", "n_neighbours", "page_size", "chunk_features"):
         require(getattr(cfg, key) > 0, f"{key}={getattr(cfg, key)} must be > 0")
-    require(cfg.batch_size % cfg.random_stride == 0,
-             f"batch_size={cfg.batch_size} must be a multiple of random_stride={cfg.random_stride}")
+    require(
+        cfg.batch_size % cfg.random_stride == 0,
+        f"batch_size={cfg.batch_size} must be a multiple of random_stride={cfg.random_stride}",
+    )
     require(cfg.bins_per_octave in (1, 2, 4, 8, 16), f"bins_per_octave={cfg.bins_per_octave} must be 1, 2, 4, 8 or 16")
-    require(0 < cfg.hist_min < cfg.hist_max < 3e38, f"hist_min={cfg.hist_min}, hist_max={cfg.hist_max} must be 0 < min < max")
-    require(cfg.context_before >= 0 and cfg.context_after >= 0,
-             f"context_before={cfg.context_before}, context_after={cfg.context_after} must be ≥ 0")
+    require(
+        0 < cfg.hist_min < cfg.hist_max < 3e38,
+        f"hist_min={cfg.hist_min}, hist_max={cfg.hist_max} must be 0 < min < max",
+    )
+    require(
+        cfg.context_before >= 0 and cfg.context_after >= 0,
+        f"context_before={cfg.context_before}, context_after={cfg.context_after} must be ≥ 0",
+    )
     require(0 <= cfg.ultra_low_density < 1, f"ultra_low_density={cfg.ultra_low_density} must be in [0, 1)")

@@ -32,7 +32,8 @@ def context_rows(example_rows: np.ndarray, positions: np.ndarray, before: int, a
 def latent_values(sae: LoadedSAE) -> Callable:
     """jitted (params, x [P, d_in], features [P], floor [P]) -> [P]: latent features[p]'s activation on row x[p].
 
-    SAELens's inference rule (sae/architectures/saelens.py) for one latent at a time: one d_in dot product per pair instead
+    SAELens's inference rule (sae/architectures/saelens.py) for one latent at a time: one d_in dot product per
+    pair instead
     of encoding whole rows. TopK needs the row's floor (its k-th largest activation, from the statistics
     pass; 0 when fewer than k latents are positive): the latent is active iff its pre-activation reaches it.
     """
@@ -49,8 +50,14 @@ def latent_values(sae: LoadedSAE) -> Callable:
     return values
 
 
-def feature_values(sae: LoadedSAE, take: Callable[[np.ndarray], np.ndarray], rows: np.ndarray,
-                   features: np.ndarray, row_floor: np.ndarray, chunk: int = 16384) -> np.ndarray:
+def feature_values(
+    sae: LoadedSAE,
+    take: Callable[[np.ndarray], np.ndarray],
+    rows: np.ndarray,
+    features: np.ndarray,
+    row_floor: np.ndarray,
+    chunk: int = 16384,
+) -> np.ndarray:
     """f[rows[i], features[i]] for pairs (rows [P] ≥ 0, features [P]): [P] float32.
 
     Pairs go in row order, `chunk` at a time (the last one padded: one compile); each chunk reads its
@@ -72,9 +79,16 @@ def feature_values(sae: LoadedSAE, take: Callable[[np.ndarray], np.ndarray], row
     return out
 
 
-def example_context(sae: LoadedSAE, take: Callable[[np.ndarray], np.ndarray], token_ids: np.ndarray,
-                    positions: np.ndarray, example_rows: np.ndarray, before: int, after: int,
-                    row_floor: np.ndarray) -> dict[str, np.ndarray]:
+def example_context(
+    sae: LoadedSAE,
+    take: Callable[[np.ndarray], np.ndarray],
+    token_ids: np.ndarray,
+    positions: np.ndarray,
+    example_rows: np.ndarray,
+    before: int,
+    after: int,
+    row_floor: np.ndarray,
+) -> dict[str, np.ndarray]:
     """Context of example_rows [d_sae, M] (−1: none): `context_tokens` (−1: none) and `context_values`
     [d_sae, M, before + 1 + after]: each context token's id and the example's feature's activation on it."""
     ctx = context_rows(example_rows, positions, before, after)

@@ -123,10 +123,14 @@ class Inspection:
         """Scalars and lists for logging: rows, L0 mean, dead / ultra-low-density latents, recovery, plots."""
         values, counts = self.l0
         out = {
-            "n_rows": self.n_rows, "d_sae": self.d_sae, "l0_mean": float((values * counts).sum() / max(self.n_rows, 1)),
-            "dead_fraction": len(self.dead) / self.d_sae, "dead": self.dead.tolist(),
+            "n_rows": self.n_rows,
+            "d_sae": self.d_sae,
+            "l0_mean": float((values * counts).sum() / max(self.n_rows, 1)),
+            "dead_fraction": len(self.dead) / self.d_sae,
+            "dead": self.dead.tolist(),
             "ultra_low_density": self.ultra_low_density.tolist(),
-            "median_density": float(np.median(self.density)), "plots": {k: str(v) for k, v in self.plots.items()},
+            "median_density": float(np.median(self.density)),
+            "plots": {k: str(v) for k, v in self.plots.items()},
         }
         out.update(self.mmcs() or {})
         return out
@@ -159,9 +163,12 @@ class Inspection:
             if self.has_tokens:
                 ids = self.arrays["context_tokens"][i, offset + m]
                 keep = ids >= 0
-                ex.update(token_ids=ids[keep], values=self.arrays["context_values"][i, offset + m][keep],
-                          tokens=[self.token_string(int(t)) for t in ids[keep]],
-                          centre=int(np.sum(keep[: self.meta["context_before"]])))
+                ex.update(
+                    token_ids=ids[keep],
+                    values=self.arrays["context_values"][i, offset + m][keep],
+                    tokens=[self.token_string(int(t)) for t in ids[keep]],
+                    centre=int(np.sum(keep[: self.meta["context_before"]])),
+                )
             out.append(Example(**ex))
         return out
 
@@ -171,10 +178,17 @@ class Inspection:
             raise IndexError(f"feature {i} is not in 0..{self.d_sae - 1}")
         a = self.arrays
         return Feature(
-            index=i, density=float(self.density[i]), fires=int(a["fires"][i]),
-            mean_activation=float(self.mean_activation[i]), max_activation=float(a["max"][i]),
-            hist_counts=a["hist"][i], hist_edges=a["hist_edges"], top=self._examples(i, "top"),
-            random=self._examples(i, "random"), neighbours=a["neighbours"][i], neighbour_cosines=a["neighbour_cosines"][i],
+            index=i,
+            density=float(self.density[i]),
+            fires=int(a["fires"][i]),
+            mean_activation=float(self.mean_activation[i]),
+            max_activation=float(a["max"][i]),
+            hist_counts=a["hist"][i],
+            hist_edges=a["hist_edges"],
+            top=self._examples(i, "top"),
+            random=self._examples(i, "random"),
+            neighbours=a["neighbours"][i],
+            neighbour_cosines=a["neighbour_cosines"][i],
             label=self.labels.get(i),
             gt_match=int(a["gt_match"][i]) if self.has_ground_truth else None,
             gt_cosine=float(a["gt_cosine"][i]) if self.has_ground_truth else None,
@@ -214,7 +228,8 @@ class Inspection:
         if direction.shape[0] != w_dec.shape[1]:
             raise ValueError(f"direction has {direction.shape[0]} entries; the SAE's d_in is {w_dec.shape[1]}")
         cos = (w_dec / np.maximum(np.linalg.norm(w_dec, axis=1, keepdims=True), 1e-12)) @ (
-            direction / max(float(np.linalg.norm(direction)), 1e-12))
+            direction / max(float(np.linalg.norm(direction)), 1e-12)
+        )
         order = np.argsort(-cos, kind="stable")[:k]
         return order, cos[order]
 
@@ -270,8 +285,11 @@ class Inspection:
         if self.has_ground_truth:
             fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.5), width_ratios=[1, 2])
             scores = self.mmcs()
-            a1.bar(["MMCS", "recovered\n(cos > 0.9)"], [scores["mmcs"], scores["recovered_fraction"]],
-                   color=["#3b6ea8", "#5ba83b"])
+            a1.bar(
+                ["MMCS", "recovered\n(cos > 0.9)"],
+                [scores["mmcs"], scores["recovered_fraction"]],
+                color=["#3b6ea8", "#5ba83b"],
+            )
             a1.set_ylim(0, 1)
             for j, v in enumerate(scores.values()):
                 a1.text(j, v + 0.02, f"{v:.3f}", ha="center")

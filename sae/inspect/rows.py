@@ -75,14 +75,26 @@ def open_rows(data, rows: int | None, seed: int, batch_size: int) -> Rows:
         n = store.n_rows if rows is None else min(rows, store.n_rows)
         truth = store.provenance.get("ground_truth")
         tokens = store.read_tokens(0, n) if store.with_tokens else None
-        return Rows(n, store.d_in, _sliced(store.read_rows, n), f"store '{store.path}' ({n} of {store.n_rows} rows)",
-                    take=store.take, tokens=tokens, store_path=store.path,
-                    ground_truth=np.load(store.path / truth) if truth else None)
+        return Rows(
+            n,
+            store.d_in,
+            _sliced(store.read_rows, n),
+            f"store '{store.path}' ({n} of {store.n_rows} rows)",
+            take=store.take,
+            tokens=tokens,
+            store_path=store.path,
+            ground_truth=np.load(store.path / truth) if truth else None,
+        )
     if isinstance(data, ArraysConfig):
         array = open_activations(data.path)
         n = array.shape[0] if rows is None else min(rows, array.shape[0])
-        return Rows(n, array.shape[1], _sliced(lambda a, b: np.asarray(array[a:b]), n),
-                    f"'{data.path}' ({n} of {array.shape[0]} rows)", take=lambda r: np.asarray(array[r]))
+        return Rows(
+            n,
+            array.shape[1],
+            _sliced(lambda a, b: np.asarray(array[a:b]), n),
+            f"'{data.path}' ({n} of {array.shape[0]} rows)",
+            take=lambda r: np.asarray(array[r]),
+        )
     # any other source generates its rows: a stream apart from training's
     source = open_batch_source(data, batch_size, seed)
     n = GENERATED_ROWS if rows is None else rows

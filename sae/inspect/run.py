@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sae.errors import ConfigError
 from sae.data import DataError
+from sae.errors import ConfigError
 from sae.export import load_sae
 from sae.inspect import config as inspect_config
 from sae.inspect.config import InspectConfig
@@ -81,8 +81,19 @@ def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
     out = Path(cfg.out) if cfg.out else run / "inspect"
     t0 = time.perf_counter()
     print(f"inspect: {sae.architecture} SAE d_in={d_in} d_sae={d_sae} on {rows.description} -> {out}", flush=True)
-    arrays = accumulate(sae, rows.batches(cfg.batch_size), cfg.batch_size, cfg.bins_per_octave, cfg.hist_min, cfg.hist_max,
-                        cfg.top_k, cfg.n_random, cfg.random_stride, cfg.seed, _progress(rows.n_rows))
+    arrays = accumulate(
+        sae,
+        rows.batches(cfg.batch_size),
+        cfg.batch_size,
+        cfg.bins_per_octave,
+        cfg.hist_min,
+        cfg.hist_max,
+        cfg.top_k,
+        cfg.n_random,
+        cfg.random_stride,
+        cfg.seed,
+        _progress(rows.n_rows),
+    )
     timings = {"stats_s": time.perf_counter() - t0}
     row_floor = arrays.pop("row_floor")  # [n_rows]: needed for the context pass only, not saved
     w_dec = np.asarray(sae.params["W_dec"])
@@ -96,13 +107,29 @@ def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
     if with_context:
         t1 = time.perf_counter()
         examples = np.concatenate([arrays["top_rows"], arrays["random_rows"]], axis=1)
-        arrays.update(example_context(sae, rows.take, rows.tokens[0], rows.tokens[1], examples,
-                                      cfg.context_before, cfg.context_after, row_floor))
+        arrays.update(
+            example_context(
+                sae,
+                rows.take,
+                rows.tokens[0],
+                rows.tokens[1],
+                examples,
+                cfg.context_before,
+                cfg.context_after,
+                row_floor,
+            )
+        )
         timings["context_s"] = time.perf_counter() - t1
     meta = {
-        "run": str(run.absolute()), "description": rows.description, "architecture": sae.architecture,
-        "d_in": d_in, "d_sae": d_sae, "context_before": cfg.context_before, "context_after": cfg.context_after,
-        "ultra_low_density": cfg.ultra_low_density, "config": {k: v for k, v in vars(cfg).items() if k != "data"},
+        "run": str(run.absolute()),
+        "description": rows.description,
+        "architecture": sae.architecture,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "context_before": cfg.context_before,
+        "context_after": cfg.context_after,
+        "ultra_low_density": cfg.ultra_low_density,
+        "config": {k: v for k, v in vars(cfg).items() if k != "data"},
         "data": dict(cfg.data),
     }
     insp = Inspection(arrays, meta, vocab, labels)
@@ -112,8 +139,10 @@ def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
     insp.meta["timings"] = timings
     insp.save(out)
     (out / "summary.json").write_text(json.dumps({**insp.summary(), "timings": timings}, indent=1))
-    line = (f"inspect: {rows.n_rows:,} rows in {timings['total_s']:.1f} s; {len(insp.dead)} dead, "
-            f"{len(insp.ultra_low_density)} below density {cfg.ultra_low_density}")
+    line = (
+        f"inspect: {rows.n_rows:,} rows in {timings['total_s']:.1f} s; {len(insp.dead)} dead, "
+        f"{len(insp.ultra_low_density)} below density {cfg.ultra_low_density}"
+    )
     if insp.has_ground_truth:
         line += " | " + " ".join(f"{k} {v:.4g}" for k, v in insp.mmcs().items())
     print(line + f" -> {out / 'index.html'}", flush=True)

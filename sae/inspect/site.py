@@ -63,12 +63,16 @@ def _chunk(insp: Inspection, lo: int, hi: int) -> dict:
         f = insp.feature(i)
         nz = np.flatnonzero(f.hist_counts)
         a, b = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
-        features.append({
-            "id": i, "fires": f.fires, "hist": [a, f.hist_counts[a:b].tolist()],
-            "top": [_example(insp, e, table) for e in f.top],
-            "rnd": [_example(insp, e, table) for e in f.random],
-            "nb": [[int(j), _num(c, 3)] for j, c in zip(f.neighbours, f.neighbour_cosines)],
-        })
+        features.append(
+            {
+                "id": i,
+                "fires": f.fires,
+                "hist": [a, f.hist_counts[a:b].tolist()],
+                "top": [_example(insp, e, table) for e in f.top],
+                "rnd": [_example(insp, e, table) for e in f.random],
+                "nb": [[int(j), _num(c, 3)] for j, c in zip(f.neighbours, f.neighbour_cosines)],
+            }
+        )
     return {"tokens": list(table), "features": features}
 
 
@@ -79,13 +83,22 @@ def write_site(insp: Inspection, out_dir: str | Path, page_size: int = 100, chun
     for old in (out / "data").glob("chunk_*.js"):
         old.unlink()
     meta = {
-        "run": str(insp.meta.get("run", "")), "description": insp.meta.get("description", ""),
-        "n_rows": insp.n_rows, "d_sae": insp.d_sae, "d_in": insp.meta.get("d_in"),
-        "architecture": insp.meta.get("architecture", ""), "has_tokens": insp.has_tokens,
-        "has_gt": insp.has_ground_truth, "edges": [_num(e) for e in insp.arrays["hist_edges"]],
-        "dead": len(insp.dead), "ultra_low": len(insp.ultra_low_density),
-        "ultra_low_density": insp.meta["ultra_low_density"], "chunk": chunk_features, "page_size": page_size,
-        "plots": sorted(p.name for p in insp.plots.values()), "recovery": insp.mmcs(),
+        "run": str(insp.meta.get("run", "")),
+        "description": insp.meta.get("description", ""),
+        "n_rows": insp.n_rows,
+        "d_sae": insp.d_sae,
+        "d_in": insp.meta.get("d_in"),
+        "architecture": insp.meta.get("architecture", ""),
+        "has_tokens": insp.has_tokens,
+        "has_gt": insp.has_ground_truth,
+        "edges": [_num(e) for e in insp.arrays["hist_edges"]],
+        "dead": len(insp.dead),
+        "ultra_low": len(insp.ultra_low_density),
+        "ultra_low_density": insp.meta["ultra_low_density"],
+        "chunk": chunk_features,
+        "page_size": page_size,
+        "plots": sorted(p.name for p in insp.plots.values()),
+        "recovery": insp.mmcs(),
     }
     (out / "features.js").write_text(_js("SAE_LIST", {"meta": meta, "columns": _feature_list(insp)}))
     for c, lo in enumerate(range(0, insp.d_sae, chunk_features)):
@@ -101,4 +114,3 @@ def _index_html() -> str:
     static = files("sae.inspect") / "static"
     read = lambda name: (static / name).read_text(encoding="utf-8")
     return read("browser.html").replace("/*CSS*/", read("browser.css")).replace("/*JS*/", read("browser.js"))
-

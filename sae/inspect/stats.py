@@ -48,9 +48,13 @@ class StatsState(NamedTuple):
 
 def init_state(d_sae: int, n_bins: int, top_k: int, n_random: int) -> StatsState:
     return StatsState(
-        fires=jnp.zeros(d_sae, jnp.int32), total=jnp.zeros(d_sae, jnp.float32), max=jnp.zeros(d_sae, jnp.float32),
-        hist=jnp.zeros((d_sae, n_bins + 1), jnp.int32), l0_hist=jnp.zeros(d_sae + 1, jnp.int32),
-        top_values=jnp.zeros((d_sae, top_k), jnp.float32), top_rows=jnp.full((d_sae, top_k), -1, jnp.int32),
+        fires=jnp.zeros(d_sae, jnp.int32),
+        total=jnp.zeros(d_sae, jnp.float32),
+        max=jnp.zeros(d_sae, jnp.float32),
+        hist=jnp.zeros((d_sae, n_bins + 1), jnp.int32),
+        l0_hist=jnp.zeros(d_sae + 1, jnp.int32),
+        top_values=jnp.zeros((d_sae, top_k), jnp.float32),
+        top_rows=jnp.full((d_sae, top_k), -1, jnp.int32),
         random_priority=jnp.full((d_sae, n_random), -1.0, jnp.float32),
         random_values=jnp.zeros((d_sae, n_random), jnp.float32),
         random_rows=jnp.full((d_sae, n_random), -1, jnp.int32),
@@ -113,8 +117,17 @@ def float_bins(bins_per_octave: int, hist_min: float, hist_max: float) -> tuple[
     return shift, lo, hi - lo, edges
 
 
-def make_step(sae: LoadedSAE, batch_size: int, bins_per_octave: int, hist_min: float, hist_max: float, top_k: int,
-              n_random: int, random_stride: int, seed: int) -> Callable:
+def make_step(
+    sae: LoadedSAE,
+    batch_size: int,
+    bins_per_octave: int,
+    hist_min: float,
+    hist_max: float,
+    top_k: int,
+    n_random: int,
+    random_stride: int,
+    seed: int,
+) -> Callable:
     """step(params, state, x [batch_size, d_in], first_row, n_valid) -> (state, floor [batch_size]), jitted with
     the state donated. floor: each row's smallest active value when it has k active latents (TopK), else 0,
     so that latent j is active on the row iff its pre-activation reaches the floor (see examples.py)."""
@@ -155,17 +168,29 @@ def make_step(sae: LoadedSAE, batch_size: int, bins_per_octave: int, hist_min: f
             max=jnp.maximum(state.max, top_values[:, 0]),
             hist=state.hist + hist.astype(jnp.int32),
             l0_hist=state.l0_hist + jnp.bincount(l0, length=d_sae + 1).astype(jnp.int32),
-            top_values=top[0], top_rows=top[1],
-            random_priority=keep_p, random_values=pick(state.random_values, new_values),
+            top_values=top[0],
+            top_rows=top[1],
+            random_priority=keep_p,
+            random_values=pick(state.random_values, new_values),
             random_rows=pick(state.random_rows, rows_s[at]),
         ), floor
 
     return step
 
 
-def accumulate(sae: LoadedSAE, batches, batch_size: int, bins_per_octave: int = 4, hist_min: float = 2.0**-14,
-               hist_max: float = 2.0**10, top_k: int = 16, n_random: int = 16, random_stride: int = 4,
-               seed: int = 0, progress: Callable[[int], object] | None = None) -> dict[str, np.ndarray]:
+def accumulate(
+    sae: LoadedSAE,
+    batches,
+    batch_size: int,
+    bins_per_octave: int = 4,
+    hist_min: float = 2.0**-14,
+    hist_max: float = 2.0**10,
+    top_k: int = 16,
+    n_random: int = 16,
+    random_stride: int = 4,
+    seed: int = 0,
+    progress: Callable[[int], object] | None = None,
+) -> dict[str, np.ndarray]:
     """Statistics of the SAE's latents over `batches` of (first row, x [≤ batch_size, d_in]) as NumPy arrays.
 
     Returns the StatsState fields plus `n_rows`, `hist_edges` and `row_floor` [n_rows] (TopK's per-row
@@ -252,5 +277,9 @@ def ground_truth_match(w_dec: np.ndarray, ground_truth: np.ndarray, chunk: int =
         better = sims.max(0) > truth_cosine
         truth_match[better] = start + sims.argmax(0)[better]
         truth_cosine[better] = sims.max(0)[better]
-    return {"gt_match": np.concatenate(gt_match), "gt_cosine": np.concatenate(gt_cosine),
-            "truth_match": truth_match, "truth_cosine": truth_cosine}
+    return {
+        "gt_match": np.concatenate(gt_match),
+        "gt_cosine": np.concatenate(gt_cosine),
+        "truth_match": truth_match,
+        "truth_cosine": truth_cosine,
+    }

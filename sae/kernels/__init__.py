@@ -32,11 +32,24 @@ import jax.numpy as jnp
 import jaxlib
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-_TARGETS = {"sae_top_k": "SaeTopK", "sae_gather_sum": "SaeGatherSum", "sae_gather_sum_grad": "SaeGatherSumGrad",
-            "sae_scatter_columns": "SaeScatterColumns"}
+_TARGETS = {
+    "sae_top_k": "SaeTopK",
+    "sae_gather_sum": "SaeGatherSum",
+    "sae_gather_sum_grad": "SaeGatherSumGrad",
+    "sae_scatter_columns": "SaeScatterColumns",
+}
 # Reassociation lets the compiler vectorise the dot products; infinities and NaNs keep their meaning.
-_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros",
-          "-fno-trapping-math"]
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-fopenmp-simd",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+]
 _state: dict = {}  # "lib": the loaded library once registered; "error": why the kernels are unavailable
 _ENABLED = [os.environ.get("SAE_JAX_CPU_KERNELS", "1") != "0"]
 
@@ -55,8 +68,9 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler found (set CXX)")
     include = jax.ffi.include_dir()
     flags = [*_FLAGS, *shlex.split(os.environ.get("SAE_JAX_CXXFLAGS", ""))]
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), jaxlib.__version__, cxx, *flags, platform.machine(),
-                                    _cpu_model()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\0".join([_SOURCE.read_text(), jaxlib.__version__, cxx, *flags, platform.machine(), _cpu_model()]).encode()
+    ).hexdigest()[:16]
     cache = Path(os.environ.get("SAE_JAX_CACHE", "~/.cache/sae-jax")).expanduser() / "kernels"
     library = cache / f"cpu_kernels-{key}.so"
     if library.exists():
@@ -64,8 +78,9 @@ def _build() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe for parallel builds
         built = Path(tmp) / library.name
-        result = subprocess.run([cxx, *flags, "-isystem", include, str(_SOURCE), "-o", str(built)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [cxx, *flags, "-isystem", include, str(_SOURCE), "-o", str(built)], capture_output=True, text=True
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{cxx} failed on {_SOURCE}:\n{result.stderr[-2000:]}")
         os.replace(built, library)
@@ -109,8 +124,11 @@ def _on_cpu(kernel: Callable, fallback: Callable, *args):
 def top_k(z: jax.Array, bias: jax.Array, k: int, relu: bool, fallback: Callable) -> tuple[jax.Array, jax.Array]:
     """Row-wise top-k of (ReLU)(z + bias): z [B, N], bias [N] -> (values [B, k] descending, indices [B, k])."""
     batch = z.shape[0]
-    call = jax.ffi.ffi_call("sae_top_k", (jax.ShapeDtypeStruct((batch, k), jnp.float32),
-                                          jax.ShapeDtypeStruct((batch, k), jnp.int32)), vmap_method="sequential")
+    call = jax.ffi.ffi_call(
+        "sae_top_k",
+        (jax.ShapeDtypeStruct((batch, k), jnp.float32), jax.ShapeDtypeStruct((batch, k), jnp.int32)),
+        vmap_method="sequential",
+    )
     return _on_cpu(lambda z, b: tuple(call(z, b, relu=relu)), fallback, z, bias)
 
 
@@ -121,8 +139,9 @@ def gather_sum(vals: jax.Array, w_rows: jax.Array, idx: jax.Array, fallback: Cal
     return _on_cpu(lambda v, w, i: call(v, w, i), fallback, vals, w_rows, idx.astype(jnp.int32))
 
 
-def gather_sum_grad(vals: jax.Array, w_rows: jax.Array, idx: jax.Array, g: jax.Array,
-                    fallback: Callable) -> tuple[jax.Array, jax.Array]:
+def gather_sum_grad(
+    vals: jax.Array, w_rows: jax.Array, idx: jax.Array, g: jax.Array, fallback: Callable
+) -> tuple[jax.Array, jax.Array]:
     """gather_sum's backward for upstream g [B, D]: (∂/∂vals [B, k] = g[b] · w_rows[idx[b, j]],
     ∂/∂w_rows [N, D] = Σ_{b,j: idx[b,j] = i} vals[b, j] g[b]), in one pass."""
     outs = (jax.ShapeDtypeStruct(idx.shape, jnp.float32), jax.ShapeDtypeStruct(w_rows.shape, jnp.float32))
@@ -132,6 +151,7 @@ def gather_sum_grad(vals: jax.Array, w_rows: jax.Array, idx: jax.Array, g: jax.A
 
 def scatter_columns(vals: jax.Array, rows: jax.Array, idx: jax.Array, n: int, fallback: Callable) -> jax.Array:
     """[D, N]: out[:, i] = Σ_{b,j: idx[b,j] = i} vals[b, j] rows[b]; vals, idx [B, k], rows [B, D]."""
-    call = jax.ffi.ffi_call("sae_scatter_columns", jax.ShapeDtypeStruct((rows.shape[1], n), jnp.float32),
-                            vmap_method="sequential")
+    call = jax.ffi.ffi_call(
+        "sae_scatter_columns", jax.ShapeDtypeStruct((rows.shape[1], n), jnp.float32), vmap_method="sequential"
+    )
     return _on_cpu(lambda v, r, i: call(v, r, i), fallback, vals, rows, idx.astype(jnp.int32))

@@ -29,8 +29,9 @@ class CorpusConfig:
 
     path: str | None = None  # a directory of text files; null: sysconfig's stdlib directory
     pattern: str = "*.py"  # file-name glob, matched recursively under path
-    exclude: list[str] = field(default_factory=lambda: ["site-packages", "dist-packages", "test", "tests",
-                                                        "idle_test"])  # directory names skipped
+    exclude: list[str] = field(
+        default_factory=lambda: ["site-packages", "dist-packages", "test", "tests", "idle_test"]
+    )  # directory names skipped
     val_fraction: float = 0.05  # files (by a hash of their relative path) held out for validation
     tokenizer: str = "bpe"  # bpe (byte-level, trained on the training files) | bytes (256 bytes + end-of-file)
     bpe_vocab_size: int = 1024  # bpe only: 256 bytes + end-of-file + merges
@@ -83,8 +84,10 @@ def check_train(cfg: LMTrainConfig) -> None:
     require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must divide by model.n_heads={m.n_heads}")
     require(0 < c.val_fraction < 1, f"corpus.val_fraction={c.val_fraction} must be in (0, 1)")
     require(c.tokenizer in TOKENIZERS, f"corpus.tokenizer={c.tokenizer!r} is not one of {list(TOKENIZERS)}")
-    require(c.tokenizer != "bpe" or c.bpe_vocab_size > 257,
-            f"corpus.bpe_vocab_size={c.bpe_vocab_size} must be > 257 (256 bytes + end-of-file + merges)")
+    require(
+        c.tokenizer != "bpe" or c.bpe_vocab_size > 257,
+        f"corpus.bpe_vocab_size={c.bpe_vocab_size} must be > 257 (256 bytes + end-of-file + merges)",
+    )
     positive(o.lr, "optim.lr")
     require(0 <= o.min_lr_fraction <= 1, f"optim.min_lr_fraction={o.min_lr_fraction} must be in [0, 1]")
     require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be ≥ 0")
@@ -94,8 +97,16 @@ def check_train(cfg: LMTrainConfig) -> None:
     positive(o.eps, "optim.eps")
     if o.grad_clip is not None:
         positive(o.grad_clip, "optim.grad_clip")
-    for key in ("steps", "batch_size", "steps_per_call", "log_every", "eval_every", "eval_sequences",
-                "checkpoint_every", "sample_tokens"):
+    for key in (
+        "steps",
+        "batch_size",
+        "steps_per_call",
+        "log_every",
+        "eval_every",
+        "eval_sequences",
+        "checkpoint_every",
+        "sample_tokens",
+    ):
         positive(getattr(t, key), f"trainer.{key}")
     positive(t.keep_checkpoints, "trainer.keep_checkpoints")
     require(t.samples >= 0, f"trainer.samples={t.samples} must be ≥ 0")

@@ -148,8 +148,9 @@ def forward(model: TransformerLM, replace: Replace | None = None) -> Callable[[j
     return lambda tokens: run(state, jnp.asarray(tokens, jnp.int32))
 
 
-def generate(model: TransformerLM, prompt: list[int], n_tokens: int, temperature: float = 0.0,
-             seed: int = 0) -> list[int]:
+def generate(
+    model: TransformerLM, prompt: list[int], n_tokens: int, temperature: float = 0.0, seed: int = 0
+) -> list[int]:
     """Sample n_tokens continuing `prompt` (greedy when temperature = 0), with a sliding n_ctx window.
 
     One jitted step per token on a fixed [1, n_ctx] buffer (no recompilation as the text grows).
@@ -172,4 +173,4 @@ def generate(model: TransformerLM, prompt: list[int], n_tokens: int, temperature
         context = out[-n_ctx:]
         window = jnp.zeros(n_ctx, jnp.int32).at[: len(context)].set(jnp.asarray(context, jnp.int32))
         out.append(int(next_token(state, window, len(context), jax.random.fold_in(key, i))))
-    return out[len(prompt):]
+    return out[len(prompt) :]

@@ -30,8 +30,9 @@ from sae.lm.train import corpus_of, load_lm
 Reconstruct = Callable[[jax.Array], jax.Array]
 
 
-def loss_recovered(lm: TransformerLM, site: str, reconstruct: Reconstruct,
-                   token_batches: Iterable[np.ndarray]) -> dict[str, float]:
+def loss_recovered(
+    lm: TransformerLM, site: str, reconstruct: Reconstruct, token_batches: Iterable[np.ndarray]
+) -> dict[str, float]:
     """CE losses clean / zero-ablated / spliced, the CE-loss score and the KL to the clean model.
 
     lm: the model; site: e.g. "mlp_post" (or "blocks/<l>/<site>"); reconstruct: a JAX-traceable map
@@ -49,8 +50,11 @@ def loss_recovered(lm: TransformerLM, site: str, reconstruct: Reconstruct,
     @jax.jit
     def sums(state: nnx.State, tokens: jax.Array) -> dict[str, jax.Array]:
         model = nnx.merge(graphdef, state)
-        logits = {"clean": model(tokens), "zero_ablation": model(tokens, {site: jnp.zeros_like}),
-                  "sae": model(tokens, {site: spliced})}
+        logits = {
+            "clean": model(tokens),
+            "zero_ablation": model(tokens, {site: jnp.zeros_like}),
+            "sae": model(tokens, {site: spliced}),
+        }
         logp = {k: jax.nn.log_softmax(v[:, :-1].astype(jnp.float32), axis=-1) for k, v in logits.items()}
         p_clean = jnp.exp(logp["clean"])
         out = {f"ce_loss_{k}": token_losses(v, tokens).sum() for k, v in logits.items()}
@@ -70,8 +74,9 @@ def loss_recovered(lm: TransformerLM, site: str, reconstruct: Reconstruct,
     if not n_tokens:
         raise ValueError("loss_recovered needs at least one token batch")
     out = {k: v / n_tokens for k, v in totals.items()}
-    out["ce_loss_score"] = ((out["ce_loss_zero_ablation"] - out["ce_loss_sae"])
-                            / (out["ce_loss_zero_ablation"] - out["ce_loss_clean"]))
+    out["ce_loss_score"] = (out["ce_loss_zero_ablation"] - out["ce_loss_sae"]) / (
+        out["ce_loss_zero_ablation"] - out["ce_loss_clean"]
+    )
     out["n_tokens"] = n_tokens
     return out
 
@@ -84,8 +89,9 @@ def lm_provenance(store: str | Path | dict) -> dict | None:
     return provenance if provenance.get("source") == "lm" else None
 
 
-def lm_eval_data(store: str | Path | dict, n_sequences: int = 256, batch_size: int = 32,
-                 seed: int = 0) -> tuple[TransformerLM, str, list[np.ndarray]]:
+def lm_eval_data(
+    store: str | Path | dict, n_sequences: int = 256, batch_size: int = 32, seed: int = 0
+) -> tuple[TransformerLM, str, list[np.ndarray]]:
     """(LM, site, validation token batches [batch_size, n_ctx]) for a store written by `sae-cache source=lm`.
 
     The LM is its run's checkpoint of the step the store was cached from; the batches are up to
@@ -93,8 +99,10 @@ def lm_eval_data(store: str | Path | dict, n_sequences: int = 256, batch_size: i
     """
     provenance = lm_provenance(store)
     if provenance is None:
-        raise ValueError(f"{store if not isinstance(store, dict) else 'the manifest'} was not cached from an LM "
-                         "(its provenance source is not 'lm')")
+        raise ValueError(
+            f"{store if not isinstance(store, dict) else 'the manifest'} was not cached from an LM "
+            "(its provenance source is not 'lm')"
+        )
     lm, tokenizer, lm_config = load_lm(provenance["model"], step=provenance.get("model_step"))
     val = corpus_of(lm_config).tokens("val", tokenizer)
     n_ctx = int(provenance.get("context_length", lm.cfg.n_ctx))
@@ -102,8 +110,9 @@ def lm_eval_data(store: str | Path | dict, n_sequences: int = 256, batch_size: i
     return lm, provenance["site"], [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
-def store_loss_recovered(store: str | Path | dict, reconstruct: Reconstruct, n_sequences: int = 256,
-                         batch_size: int = 32) -> dict[str, float]:
+def store_loss_recovered(
+    store: str | Path | dict, reconstruct: Reconstruct, n_sequences: int = 256, batch_size: int = 32
+) -> dict[str, float]:
     """`loss_recovered` of `reconstruct` at the site of an LM store, on its LM's validation text."""
     lm, site, batches = lm_eval_data(store, n_sequences, batch_size)
     return loss_recovered(lm, site, reconstruct, batches)

@@ -64,7 +64,8 @@ class ByteTokenizer:
         return np.array([len(v) for v in self.vocab], np.int64)
 
     def token_strings(self) -> list[str]:
-        """A display string per token id (bytes that are not UTF-8 as \\xNN; EOT as '<|eot|>'): the store's vocab.json."""
+        """A display string per token id (bytes that are not UTF-8 as \\xNN; EOT as '<|eot|>'): the store's
+        vocab.json."""
         return ["<|eot|>" if i == self.eot else v.decode("utf-8", "backslashreplace") for i, v in enumerate(self.vocab)]
 
     def decode(self, ids) -> str:
@@ -228,16 +229,24 @@ class Corpus:
         for data in self.read(name):
             parts += [tokenizer.encode(data), np.array([tokenizer.eot], np.uint16)]
         if not parts:
-            raise CorpusError(f"the {name} split of '{self.root}' holds no files "
-                              f"(corpus.val_fraction={self.val_fraction}, {len(self.files)} files)")
+            raise CorpusError(
+                f"the {name} split of '{self.root}' holds no files "
+                f"(corpus.val_fraction={self.val_fraction}, {len(self.files)} files)"
+            )
         return np.concatenate(parts)
 
     def describe(self) -> dict:
         """Provenance: root, file counts, bytes per split, and the Python version (whose stdlib it may be)."""
         sizes = {s: sum((self.root / f).stat().st_size for f in self.split(s)) for s in ("train", "val")}
-        return {"root": str(self.root), "files": len(self.files), "train_files": len(self.split("train")),
-                "val_files": len(self.split("val")), "train_bytes": sizes["train"], "val_bytes": sizes["val"],
-                "python": sys.version.split()[0]}
+        return {
+            "root": str(self.root),
+            "files": len(self.files),
+            "train_files": len(self.split("train")),
+            "val_files": len(self.split("val")),
+            "train_bytes": sizes["train"],
+            "val_bytes": sizes["val"],
+            "python": sys.version.split()[0],
+        }
 
 
 def stdlib_dir() -> Path:
@@ -259,8 +268,10 @@ def find_corpus(cfg: CorpusConfig) -> Corpus:
                 if path.is_file():
                     files.append(path.relative_to(root).as_posix())
     if not files:
-        raise CorpusError(f"corpus.path={str(root)!r} holds no files matching corpus.pattern={cfg.pattern!r} "
-                          f"outside corpus.exclude={sorted(exclude)}")
+        raise CorpusError(
+            f"corpus.path={str(root)!r} holds no files matching corpus.pattern={cfg.pattern!r} "
+            f"outside corpus.exclude={sorted(exclude)}"
+        )
     return Corpus(root, tuple(sorted(files)), cfg.val_fraction)
 
 

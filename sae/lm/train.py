@@ -49,10 +49,17 @@ SAMPLE_PROMPTS = ("def", "import", "class")  # no trailing space: BPE attaches a
 def make_optimizer(optim: LMOptimConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW on a warm-up + cosine schedule (peak optim.lr, end optim.lr·min_lr_fraction), clipped first."""
     warmup = min(optim.warmup_steps, max(steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(steps, warmup + 1),
-                                                  optim.lr * optim.min_lr_fraction)
-    adamw = optax.adamw(schedule, optim.beta1, optim.beta2, optim.eps, weight_decay=optim.weight_decay,
-                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, optim.lr, warmup, max(steps, warmup + 1), optim.lr * optim.min_lr_fraction
+    )
+    adamw = optax.adamw(
+        schedule,
+        optim.beta1,
+        optim.beta2,
+        optim.eps,
+        weight_decay=optim.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+    )
     tx = adamw if optim.grad_clip is None else optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
     return tx, schedule
 
@@ -95,8 +102,9 @@ def mean_loss(eval_loss, params, windows: np.ndarray, batch_size: int) -> float:
 
 def step_batches(tokens: np.ndarray, n_ctx: int, batch_size: int, seed: int, first: int, k: int) -> np.ndarray:
     """The batches of steps first..first+k−1: [k, batch_size, n_ctx] int32, step s from default_rng((seed, s))."""
-    return np.stack([random_windows(tokens, n_ctx, batch_size, np.random.default_rng((seed, s)))
-                     for s in range(first, first + k)])
+    return np.stack(
+        [random_windows(tokens, n_ctx, batch_size, np.random.default_rng((seed, s))) for s in range(first, first + k)]
+    )
 
 
 def _corpus_record(cfg: CorpusConfig, corpus: Corpus) -> dict:
@@ -122,8 +130,9 @@ def load_lm(run_dir: str | Path, step: int | None = None) -> tuple[TransformerLM
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     if not (run_dir / CHECKPOINTS).is_dir():
-        raise FileNotFoundError(f"'{run_dir}' holds no {CHECKPOINTS}/ (was the lm-train run stopped before "
-                                f"its first checkpoint?)")
+        raise FileNotFoundError(
+            f"'{run_dir}' holds no {CHECKPOINTS}/ (was the lm-train run stopped before its first checkpoint?)"
+        )
     absl = logging.getLogger("absl")
     level, _ = absl.level, absl.setLevel(logging.ERROR)  # orbax warns that a read-only manager will not save
     try:
@@ -133,8 +142,9 @@ def load_lm(run_dir: str | Path, step: int | None = None) -> tuple[TransformerLM
     try:
         train = lm_config["train"]  # the optimizer state's structure is part of the checkpoint's
         tx, _ = make_optimizer(LMOptimConfig(**train["optim"]), train["trainer"]["steps"])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                {"params": params, "opt": jax.eval_shape(tx.init, params)})
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"params": params, "opt": jax.eval_shape(tx.init, params)}
+        )
         restored = ckpt.restore(abstract, lambda meta, where: None, step=step) if ckpt.steps() else None
     finally:
         ckpt.close()
@@ -143,14 +153,20 @@ def load_lm(run_dir: str | Path, step: int | None = None) -> tuple[TransformerLM
     return nnx.merge(graphdef, restored.state["params"]), tokenizer, lm_config
 
 
-def _sample_texts(model: TransformerLM, tokenizer: ByteTokenizer, n: int, n_tokens: int, temperature: float,
-                  seed: int) -> list[str]:
+def _sample_texts(
+    model: TransformerLM, tokenizer: ByteTokenizer, n: int, n_tokens: int, temperature: float, seed: int
+) -> list[str]:
     """n samples: the first greedy, the others at `temperature`, from prompts cycling over SAMPLE_PROMPTS."""
     out = []
     for i in range(n):
         prompt = SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]
-        ids = generate(model, [int(t) for t in tokenizer.encode(prompt)], n_tokens,
-                       temperature=0.0 if i == 0 else temperature, seed=seed + i)
+        ids = generate(
+            model,
+            [int(t) for t in tokenizer.encode(prompt)],
+            n_tokens,
+            temperature=0.0 if i == 0 else temperature,
+            seed=seed + i,
+        )
         out.append(prompt + tokenizer.decode(ids))
     return out
 
@@ -170,15 +186,26 @@ def train_lm(cfg: LMTrainConfig, run_dir: str | Path) -> dict:
         raise ConfigError(f"the validation split ({len(val_tokens)} tokens) is shorter than model.n_ctx={m.n_ctx}")
     scored = val_windows[:, 1:]  # the tokens the validation loss predicts, and their bytes
     bytes_per_token = float(tokenizer.token_lengths()[scored].sum() / scored.size)
-    print(f"lm-train: corpus '{corpus.root}': {corpus.describe()['train_files']} train files ({len(train_tokens):,} "
-          f"tokens), {corpus.describe()['val_files']} val files ({len(val_tokens):,} tokens); tokenizer "
-          f"{tokenizer.kind} (vocab {tokenizer.vocab_size}, {bytes_per_token:.2f} bytes/token on validation); "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    print(
+        f"lm-train: corpus '{corpus.root}': {corpus.describe()['train_files']} train files ({len(train_tokens):,} "
+        f"tokens), {corpus.describe()['val_files']} val files ({len(val_tokens):,} tokens); tokenizer "
+        f"{tokenizer.kind} (vocab {tokenizer.vocab_size}, {bytes_per_token:.2f} bytes/token on validation); "
+        f"{time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
 
-    config_dict = {"model": dataclasses.asdict(m), "optim": dataclasses.asdict(cfg.optim),
-                   "trainer": dataclasses.asdict(t), "seed": cfg.seed}
-    lm_config = {"model": dataclasses.asdict(m), "tokenizer": tokenizer.to_dict(),
-                 "corpus": _corpus_record(cfg.corpus, corpus), "train": config_dict}
+    config_dict = {
+        "model": dataclasses.asdict(m),
+        "optim": dataclasses.asdict(cfg.optim),
+        "trainer": dataclasses.asdict(t),
+        "seed": cfg.seed,
+    }
+    lm_config = {
+        "model": dataclasses.asdict(m),
+        "tokenizer": tokenizer.to_dict(),
+        "corpus": _corpus_record(cfg.corpus, corpus),
+        "train": config_dict,
+    }
     (run_dir / LM_CONFIG).write_text(json.dumps(lm_config, indent=1))
 
     model = build(m, tokenizer.vocab_size, cfg.seed)
@@ -189,15 +216,18 @@ def train_lm(cfg: LMTrainConfig, run_dir: str | Path) -> dict:
     opt_state = tx.init(params)
     train_steps, eval_loss = make_train_steps(graphdef, tx), make_eval_loss(graphdef)
 
-    ckpt = Checkpointer(run_dir / CHECKPOINTS, CheckpointConfig(every=t.checkpoint_every, keep=t.keep_checkpoints,
-                                                                best_metric=None))
+    ckpt = Checkpointer(
+        run_dir / CHECKPOINTS, CheckpointConfig(every=t.checkpoint_every, keep=t.keep_checkpoints, best_metric=None)
+    )
     meta = {"config": config_dict, "d_in": 0}
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"params": params, "opt": opt_state})
 
     def check_meta(saved: dict, where: Path) -> None:
         if saved["config"]["model"] != config_dict["model"] or saved["config"]["seed"] != cfg.seed:
-            raise ConfigError(f"checkpoint {where} was made with model={saved['config']['model']} "
-                              f"seed={saved['config']['seed']}; start in a new run directory")
+            raise ConfigError(
+                f"checkpoint {where} was made with model={saved['config']['model']} "
+                f"seed={saved['config']['seed']}; start in a new run directory"
+            )
 
     restored = ckpt.restore(abstract, check_meta) if ckpt.steps() else None
     step = 0
@@ -206,8 +236,11 @@ def train_lm(cfg: LMTrainConfig, run_dir: str | Path) -> dict:
         print(f"lm-train: resumed from {restored.path} at step {step}", flush=True)
     tracker = make_tracker(cfg.logger, run_dir, config_dict, name=f"lm-{run_dir.name}")
     log_path = run_dir / "metrics.jsonl"
-    kept = [line for line in (log_path.read_text().splitlines(keepends=True) if log_path.exists() else [])
-            if step and line.strip() and json.loads(line)["step"] <= step]
+    kept = [
+        line
+        for line in (log_path.read_text().splitlines(keepends=True) if log_path.exists() else [])
+        if step and line.strip() and json.loads(line)["step"] <= step
+    ]
     log_file = log_path.open("w")
     log_file.writelines(kept)
 
@@ -216,8 +249,11 @@ def train_lm(cfg: LMTrainConfig, run_dir: str | Path) -> dict:
         log_file.flush()
         tracker.log(step, values)
 
-    print(f"lm-train: {n_params:,} parameters; {t.steps} steps × {t.batch_size} × {m.n_ctx} tokens "
-          f"({t.steps * t.batch_size * m.n_ctx / 1e6:.1f}M tokens), {t.steps_per_call} steps per call", flush=True)
+    print(
+        f"lm-train: {n_params:,} parameters; {t.steps} steps × {t.batch_size} × {m.n_ctx} tokens "
+        f"({t.steps * t.batch_size * m.n_ctx / 1e6:.1f}M tokens), {t.steps_per_call} steps per call",
+        flush=True,
+    )
     last = {"log": step, "eval": step, "ckpt": step}
     val_loss = train_loss = float("nan")
     pending: list[jax.Array] = []
@@ -235,14 +271,21 @@ def train_lm(cfg: LMTrainConfig, run_dir: str | Path) -> dict:
                 pending = []
                 rate = (step - tokens_at) * t.batch_size * m.n_ctx / max(time.perf_counter() - t_train, 1e-9)
                 record({"train_loss": train_loss, "lr": float(schedule(step - 1)), "tokens_per_s": rate})
-                print(f"step {step}/{t.steps} | train loss {train_loss:.4f} nats/token | lr {float(schedule(step - 1)):.2e}"
-                      f" | {rate:,.0f} tok/s | {time.perf_counter() - t0:.0f} s", flush=True)
+                print(
+                    f"step {step}/{t.steps} | train loss {train_loss:.4f} nats/token"
+                    f" | lr {float(schedule(step - 1)):.2e}"
+                    f" | {rate:,.0f} tok/s | {time.perf_counter() - t0:.0f} s",
+                    flush=True,
+                )
                 last["log"] = step
             if step - last["eval"] >= t.eval_every or done:
                 val_loss = mean_loss(eval_loss, params, val_windows, t.batch_size)
                 record({"val_loss": val_loss, "val_loss_per_byte": val_loss / bytes_per_token})
-                print(f"step {step}/{t.steps} | val loss {val_loss:.4f} nats/token, "
-                      f"{val_loss / bytes_per_token:.4f} nats/byte", flush=True)
+                print(
+                    f"step {step}/{t.steps} | val loss {val_loss:.4f} nats/token, "
+                    f"{val_loss / bytes_per_token:.4f} nats/byte",
+                    flush=True,
+                )
                 last["eval"] = step
             if step - last["ckpt"] >= t.checkpoint_every or done:
                 ckpt.save(step, {"params": params, "opt": opt_state}, {**meta, "step": step})
@@ -259,13 +302,23 @@ def train_lm(cfg: LMTrainConfig, run_dir: str | Path) -> dict:
     for i, text in enumerate(samples):
         print(f"--- sample {i} ({'greedy' if i == 0 else f'temperature {t.temperature}'}) ---\n{text}", flush=True)
     (run_dir / "samples.txt").write_text("".join(f"--- sample {i} ---\n{s}\n" for i, s in enumerate(samples)))
-    metrics = {"val_loss": val_loss, "val_bits_per_token": val_loss / math.log(2),
-               "val_loss_per_byte": val_loss / bytes_per_token, "val_bytes_per_token": bytes_per_token,
-               "train_loss": train_loss, "val_tokens": int(scored.size), "steps": step,
-               "tokens": step * t.batch_size * m.n_ctx, "parameters": n_params, "seconds": seconds}
+    metrics = {
+        "val_loss": val_loss,
+        "val_bits_per_token": val_loss / math.log(2),
+        "val_loss_per_byte": val_loss / bytes_per_token,
+        "val_bytes_per_token": bytes_per_token,
+        "train_loss": train_loss,
+        "val_tokens": int(scored.size),
+        "steps": step,
+        "tokens": step * t.batch_size * m.n_ctx,
+        "parameters": n_params,
+        "seconds": seconds,
+    }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     tracker.log(step, {"final_val_loss": val_loss})
     tracker.finish()
-    print(f"lm-train: val loss {val_loss:.4f} nats/token after {step} steps in {seconds:.0f} s; run in '{run_dir}'",
-          flush=True)
+    print(
+        f"lm-train: val loss {val_loss:.4f} nats/token after {step} steps in {seconds:.0f} s; run in '{run_dir}'",
+        flush=True,
+    )
     return metrics

@@ -12,6 +12,21 @@ from sae.tracking.toy import log_toy_run, toy_settings_table
 from sae.tracking.trackers import JsonlTracker, Tracker, WandbTracker, histogram, make_tracker
 from sae.tracking.wandb_file import read_wandb_records, read_wandb_run
 
-__all__ = ["JsonlTracker", "LoggerConfig", "SAELENS_NAMES", "Tracker", "WANDB_NAMES", "WandbTracker", "has_api_key",
-           "histogram", "log_toy_run", "make_tracker", "read_wandb_records", "read_wandb_run", "resolve_mode",
-           "to_wandb_metrics", "toy_settings_table", "wandb_name"]
+__all__ = [
+    "JsonlTracker",
+    "LoggerConfig",
+    "SAELENS_NAMES",
+    "Tracker",
+    "WANDB_NAMES",
+    "WandbTracker",
+    "has_api_key",
+    "histogram",
+    "log_toy_run",
+    "make_tracker",
+    "read_wandb_records",
+    "read_wandb_run",
+    "resolve_mode",
+    "to_wandb_metrics",
+    "toy_settings_table",
+    "wandb_name",
+]

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 from sae.config import WANDB_MODES
 
+
 def has_api_key(environ: Mapping[str, str] | None = None) -> bool:
     """True when a W&B API key is configured: WANDB_API_KEY, or a netrc entry for the W&B host."""
     environ = os.environ if environ is None else environ

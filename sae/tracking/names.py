@@ -57,8 +57,9 @@ def wandb_name(key: str, sae_name: str | None = None) -> str | None:
     return WANDB_NAMES.get(key, f"metrics/{key}")
 
 
-def to_wandb_metrics(metrics: Mapping[str, float], sae_name: str | None = None,
-                     d_sae: int | None = None) -> dict[str, float]:
+def to_wandb_metrics(
+    metrics: Mapping[str, float], sae_name: str | None = None, d_sae: int | None = None
+) -> dict[str, float]:
     """Rename a step's metrics for W&B, adding explained_variance (1 − fvu) and the dead-latent count.
     A "step" entry is dropped: it is W&B's own step."""
     values = {k: float(v) for k, v in metrics.items() if k != "step"}

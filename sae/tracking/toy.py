@@ -11,6 +11,7 @@ import numpy as np
 from sae.config import LoggerConfig
 from sae.tracking.trackers import make_tracker
 
+
 def toy_settings_table(settings: Sequence[Mapping]) -> dict[str, np.ndarray]:
     """One row per toy setting: the scalar fields every setting of metrics.json has."""
     keys = [k for k in settings[0] if all(isinstance(s.get(k), (int, float, str)) for s in settings)]
@@ -28,11 +29,19 @@ def log_toy_run(run_dir: Path, cfg: LoggerConfig, config: Mapping | None = None)
     try:
         tracker.log_images(None, {p.stem: p for p in sorted(run_dir.glob("*.png"))})
         settings = metrics.get("settings") or []
-        metadata = {k: metrics[k] for k in ("experiment", "n_settings", "n_instances", "seconds", "steps_per_s")
-                    if k in metrics}
-        tracker.log_artifact(f"toy-{experiment}", "toy_model", run_dir, files=["results.npz", "metrics.json"],
-                             table=toy_settings_table(settings) if settings else None, table_name="settings",
-                             metadata=metadata, aliases=["latest"])
+        metadata = {
+            k: metrics[k] for k in ("experiment", "n_settings", "n_instances", "seconds", "steps_per_s") if k in metrics
+        }
+        tracker.log_artifact(
+            f"toy-{experiment}",
+            "toy_model",
+            run_dir,
+            files=["results.npz", "metrics.json"],
+            table=toy_settings_table(settings) if settings else None,
+            table_name="settings",
+            metadata=metadata,
+            aliases=["latest"],
+        )
     finally:
         tracker.finish()
     return tracker.run_id

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -38,8 +39,6 @@ from sae.tracking.wandb_file import read_wandb_records
 HISTOGRAM_BINS = 64  # W&B's default bin count
 
 
-
-
 def histogram(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict:
     """Counts and bin edges of the finite values (W&B's 64 bins); non-finite ones are only counted."""
     values = np.asarray(values, dtype=np.float64).ravel()
@@ -48,8 +47,13 @@ def histogram(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict:
         counts, edges = np.zeros(bins, dtype=np.int64), np.linspace(0.0, 1.0, bins + 1)
     else:
         counts, edges = np.histogram(finite, bins=bins)
-    return {"counts": counts.astype(int).tolist(), "bin_edges": edges.tolist(), "n": int(values.size),
-            "n_nonfinite": int(values.size - finite.size), "mean": float(finite.mean()) if finite.size else None}
+    return {
+        "counts": counts.astype(int).tolist(),
+        "bin_edges": edges.tolist(),
+        "n": int(values.size),
+        "n_nonfinite": int(values.size - finite.size),
+        "mean": float(finite.mean()) if finite.size else None,
+    }
 
 
 def _jsonable(value: Any) -> Any:
@@ -77,8 +81,11 @@ def _artifact_files(directory: Path, files: Sequence[str] | None) -> list[Path]:
         if missing:
             raise FileNotFoundError(f"artifact files not found: {missing}")
         return paths
-    return sorted(p for p in directory.rglob("*") if p.is_file()
-                  and not any(part.startswith(".") or part == "wandb" for part in p.relative_to(directory).parts))
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and not any(part.startswith(".") or part == "wandb" for part in p.relative_to(directory).parts)
+    )
 
 
 def _table_rows(table: Mapping[str, np.ndarray]) -> tuple[list[str], list[list]]:
@@ -87,8 +94,9 @@ def _table_rows(table: Mapping[str, np.ndarray]) -> tuple[list[str], list[list]]
     arrays = [np.asarray(table[c]) for c in columns]
     lengths = {a.shape[0] if a.ndim else 1 for a in arrays}
     if len(lengths) > 1 or any(a.ndim != 1 for a in arrays):
-        raise ValueError(f"table columns must be 1-D of equal length; got shapes "
-                         f"{ {c: a.shape for c, a in zip(columns, arrays)} }")
+        raise ValueError(
+            f"table columns must be 1-D of equal length; got shapes { {c: a.shape for c, a in zip(columns, arrays)} }"
+        )
     return columns, [list(row) for row in zip(*(a.tolist() for a in arrays))]
 
 
@@ -110,9 +118,18 @@ class Tracker:
     def log_images(self, step: int | None, images: Mapping[str, Path]) -> None:
         """PNG files by name (W&B only; the files are already in the run directory)."""
 
-    def log_artifact(self, name: str, type: str, directory: Path, *, table: Mapping[str, np.ndarray] | None = None,
-                     table_name: str = "feature_stats", metadata: Mapping | None = None,
-                     aliases: Sequence[str] = (), files: Sequence[str] | None = None) -> None:
+    def log_artifact(
+        self,
+        name: str,
+        type: str,
+        directory: Path,
+        *,
+        table: Mapping[str, np.ndarray] | None = None,
+        table_name: str = "feature_stats",
+        metadata: Mapping | None = None,
+        aliases: Sequence[str] = (),
+        files: Sequence[str] | None = None,
+    ) -> None:
         """A versioned bundle: the directory's files (or `files` in it), a table (one row per entry), metadata."""
 
     def finish(self) -> None:
@@ -136,14 +153,28 @@ class JsonlTracker(Tracker):
         record = {"step": int(step), **{name: histogram(v) for name, v in values.items()}}
         _append_jsonl(self.run_dir / "histograms.jsonl", record)
 
-    def log_artifact(self, name: str, type: str, directory: Path, *, table: Mapping[str, np.ndarray] | None = None,
-                     table_name: str = "feature_stats", metadata: Mapping | None = None,
-                     aliases: Sequence[str] = (), files: Sequence[str] | None = None) -> None:
+    def log_artifact(
+        self,
+        name: str,
+        type: str,
+        directory: Path,
+        *,
+        table: Mapping[str, np.ndarray] | None = None,
+        table_name: str = "feature_stats",
+        metadata: Mapping | None = None,
+        aliases: Sequence[str] = (),
+        files: Sequence[str] | None = None,
+    ) -> None:
         directory = Path(directory)
         paths = _artifact_files(directory, files)
-        record = {"name": name, "type": type, "directory": str(directory.absolute()),
-                  "files": [str(p.relative_to(directory)) for p in paths], "aliases": list(aliases),
-                  "metadata": dict(metadata or {})}
+        record = {
+            "name": name,
+            "type": type,
+            "directory": str(directory.absolute()),
+            "files": [str(p.relative_to(directory)) for p in paths],
+            "aliases": list(aliases),
+            "metadata": dict(metadata or {}),
+        }
         if table is not None:
             columns, rows = _table_rows(table)
             record["table"] = {"name": table_name, "columns": columns, "rows": len(rows)}
@@ -177,8 +208,9 @@ class WandbTracker(JsonlTracker):
     `mode` is the mode the run got (online, offline or disabled), `run_id` its W&B id (None if disabled).
     """
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: Mapping, run_id: str | None = None,
-                 name: str | None = None):
+    def __init__(
+        self, cfg: LoggerConfig, run_dir: Path, config: Mapping, run_id: str | None = None, name: str | None = None
+    ):
         super().__init__(run_dir)
         import wandb
 
@@ -189,8 +221,14 @@ class WandbTracker(JsonlTracker):
         wandb_dir = Path(os.environ.get("WANDB_DIR") or self.run_dir).absolute()  # read per run: wandb caches it
         wandb_dir.mkdir(parents=True, exist_ok=True)
         kwargs = {
-            "project": cfg.project, "entity": cfg.entity, "group": cfg.group, "tags": list(cfg.tags) or None,
-            "config": dict(config), "name": name, "id": run_id or _new_run_id(), "resume": "allow",
+            "project": cfg.project,
+            "entity": cfg.entity,
+            "group": cfg.group,
+            "tags": list(cfg.tags) or None,
+            "config": dict(config),
+            "name": name,
+            "id": run_id or _new_run_id(),
+            "resume": "allow",
             "dir": str(wandb_dir),
             "settings": wandb.Settings(silent=True, init_timeout=cfg.init_timeout, reinit="create_new"),
         }
@@ -205,16 +243,23 @@ class WandbTracker(JsonlTracker):
                 raise
             # wandb's service keeps the failed run's id busy, so the offline run needs a new one
             kwargs["id"] = _new_run_id()
-            warnings.warn(f"wandb: online start failed ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                          f"logging offline instead as run {kwargs['id']}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"wandb: online start failed ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                f"logging offline instead as run {kwargs['id']}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             mode = "offline"
             self.run = wandb.init(mode=mode, **kwargs)
         self.mode = mode
         self.run_id = None if mode == "disabled" else self.run.id
         self._finished = False
         if mode == "offline":
-            print(f"wandb: offline run {self.run.id} in {self.run.settings.sync_dir}; "
-                  f"upload it with `wandb sync {self.run.settings.sync_dir}`", flush=True)
+            print(
+                f"wandb: offline run {self.run.id} in {self.run.settings.sync_dir}; "
+                f"upload it with `wandb sync {self.run.settings.sync_dir}`",
+                flush=True,
+            )
         elif mode == "online":
             print(f"wandb: run {self.run.id} at {self.run.url}", flush=True)
 
@@ -227,7 +272,8 @@ class WandbTracker(JsonlTracker):
         for key, v in values.items():
             h = histogram(v)
             payload[wandb_name(key, self.sae_name)] = self._wandb.Histogram(
-                np_histogram=(np.asarray(h["counts"]), np.asarray(h["bin_edges"])))
+                np_histogram=(np.asarray(h["counts"]), np.asarray(h["bin_edges"]))
+            )
             if key == "feature_density_log10":  # SAELens's companions of its density histogram
                 v = np.asarray(v, dtype=np.float64)
                 payload["metrics/mean_log10_feature_sparsity"] = h["mean"] if h["mean"] is not None else float("nan")
@@ -239,11 +285,21 @@ class WandbTracker(JsonlTracker):
         payload = {key if "/" in key else f"images/{key}": self._wandb.Image(str(path)) for key, path in images.items()}
         self.run.log(payload, step=None if step is None else int(step))
 
-    def log_artifact(self, name: str, type: str, directory: Path, *, table: Mapping[str, np.ndarray] | None = None,
-                     table_name: str = "feature_stats", metadata: Mapping | None = None,
-                     aliases: Sequence[str] = (), files: Sequence[str] | None = None) -> None:
-        super().log_artifact(name, type, directory, table=table, table_name=table_name, metadata=metadata,
-                             aliases=aliases, files=files)
+    def log_artifact(
+        self,
+        name: str,
+        type: str,
+        directory: Path,
+        *,
+        table: Mapping[str, np.ndarray] | None = None,
+        table_name: str = "feature_stats",
+        metadata: Mapping | None = None,
+        aliases: Sequence[str] = (),
+        files: Sequence[str] | None = None,
+    ) -> None:
+        super().log_artifact(
+            name, type, directory, table=table, table_name=table_name, metadata=metadata, aliases=aliases, files=files
+        )
         directory = Path(directory)
         meta = json.loads(json.dumps(dict(metadata or {}), default=_jsonable))
         artifact = self._wandb.Artifact(_artifact_name(name), type=type, metadata=meta)
@@ -268,9 +324,7 @@ def _wait_for_exit_record(path: Path, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            last = None
-            for last in read_wandb_records(path):
-                pass
+            last = next(iter(collections.deque(read_wandb_records(path), maxlen=1)), None)
             if last is not None and last.WhichOneof("record_type") == "exit":
                 return True
         except (OSError, ValueError, struct.error):
@@ -279,8 +333,9 @@ def _wait_for_exit_record(path: Path, timeout: float = 10.0) -> bool:
     return False
 
 
-def make_tracker(cfg: LoggerConfig, run_dir: Path, config: Mapping, run_id: str | None = None,
-                 name: str | None = None) -> Tracker:
+def make_tracker(
+    cfg: LoggerConfig, run_dir: Path, config: Mapping, run_id: str | None = None, name: str | None = None
+) -> Tracker:
     """The run's tracker. `run_id`: None for a new run, or the W&B id saved in a checkpoint (resume)."""
     cfg.check()
     if cfg.name == "none":

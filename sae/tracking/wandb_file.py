@@ -77,9 +77,13 @@ def read_wandb_run(path: Path) -> dict:
             run["history"].append(_nested(record.history.item))
         elif kind == "artifact":
             a = record.artifact
-            run["artifacts"].append({
-                "name": a.name, "type": a.type, "aliases": sorted(a.aliases),
-                "metadata": json.loads(a.metadata) if a.metadata else {},
-                "files": {c.path: c.local_path for c in a.manifest.contents},
-            })
+            run["artifacts"].append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "aliases": sorted(a.aliases),
+                    "metadata": json.loads(a.metadata) if a.metadata else {},
+                    "files": {c.path: c.local_path for c in a.manifest.contents},
+                }
+            )
     return run

@@ -25,8 +25,9 @@ def abstract(state: Any) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 
 
-def resume(checkpointer: Checkpointer, resume_from: str | None, run_dir: Path, state: Any,
-           meta: dict) -> tuple[Any, int, dict | None, Path]:
+def resume(
+    checkpointer: Checkpointer, resume_from: str | None, run_dir: Path, state: Any, meta: dict
+) -> tuple[Any, int, dict | None, Path]:
     """(state, steps already done, saved meta, the run dir it came from) from the checkpoint to resume,
     or (state, 0, None, run_dir) for a fresh start.
 
@@ -36,8 +37,11 @@ def resume(checkpointer: Checkpointer, resume_from: str | None, run_dir: Path, s
     if source is None:
         return state, 0, None, run_dir
     directory, step = source
-    reader = checkpointer if directory == checkpointer.directory else Checkpointer(
-        directory, checkpointer.cfg, read_only=True)
+    reader = (
+        checkpointer
+        if directory == checkpointer.directory
+        else Checkpointer(directory, checkpointer.cfg, read_only=True)
+    )
     restored = reader.restore(abstract(state), lambda saved, path: check_compatible(saved, meta, path), step)
     if restored is None:
         return state, 0, None, run_dir

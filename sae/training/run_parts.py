@@ -49,8 +49,11 @@ class ProgressLog:
         kept = []
         history = history or path
         if resume_step and history.exists():
-            kept = [line for line in history.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line
+                for line in history.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
         self.file = path.open("w")
         self.file.writelines(kept)
         self.n_steps, self.batch_size = n_steps, batch_size
@@ -70,7 +73,8 @@ class ProgressLog:
         self.file.flush()
         eta = (self.n_steps - step) * self.batch_size / rate if not math.isnan(rate) and rate > 0 else float("nan")
         print(
-            f"step {step}/{self.n_steps} | tokens {_format_count(tokens)}/{_format_count(self.n_steps * self.batch_size)}"
+            f"step {step}/{self.n_steps}"
+            f" | tokens {_format_count(tokens)}/{_format_count(self.n_steps * self.batch_size)}"
             f" | {_format_count(rate) if not math.isnan(rate) else '-'} tok/s"
             f" | ETA {_format_seconds(eta) if not math.isnan(eta) else '-'}"
             f" | loss {record['loss']:.4g} | L0 {record['l0']:.2f} | FVU {record['fvu']:.4f}"
@@ -170,14 +174,42 @@ def log_dictionary(one: Instance, state, source, step: int, aliases: list[str]) 
     """The feature dictionary as a tracker artifact (type `sae`): the SAELens-format export plus a
     per-feature table (density, mean and max activation on held-out data, the best true feature)."""
     buffers = export_buffers(state.buffers)
-    table = feature_table(one.sae, state.params, buffers, state.input_scale,
-                          source.eval_batches(one.cfg.trainer.batch_size), source.ground_truth)
+    table = feature_table(
+        one.sae,
+        state.params,
+        buffers,
+        state.input_scale,
+        source.eval_batches(one.cfg.trainer.batch_size),
+        source.ground_truth,
+    )
     with scratch_dir(one.out_dir) as scratch:
-        export_sae(Path(scratch), one.sae, state.params, buffers, float(state.input_scale),
-                   metadata={"config": config_lib.to_dict(one.cfg), "step": step})
-        one.tracker.log_artifact(f"sae-{one.tracker.run_id}", "sae", Path(scratch), table=table,
-                                 metadata={"step": step, "architecture": one.cfg.sae.name, "d_sae": one.sae.d_sae},
-                                 aliases=aliases + [f"step-{step}"])
+        export_sae(
+            Path(scratch),
+            one.sae,
+            state.params,
+            buffers,
+            float(state.input_scale),
+            metadata={"config": config_lib.to_dict(one.cfg), "step": step},
+        )
+        one.tracker.log_artifact(
+            f"sae-{one.tracker.run_id}",
+            "sae",
+            Path(scratch),
+            table=table,
+            metadata={"step": step, "architecture": one.cfg.sae.name, "d_sae": one.sae.d_sae},
+            aliases=aliases + [f"step-{step}"],
+        )
+
+
+def loop_settings(cfg: config_lib.Config) -> dict:
+    """The keyword arguments of `run_steps` that come straight from the config."""
+    return {
+        "batch_size": cfg.trainer.batch_size,
+        "log_every": cfg.trainer.log_every,
+        "histogram_every": cfg.logger.histogram_every,
+        "checkpoint_every": cfg.checkpoint.every,
+        "dictionaries": cfg.logger.name == "wandb",
+    }
 
 
 def run_meta(cfg: config_lib.Config, d_in: int, trackers: list[tracking.Tracker]):
@@ -185,15 +217,30 @@ def run_meta(cfg: config_lib.Config, d_in: int, trackers: list[tracking.Tracker]
     config = config_lib.to_dict(cfg)
 
     def meta(step: int) -> dict:
-        return {"step": step, "tokens": step * cfg.trainer.batch_size, "seed": cfg.seed,
-                "data_position": {"batches": step}, "d_in": d_in, "config": config,
-                "wandb_run_ids": [t.run_id for t in trackers]}
+        return {
+            "step": step,
+            "tokens": step * cfg.trainer.batch_size,
+            "seed": cfg.seed,
+            "data_position": {"batches": step},
+            "d_in": d_in,
+            "config": config,
+            "wandb_run_ids": [t.run_id for t in trackers],
+        }
 
     return meta
 
 
-SUMMARY = ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "mmcs", "recovered_fraction", "ce_loss_score",
-           "kl_div")
+SUMMARY = (
+    "mse",
+    "fvu",
+    "explained_variance",
+    "l0",
+    "dead_fraction",
+    "mmcs",
+    "recovered_fraction",
+    "ce_loss_score",
+    "kl_div",
+)
 
 
 def loss_recovered(sae: SAE, params: dict, buffers: dict, input_scale: float, source) -> dict:
@@ -212,17 +259,20 @@ def loss_recovered(sae: SAE, params: dict, buffers: dict, input_scale: float, so
         return sae.decode(params, sae.encode(params, x.astype(jnp.float32) * input_scale, buffers)) / input_scale
 
     scores = score(store.path, reconstruct)
-    return {key: scores[key] for key in ("ce_loss_score", "kl_div", "ce_loss_clean", "ce_loss_zero_ablation",
-                                         "ce_loss_sae")}
+    return {
+        key: scores[key] for key in ("ce_loss_score", "kl_div", "ce_loss_clean", "ce_loss_zero_ablation", "ce_loss_sae")
+    }
 
 
-def finish(sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: Path,
-           tracker: tracking.Tracker | None = None) -> dict:
+def finish(
+    sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: Path, tracker: tracking.Tracker | None = None
+) -> dict:
     """Held-out evaluation (written to out_dir/metrics.json, and to the tracker's summary) and the
     SAELens-format export of a trained state."""
     trainer = cfg.trainer
-    results = evaluate(sae, state.params, buffers, state.input_scale,
-                       source.eval_batches(trainer.batch_size), source.ground_truth)
+    results = evaluate(
+        sae, state.params, buffers, state.input_scale, source.eval_batches(trainer.batch_size), source.ground_truth
+    )
     results["dead_fraction"] = float(np.mean(np.asarray(state.tokens_since_fired) >= trainer.dead_tokens))
     results["architecture"] = cfg.sae.name
     results["tokens"] = trainer.total_tokens // trainer.batch_size * trainer.batch_size
@@ -232,8 +282,16 @@ def finish(sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: P
         if tracker.run_id is not None:
             results["wandb_run_id"] = tracker.run_id  # where sae-inspect logs its plots
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-    export_sae(out_dir / "sae", sae, state.params, buffers, float(state.input_scale),
-               metadata={"config": config_lib.to_dict(cfg)})
-    print(f"final (held-out) {out_dir.name}: " + " | ".join(f"{k} {results[k]:.4g}" for k in SUMMARY if k in results),
-          flush=True)
+    export_sae(
+        out_dir / "sae",
+        sae,
+        state.params,
+        buffers,
+        float(state.input_scale),
+        metadata={"config": config_lib.to_dict(cfg)},
+    )
+    print(
+        f"final (held-out) {out_dir.name}: " + " | ".join(f"{k} {results[k]:.4g}" for k in SUMMARY if k in results),
+        flush=True,
+    )
     return results

@@ -14,12 +14,13 @@ from sae.architectures import make_sae
 from sae.checkpoint import CHECKPOINTS, Checkpointer
 from sae.data import open_batch_source
 from sae.training.loop import Hooks, decoder_norms, resume, run_steps
-from sae.training.run_parts import Instance, ProgressLog, RunHooks, finish, initial_parameters, run_meta
+from sae.training.run_parts import Instance, ProgressLog, RunHooks, finish, initial_parameters, loop_settings, run_meta
 from sae.training.step import init_state, make_train_step
 
 
-def _global_batches(source, batch_size: int, n_batches: int, seed: int, shardings,
-                    start_batch: int = 0) -> Iterator[jax.Array]:
+def _global_batches(
+    source, batch_size: int, n_batches: int, seed: int, shardings, start_batch: int = 0
+) -> Iterator[jax.Array]:
     """Batches start_batch .. n_batches − 1 of the source, placed on the mesh: each process contributes
     its rows of the global batch.
 
@@ -58,13 +59,22 @@ def train_single(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     mesh = parallel.make_mesh(cfg.mesh)
     shardings = None
     if mesh.size > 1:
-        shardings = (parallel.state_shardings(state, sae.d_sae, mesh), parallel.batch_sharding(mesh),
-                     parallel.replicated(mesh))
+        shardings = (
+            parallel.state_shardings(state, sae.d_sae, mesh),
+            parallel.batch_sharding(mesh),
+            parallel.replicated(mesh),
+        )
         state = jax.device_put(state, shardings[0])
     checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
     state, done, saved, origin = resume(checkpointer, cfg.resume, out_dir, state, run_meta(cfg, sae.d_in, [])(0))
     train_step = make_train_step(
-        sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens, shardings,
+        sae,
+        tx,
+        schedule,
+        n_steps,
+        cfg.optim.sparsity_warmup_fraction,
+        trainer.dead_tokens,
+        shardings,
         trainer.compute_dtype,
     )
     lead = jax.process_index() == 0  # only process 0 logs, evaluates and exports
@@ -72,20 +82,29 @@ def train_single(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     if lead:
         if source.ground_truth is not None:
             np.save(out_dir / "ground_truth.npy", np.asarray(source.ground_truth))
-        print(f"training {cfg.sae.name} SAE: d_in={sae.d_in} d_sae={sae.d_sae} lr={lr:.3g} steps={n_steps} "
-              f"batch={trainer.batch_size} mesh={dict(mesh.shape)} -> {out_dir}", flush=True)
+        print(
+            f"training {cfg.sae.name} SAE: d_in={sae.d_in} d_sae={sae.d_sae} lr={lr:.3g} steps={n_steps} "
+            f"batch={trainer.batch_size} mesh={dict(mesh.shape)} -> {out_dir}",
+            flush=True,
+        )
         run_ids = (saved or {}).get("wandb_run_ids") or [None]
         trackers = [tracking.make_tracker(cfg.logger, out_dir, config_lib.to_dict(cfg), run_id=run_ids[0])]
-        log = ProgressLog(out_dir / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done,
-                          history=origin / "metrics.jsonl")
+        log = ProgressLog(
+            out_dir / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done, history=origin / "metrics.jsonl"
+        )
         hooks = RunHooks([Instance(sae, cfg, out_dir, log, trackers[0])], source, stacked=False)
     try:
         state = run_steps(
-            state, train_step, _global_batches(source, trainer.batch_size, n_steps, cfg.seed, shardings, done),
-            first_step=done, n_steps=n_steps, batch_size=trainer.batch_size, log_every=trainer.log_every,
-            histogram_every=cfg.logger.histogram_every, checkpoint_every=cfg.checkpoint.every,
-            checkpointer=checkpointer, meta=run_meta(cfg, sae.d_in, trackers), hooks=hooks,
-            summaries=lambda s: (s.fire_counts, decoder_norms(s.params)), dictionaries=cfg.logger.name == "wandb",
+            state,
+            train_step,
+            _global_batches(source, trainer.batch_size, n_steps, cfg.seed, shardings, done),
+            first_step=done,
+            n_steps=n_steps,
+            checkpointer=checkpointer,
+            meta=run_meta(cfg, sae.d_in, trackers),
+            hooks=hooks,
+            summaries=lambda s: (s.fire_counts, decoder_norms(s.params)),
+            **loop_settings(cfg),
         )
         checkpointer.close()
         state = parallel.to_host(state)

@@ -143,8 +143,12 @@ def make_train_step(
         with latent_sharded_top_k(model_shards):
             return train_step(state, x)
 
-    return jax.jit(sharded_step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+    return jax.jit(
+        sharded_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
 
 
 def make_sweep_step(
@@ -176,7 +180,8 @@ def make_sweep_step(
         return states, metrics
 
     # check_vma off: no collectives here, and the step's loops (top-k) carry values the checker cannot type
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec(), spec),
-                            out_specs=(spec, spec), check_vma=False)
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec(), spec), out_specs=(spec, spec), check_vma=False
+    )
     compiled = jax.jit(sharded, donate_argnums=0)
     return lambda states, x: compiled(states, x, coefficients)

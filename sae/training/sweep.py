@@ -3,9 +3,9 @@
 The instances share everything but the swept value: the batches (read and moved once), the geometric-
 median b_dec and the initialisation seed. One compiled step trains them all (dictionary_learning's
 pattern): their states are stacked on an instance axis, split over the `mesh`'s devices (values must
-divide evenly), and each device trains its instances one after another (`make_sweep_step`). A sweep over k builds the TopK SAE
-with the largest k and keeps each instance's own k largest (`topk.keep_first_k`, k held in its buffers);
-coefficient sweeps pass each instance's λ. Each instance ends as a run directory of its own under
+divide evenly), and each device trains its instances one after another (`make_sweep_step`). A sweep over
+k builds the TopK SAE with the largest k and keeps each instance's own k largest (`topk.keep_first_k`, k
+held in its buffers); coefficient sweeps pass each instance's λ. Each instance ends as a run directory of its own under
 out_dir/<key>=<value>/ (metrics.jsonl, metrics.json, sae/), identical to a separate `sae-train` run with
 that value, and out_dir/sweep.json lists them.
 """
@@ -26,10 +26,19 @@ from sae import parallel, tracking
 from sae.architectures import make_sae
 from sae.checkpoint import CHECKPOINTS, Checkpointer
 from sae.data import open_batch_source
-from sae.training.loop import decoder_norms, resume, run_steps
-from sae.training.run_parts import Instance, ProgressLog, RunHooks, export_buffers, finish, initial_parameters, run_meta
-from sae.training.step import init_state, make_sweep_step, pure_train_step
 from sae.errors import ConfigError
+from sae.training.loop import decoder_norms, resume, run_steps
+from sae.training.run_parts import (
+    Instance,
+    ProgressLog,
+    RunHooks,
+    export_buffers,
+    finish,
+    initial_parameters,
+    loop_settings,
+    run_meta,
+)
+from sae.training.step import init_state, make_sweep_step, pure_train_step
 
 
 def instance_configs(cfg: config_lib.Config) -> list[config_lib.Config]:
@@ -51,8 +60,10 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
         raise ConfigError("sweeps run in one process (over its devices): start one per host")
     devices = parallel.make_mesh(cfg.mesh).devices.reshape(-1)
     if len(cfg.sweep.values) % len(devices):
-        raise ConfigError(f"sweep.values has {len(cfg.sweep.values)} values, which must divide over the "
-                                     f"mesh's {len(devices)} devices (set mesh.data / mesh.model to fewer)")
+        raise ConfigError(
+            f"sweep.values has {len(cfg.sweep.values)} values, which must divide over the "
+            f"mesh's {len(devices)} devices (set mesh.data / mesh.model to fewer)"
+        )
     configs = instance_configs(cfg)
     for one in configs:
         config_lib.check(one)
@@ -61,7 +72,13 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     widest = configs[int(np.argmax([getattr(c.sae, "k", 0) for c in configs]))]
     sae = make_sae(widest.sae, source.d_in)
     start = initial_parameters(cfg, sae, source)
-    n_steps, params, input_scale, tx, schedule = start.n_steps, start.params, start.input_scale, start.tx, start.schedule
+    n_steps, params, input_scale, tx, schedule = (
+        start.n_steps,
+        start.params,
+        start.input_scale,
+        start.tx,
+        start.schedule,
+    )
     states = []
     for one in configs:
         state = init_state(sae, params, tx, input_scale)
@@ -69,8 +86,9 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
             state = state._replace(buffers={**state.buffers, "k": jnp.asarray(one.sae.k, jnp.int32)})
         states.append(state)
     coefficients = [make_sae(one.sae, source.d_in).sparsity_coefficient for one in configs]
-    pure = pure_train_step(sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens,
-                           trainer.compute_dtype)
+    pure = pure_train_step(
+        sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens, trainer.compute_dtype
+    )
     mesh = Mesh(devices, ("instance",))
     stacked = jax.tree.map(lambda *values: jnp.stack(values), *states)  # the instances' own buffers (donated)
     states = jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("instance")))
@@ -80,31 +98,48 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     labels = [f"{cfg.sweep.key.split('.')[-1]}={value:g}" for value in cfg.sweep.values]
     checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
     states, done, saved, origin = resume(checkpointer, cfg.resume, out_dir, states, run_meta(cfg, sae.d_in, [])(0))
-    print(f"training a sweep of {len(configs)} {cfg.sae.name} SAEs ({', '.join(labels)}) in one pass: "
-          f"d_in={sae.d_in} d_sae={sae.d_sae} steps={n_steps} batch={trainer.batch_size} -> {out_dir}", flush=True)
+    print(
+        f"training a sweep of {len(configs)} {cfg.sae.name} SAEs ({', '.join(labels)}) in one pass: "
+        f"d_in={sae.d_in} d_sae={sae.d_sae} steps={n_steps} batch={trainer.batch_size} -> {out_dir}",
+        flush=True,
+    )
     run_ids = (saved or {}).get("wandb_run_ids") or [None] * len(labels)
     instances = []
     for one, label, run_id in zip(configs, labels, run_ids):
         (out_dir / label).mkdir(parents=True, exist_ok=True)
-        tracker = tracking.make_tracker(cfg.logger, out_dir / label, config_lib.to_dict(one), run_id=run_id,
-                                        name=f"{out_dir.name}/{label}")
-        log = ProgressLog(out_dir / label / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done,
-                          history=origin / label / "metrics.jsonl")
+        tracker = tracking.make_tracker(
+            cfg.logger, out_dir / label, config_lib.to_dict(one), run_id=run_id, name=f"{out_dir.name}/{label}"
+        )
+        log = ProgressLog(
+            out_dir / label / "metrics.jsonl",
+            n_steps,
+            trainer.batch_size,
+            resume_step=done,
+            history=origin / label / "metrics.jsonl",
+        )
         instances.append(Instance(make_sae(one.sae, source.d_in), one, out_dir / label, log, tracker))
     trackers = [one.tracker for one in instances]
     hooks = RunHooks(instances, source, stacked=True)
     try:
         states = run_steps(
-            states, step, source.train_batches(trainer.batch_size, n_steps, cfg.seed, done),
-            first_step=done, n_steps=n_steps, batch_size=trainer.batch_size, log_every=trainer.log_every,
-            histogram_every=cfg.logger.histogram_every, checkpoint_every=cfg.checkpoint.every,
-            checkpointer=checkpointer, meta=run_meta(cfg, sae.d_in, trackers), hooks=hooks,
-            dictionaries=cfg.logger.name == "wandb", summaries=summaries,
+            states,
+            step,
+            source.train_batches(trainer.batch_size, n_steps, cfg.seed, done),
+            first_step=done,
+            n_steps=n_steps,
+            checkpointer=checkpointer,
+            meta=run_meta(cfg, sae.d_in, trackers),
+            hooks=hooks,
+            summaries=summaries,
+            **loop_settings(cfg),
         )
         checkpointer.close()
-        results = {one.out_dir.name: finish(one.sae, one.cfg, state, export_buffers(state.buffers), source,
-                                            one.out_dir, one.tracker)
-                   for one, state in zip(instances, hooks.split(jax.device_get(states)))}
+        results = {
+            one.out_dir.name: finish(
+                one.sae, one.cfg, state, export_buffers(state.buffers), source, one.out_dir, one.tracker
+            )
+            for one, state in zip(instances, hooks.split(jax.device_get(states)))
+        }
     finally:
         hooks.close()
     (out_dir / "sweep.json").write_text(json.dumps(results, indent=2))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from sae.data.cached import CachedConfig
 from sae.data import DataError, open_batch_source
-from sae.data.synthetic import SyntheticBatches
+from sae.data.cached import CachedConfig
 from sae.data.store import StoreWriter
+from sae.data.synthetic import SyntheticBatches
 from sae.export import load_sae
 from sae.training import train
 

@@ -63,8 +63,14 @@ def by_hand(model: TinyModel, toks: np.ndarray) -> np.ndarray:
 
 
 def writer(path, shard_rows: int, with_tokens: bool = True) -> StoreWriter:
-    return StoreWriter(path, d_in=D_MLP, dtype="float32", shard_rows=shard_rows, with_tokens=with_tokens,
-                       provenance={"source": "test", "site": "mlp_post"})
+    return StoreWriter(
+        path,
+        d_in=D_MLP,
+        dtype="float32",
+        shard_rows=shard_rows,
+        with_tokens=with_tokens,
+        provenance={"source": "test", "site": "mlp_post"},
+    )
 
 
 def test_capture_matches_hand_computation(model, fn):
@@ -73,8 +79,9 @@ def test_capture_matches_hand_computation(model, fn):
     assert acts.shape == (12, SEQ, D_MLP)
     np.testing.assert_allclose(acts, by_hand(model, toks), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(capture_site(model, "mlp/mlp_post")(toks)), acts)  # full path
-    np.testing.assert_array_equal(np.asarray(capture_site(model, "resid_pre")(toks)),
-                                  np.asarray(model.embed.embedding[...])[toks])
+    np.testing.assert_array_equal(
+        np.asarray(capture_site(model, "resid_pre")(toks)), np.asarray(model.embed.embedding[...])[toks]
+    )
     assert not nnx.to_flat_state(nnx.state(model, nnx.Intermediate))  # the module is left as it was
 
 
@@ -133,8 +140,13 @@ def test_shard_rows_must_hold_whole_sequences(fn, tmp_path):
     with pytest.raises(StoreError, match=r"shard_rows=50 is not a multiple of the 16 rows per sequence"):
         cache_model(fn, batches(tokens(), 4), writer(tmp_path / "s", shard_rows=50), log=lambda s: None)
     with pytest.raises(StoreError, match=r"multiple of the 15 rows.*first position skipped"):
-        cache_model(fn, batches(tokens(), 4), writer(tmp_path / "t", shard_rows=64), skip_first_position=True,
-                    log=lambda s: None)
+        cache_model(
+            fn,
+            batches(tokens(), 4),
+            writer(tmp_path / "t", shard_rows=64),
+            skip_first_position=True,
+            log=lambda s: None,
+        )
 
 
 def test_store_without_tokens(fn, tmp_path):

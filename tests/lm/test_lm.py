@@ -19,9 +19,9 @@ from flax import nnx
 
 from sae.config import CacheConfig
 from sae.data import DataError
+from sae.data.lm import LMRowsConfig
 from sae.data.model_source import capture_site
 from sae.data.store import Store
-from sae.data.lm import LMRowsConfig
 from sae.lm.config import SITES, CorpusConfig, LMModelConfig, LMTrainConfig, LMTrainerConfig
 from sae.lm.model import build, forward, resolve_site, site_names, token_losses
 from sae.lm.splice import lm_eval_data, loss_recovered, store_loss_recovered
@@ -58,8 +58,26 @@ def corpus_dir(tmp_path_factory):
     """40 small Python-like files in nested folders, plus files the default pattern / exclusion skip."""
     root = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(0)
-    words = ["def", "class", "return", "self", "import", "for", "in", "if", "else", "x", "y", "(", ")", ":", "=",
-             "'héllo'", "\n", "    "]
+    words = [
+        "def",
+        "class",
+        "return",
+        "self",
+        "import",
+        "for",
+        "in",
+        "if",
+        "else",
+        "x",
+        "y",
+        "(",
+        ")",
+        ":",
+        "=",
+        "'héllo'",
+        "\n",
+        "    ",
+    ]
     for i in range(40):
         path = root / f"pkg{i % 4}" / f"mod_{i}.py"
         path.parent.mkdir(exist_ok=True)
@@ -105,9 +123,15 @@ def reference_forward(model, toks, zero_mlp_post_layer: int | None = None) -> tu
         pre = _layer_norm(x, block.ln2) @ _np(block.w_in.kernel) + _np(block.w_in.bias)
         post = np.maximum(pre, 0) * (0.0 if layer == zero_mlp_post_layer else 1.0)
         mlp_out = post @ _np(block.w_out.kernel) + _np(block.w_out.bias)
-        sites.update({f"blocks/{layer}/attn_out": attn_out, f"blocks/{layer}/resid_mid": x,
-                      f"blocks/{layer}/mlp_pre": pre, f"blocks/{layer}/mlp_post": post,
-                      f"blocks/{layer}/mlp_out": mlp_out})
+        sites.update(
+            {
+                f"blocks/{layer}/attn_out": attn_out,
+                f"blocks/{layer}/resid_mid": x,
+                f"blocks/{layer}/mlp_pre": pre,
+                f"blocks/{layer}/mlp_post": post,
+                f"blocks/{layer}/mlp_out": mlp_out,
+            }
+        )
         x = x + mlp_out
         sites[f"blocks/{layer}/resid_post"] = x
     logits = _layer_norm(x, model.ln_f) @ _np(model.unembed.kernel) + _np(model.unembed.bias)
@@ -124,8 +148,9 @@ def test_forward_and_every_site_match_numpy_reference(model, tokens):
     logits, sites = reference_forward(model, tokens)
     np.testing.assert_allclose(np.asarray(forward(model)(tokens)), logits, rtol=1e-4, atol=1e-5)
     for site in site_names(TINY.n_layers):
-        np.testing.assert_allclose(np.asarray(capture_site(model, site)(tokens)), sites[site], rtol=1e-4, atol=1e-5,
-                                   err_msg=site)
+        np.testing.assert_allclose(
+            np.asarray(capture_site(model, site)(tokens)), sites[site], rtol=1e-4, atol=1e-5, err_msg=site
+        )
     loss = float(token_losses(forward(model)(tokens), jnp.asarray(tokens)).mean())
     assert loss == pytest.approx(reference_loss(logits, tokens), rel=1e-5)
 
@@ -152,6 +177,7 @@ def test_zero_ablation_matches_reference_forward_with_zeros(model, tokens, layer
 
 def test_kl_and_score_match_a_second_path(model, tokens):
     """A perturbed reconstruction: CE losses and KL from the spliced forward's logits in NumPy."""
+
     def reconstruct(x):
         return 0.5 * x + 0.1
 
@@ -179,8 +205,9 @@ def test_splice_changes_only_the_chosen_site_and_what_follows(model, tokens):
 
     @jax.jit
     def all_sites(state, toks):
-        _, inter = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(toks, {"blocks/0/mlp_post": lambda a:
-                                                                                    2 * a + 1})
+        _, inter = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(
+            toks, {"blocks/0/mlp_post": lambda a: 2 * a + 1}
+        )
         return {"/".join(map(str, p)): v.get_value()[0] for p, v in nnx.to_flat_state(inter)}
 
     spliced = {k: np.asarray(v) for k, v in all_sites(state, tokens).items()}
@@ -293,10 +320,23 @@ def test_windows():
 
 
 def tiny_train_config(corpus_dir, steps: int) -> LMTrainConfig:
-    trainer = LMTrainerConfig(steps=steps, batch_size=4, steps_per_call=5, log_every=5, eval_every=10,
-                              eval_sequences=8, checkpoint_every=10, samples=1, sample_tokens=8)
-    return LMTrainConfig(model=LMModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, n_ctx=16),
-                         corpus=corpus_cfg(corpus_dir), trainer=trainer, logger=LoggerConfig(name="none"))
+    trainer = LMTrainerConfig(
+        steps=steps,
+        batch_size=4,
+        steps_per_call=5,
+        log_every=5,
+        eval_every=10,
+        eval_sequences=8,
+        checkpoint_every=10,
+        samples=1,
+        sample_tokens=8,
+    )
+    return LMTrainConfig(
+        model=LMModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, n_ctx=16),
+        corpus=corpus_cfg(corpus_dir),
+        trainer=trainer,
+        logger=LoggerConfig(name="none"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -326,9 +366,12 @@ def test_train_writes_outputs_and_resume_is_exact(lm_run, corpus_dir, tmp_path):
     shutil.copytree(lm_run, split)
     shutil.rmtree(split / "checkpoints" / "20")
     train_lm(tiny_train_config(corpus_dir, 20), split)
+
     def records(run):
-        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert records(split) == records(lm_run)
     resumed, _, _ = load_lm(split)
@@ -340,8 +383,12 @@ def test_lm_cache_store_rows_equal_captured_site(lm_run, tmp_path):
     from sae.cache import cache
 
     out = tmp_path / "store"
-    cfg = CacheConfig(source=LMRowsConfig(checkpoint=str(lm_run), site="mlp_post", n_rows=200,
-                                            batch_size=3), out=str(out), dtype="float32", shard_rows=64)
+    cfg = CacheConfig(
+        source=LMRowsConfig(checkpoint=str(lm_run), site="mlp_post", n_rows=200, batch_size=3),
+        out=str(out),
+        dtype="float32",
+        shard_rows=64,
+    )
     cache(cfg)
     store = Store(out)
     assert store.with_tokens and store.n_rows == 208 and store.d_in == 32  # 13 sequences of 16
@@ -364,39 +411,75 @@ def test_lm_cache_store_rows_equal_captured_site(lm_run, tmp_path):
     with pytest.raises(DataError, match="source.site='nope'"):
         cache(dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, site="nope"), out=str(tmp_path / "b")))
     with pytest.raises(DataError, match="source.checkpoint="):
-        cache(dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, checkpoint=str(tmp_path)),
-                                  out=str(tmp_path / "c")))
+        cache(
+            dataclasses.replace(
+                cfg, source=dataclasses.replace(cfg.source, checkpoint=str(tmp_path)), out=str(tmp_path / "c")
+            )
+        )
 
 
 def run_script(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
     """scripts/<script> with Hydra overrides, sharing the tests' persistent compilation cache (conftest.py)."""
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-    return subprocess.run([sys.executable, str(Path(ROOT) / "scripts" / script), *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300, check=False, env=env)
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    }
+    return subprocess.run(
+        [sys.executable, str(Path(ROOT) / "scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        check=False,
+        env=env,
+    )
 
 
 @pytest.mark.slow
 def test_lm_train_and_cache_from_the_command_line(corpus_dir, tmp_path):
     run = tmp_path / "run"
-    proc = run_script("train_lm.py", f"corpus.path={corpus_dir}", "corpus.val_fraction=0.25", "model.d_model=16",
-                      "model.n_heads=2", "model.d_mlp=32", "model.n_ctx=16", "corpus.bpe_vocab_size=300", "trainer.steps=10",
-                      "trainer.batch_size=4", "trainer.steps_per_call=5", "trainer.eval_sequences=4",
-                      "trainer.samples=0", "logger=none", f"hydra.run.dir={run}",
-                      cwd=tmp_path)
+    proc = run_script(
+        "train_lm.py",
+        f"corpus.path={corpus_dir}",
+        "corpus.val_fraction=0.25",
+        "model.d_model=16",
+        "model.n_heads=2",
+        "model.d_mlp=32",
+        "model.n_ctx=16",
+        "corpus.bpe_vocab_size=300",
+        "trainer.steps=10",
+        "trainer.batch_size=4",
+        "trainer.steps_per_call=5",
+        "trainer.eval_sequences=4",
+        "trainer.samples=0",
+        "logger=none",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "val loss" in proc.stdout
     for name in ("lm_config.json", "metrics.json", "metrics.jsonl", "checkpoints/10"):
         assert (run / name).exists(), name
     bad = run_script("train_lm.py", "model.n_heads=3", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
     assert bad.returncode == 2 and "model.d_model=128 must divide by model.n_heads=3" in bad.stderr
-    proc = run_script("cache_activations.py", "source=lm", f"source.checkpoint={run}", "source.site=resid_mid",
-                      "source.n_rows=64", f"out={tmp_path / 'store'}", "shard_rows=32", cwd=tmp_path)
+    proc = run_script(
+        "cache_activations.py",
+        "source=lm",
+        f"source.checkpoint={run}",
+        "source.site=resid_mid",
+        "source.n_rows=64",
+        f"out={tmp_path / 'store'}",
+        "shard_rows=32",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     store = Store(tmp_path / "store")
     assert store.n_rows == 64 and store.d_in == 16 and store.provenance["site"] == "blocks/0/resid_mid"
     # the default tokenizer is a BPE trained on the training files; the stored ids are its windows of them
     tok = make_tokenizer(store.provenance["tokenizer"])
-    assert tok.kind == "bpe" and tok.vocab_size == 300 == len(json.loads((tmp_path / "store" / "vocab.json").read_text()))
+    assert tok.kind == "bpe" and tok.vocab_size == 300 == len(
+        json.loads((tmp_path / "store" / "vocab.json").read_text())
+    )
     ids, _ = store.read_tokens(0, 16)
     assert b"".join(tok.token_bytes(int(i)) for i in ids) in b"".join(find_corpus(corpus_cfg(corpus_dir)).read("train"))

@@ -15,8 +15,8 @@ import pytest
 
 from sae import kernels
 from sae.architectures import make_sae
-from sae.architectures.sparse import _gather_sum_bwd, _scatter_columns, gather_sum, top_k_of
 from sae.architectures.batchtopk import BatchTopKConfig
+from sae.architectures.sparse import _gather_sum_bwd, _scatter_columns, gather_sum, top_k_of
 from sae.architectures.topk import TopKConfig
 from sae.config import OptimConfig
 from sae.training.step import init_state, make_optimizer, make_train_step
@@ -98,8 +98,9 @@ def test_gather_and_scatter_kernels_equal_numpy():
     np.testing.assert_allclose(grad_vals, want_grad_vals, **TOL)
     np.testing.assert_allclose(grad_w, want_grad_w, **TOL)
     np.testing.assert_allclose(columns, want_columns, **TOL)
-    assert "sae_scatter_columns" in jax.jit(lambda v, r, i: _scatter_columns(v, r, i, 96)).lower(
-        vals, rows, idx).as_text()
+    assert (
+        "sae_scatter_columns" in jax.jit(lambda v, r, i: _scatter_columns(v, r, i, 96)).lower(vals, rows, idx).as_text()
+    )
 
 
 def train(cfg, d_in, steps, x, use_kernels):
@@ -116,15 +117,16 @@ def train(cfg, d_in, steps, x, use_kernels):
     return jax.device_get(state.params), l0s, step
 
 
-@pytest.mark.parametrize("cfg", [TopKConfig(d_sae=256, k=8, k_aux=16),
-                                 BatchTopKConfig(d_sae=256, k=8)], ids=["topk", "batchtopk"])
+@pytest.mark.parametrize(
+    "cfg", [TopKConfig(d_sae=256, k=8, k_aux=16), BatchTopKConfig(d_sae=256, k=8)], ids=["topk", "batchtopk"]
+)
 def test_train_step_with_kernels_equals_xla_ops(cfg):
     """Eight Adam steps with the kernels and with XLA's ops: the same L0 at each step and the same
     parameters to float32 round-off (sums run in another order). The data lives in a 32-dim
     subspace of 64, so latents die and AuxK runs in the later steps."""
     rng = np.random.default_rng(0)
     basis = rng.standard_normal((32, 64)).astype(np.float32)
-    x = (rng.standard_normal((8, 512, 32)).astype(np.float32) @ basis)
+    x = rng.standard_normal((8, 512, 32)).astype(np.float32) @ basis
     with_kernels, l0_k, step = train(cfg, 64, 8, x, use_kernels=True)
     with_xla, l0_x, xla_step = train(cfg, 64, 8, x, use_kernels=False)
     assert "sae_top_k" in step.lower(*step_args(cfg, x)).as_text()
@@ -144,14 +146,20 @@ def step_args(cfg, x):
 
 def test_without_compiler_falls_back_with_a_warning(tmp_path):
     """No C++ compiler and an empty cache: one warning naming why, and the XLA ops give the result."""
-    code = ("import warnings, jax, jax.numpy as jnp\n"
-            "from sae.architectures.sparse import top_k_of\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    v, i = jax.jit(lambda z: top_k_of(z, jnp.zeros(64), 3))(jnp.arange(128.).reshape(2, 64))\n"
-            "print([str(x.message) for x in w if 'sae.kernels' in str(x.message)], i.tolist())\n")
-    env = {"SAE_JAX_CACHE": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler"), "PATH": "/usr/bin:/bin",
-           "JAX_PLATFORMS": "cpu"}
+    code = (
+        "import warnings, jax, jax.numpy as jnp\n"
+        "from sae.architectures.sparse import top_k_of\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    v, i = jax.jit(lambda z: top_k_of(z, jnp.zeros(64), 3))(jnp.arange(128.).reshape(2, 64))\n"
+        "print([str(x.message) for x in w if 'sae.kernels' in str(x.message)], i.tolist())\n"
+    )
+    env = {
+        "SAE_JAX_CACHE": str(tmp_path),
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "PATH": "/usr/bin:/bin",
+        "JAX_PLATFORMS": "cpu",
+    }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "CPU kernels unavailable" in out.stdout and "no-such-compiler" in out.stdout
@@ -160,24 +168,32 @@ def test_without_compiler_falls_back_with_a_warning(tmp_path):
 
 def test_portable_top_k_equals_lax_top_k(tmp_path):
     """The kernels built without AVX-512 (their portable loops) give lax.top_k's values and indices."""
-    code = ("import sys, jax, jax.numpy as jnp, numpy as np\n"
-            "sys.path.insert(0, 'tests')\n"
-            "from test_kernels import rows_with_ties\n"
-            "from sae import kernels\n"
-            "from sae.architectures.sparse import top_k_of\n"
-            "assert kernels.available()\n"
-            "for n, k, relu in [(1024, 8, True), (256, 100, False), (100, 7, True), (8192, 40, False)]:\n"
-            "    z = rows_with_ties(np.random.default_rng(n), 16, n)\n"
-            "    b = np.where(np.arange(n) % 3 == 0, -np.inf, 0.0).astype(np.float32)\n"
-            "    a = jnp.asarray(z) + b\n"
-            "    want = jax.lax.top_k(jax.nn.relu(a) if relu else a, k)\n"
-            "    got = jax.jit(lambda z, b: top_k_of(z, b, k, relu))(z, b)\n"
-            "    np.testing.assert_array_equal(got[0], want[0])\n"
-            "    np.testing.assert_array_equal(got[1], want[1])\n"
-            "print('equal')\n")
+    code = (
+        "import sys, jax, jax.numpy as jnp, numpy as np\n"
+        "sys.path.insert(0, 'tests/kernels')\n"
+        "from test_kernels import rows_with_ties\n"
+        "from sae import kernels\n"
+        "from sae.architectures.sparse import top_k_of\n"
+        "assert kernels.available()\n"
+        "for n, k, relu in [(1024, 8, True), (256, 100, False), (100, 7, True), (8192, 40, False)]:\n"
+        "    z = rows_with_ties(np.random.default_rng(n), 16, n)\n"
+        "    b = np.where(np.arange(n) % 3 == 0, -np.inf, 0.0).astype(np.float32)\n"
+        "    a = jnp.asarray(z) + b\n"
+        "    want = jax.lax.top_k(jax.nn.relu(a) if relu else a, k)\n"
+        "    got = jax.jit(lambda z, b: top_k_of(z, b, k, relu))(z, b)\n"
+        "    np.testing.assert_array_equal(got[0], want[0])\n"
+        "    np.testing.assert_array_equal(got[1], want[1])\n"
+        "print('equal')\n"
+    )
     env = {**os.environ, "SAE_JAX_CACHE": str(tmp_path), "SAE_JAX_CXXFLAGS": "-mno-avx512f", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "equal" in out.stdout
     assert len(list((tmp_path / "kernels").glob("*.so"))) == 1  # built here, with the flag

@@ -36,14 +36,16 @@ def write_store(path, n_rows, shard_rows, dtype="float32", chunk=37, **kwargs):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_round_trip_is_bit_identical(tmp_path, dtype):
     store = write_store(tmp_path / "s", 1000, 300, dtype)
-    expected = tagged_rows(0, 1000).astype({"float32": np.float32, "float16": np.float16,
-                                             "bfloat16": ml_dtypes.bfloat16}[dtype])
+    expected = tagged_rows(0, 1000).astype(
+        {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    )
     assert store.n_rows == 1000 and [s.rows for s in store.shards] == [300, 300, 300, 100]
     got = store.read_rows(0, 1000)
     assert got.dtype == expected.dtype
     np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))
-    np.testing.assert_array_equal(np.concatenate([store.read_shard(i) for i in range(4)]).view(np.uint8),
-                                  expected.view(np.uint8))
+    np.testing.assert_array_equal(
+        np.concatenate([store.read_shard(i) for i in range(4)]).view(np.uint8), expected.view(np.uint8)
+    )
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
     assert manifest["dtype"] == dtype and manifest["d_in"] == D_IN and manifest["provenance"] == {"source": "test"}
     assert not (tmp_path / "s" / PROGRESS).exists()
@@ -52,8 +54,9 @@ def test_round_trip_is_bit_identical(tmp_path, dtype):
 def test_token_ids_round_trip(tmp_path):
     with StoreWriter(tmp_path / "s", D_IN, "float32", 64, with_tokens=True) as writer:
         for seq in range(10):
-            writer.append(tagged_rows(seq * 16, seq * 16 + 16), tokens=np.arange(16) + 100 * seq,
-                          positions=np.arange(16))
+            writer.append(
+                tagged_rows(seq * 16, seq * 16 + 16), tokens=np.arange(16) + 100 * seq, positions=np.arange(16)
+            )
     tokens, positions = Store(tmp_path / "s").read_tokens(60, 70)
     np.testing.assert_array_equal(tokens, [312, 313, 314, 315, 400, 401, 402, 403, 404, 405])
     np.testing.assert_array_equal(positions, [12, 13, 14, 15, 0, 1, 2, 3, 4, 5])
@@ -111,8 +114,9 @@ def test_next_window_is_read_while_the_current_is_served(store):
 
 
 def test_two_processes_serve_every_row_once(store):
-    parts = [served(StoreLoader(store, 50, seed=0, mixing_rows=400, process_index=p, process_count=2), 20)
-             for p in (0, 1)]
+    parts = [
+        served(StoreLoader(store, 50, seed=0, mixing_rows=400, process_index=p, process_count=2), 20) for p in (0, 1)
+    ]
     assert len(np.intersect1d(parts[0], parts[1])) == 0
     np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(2000))
 
@@ -177,8 +181,8 @@ def test_a_complete_store_is_never_overwritten(store):
 
 
 SLOW_WRITER = """
-import sys, time
-sys.path.insert(0, sys.argv[2])
+import os, sys, time
+sys.path[:0] = sys.argv[2].split(os.pathsep)
 from test_store import StoreWriter, tagged_rows
 with StoreWriter(sys.argv[1], 8, "float16", 100, provenance={"source": "test"}) as writer:
     for start in range(writer.rows_written, 1000, 30):
@@ -188,7 +192,7 @@ with StoreWriter(sys.argv[1], 8, "float16", 100, provenance={"source": "test"}) 
 
 
 def test_killed_cache_run_resumes_to_the_same_store(tmp_path):
-    tests_dir = os.path.join(ROOT, "tests")
+    tests_dir = os.pathsep.join([os.path.join(ROOT, "tests", "data"), os.path.join(ROOT, "tests")])
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(tmp_path / "s"), tests_dir], cwd=ROOT)
     deadline = time.time() + 120
     while len(list((tmp_path / "s").glob("shard_*.npy"))) < 3 and time.time() < deadline:

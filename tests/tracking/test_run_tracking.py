@@ -70,8 +70,12 @@ def test_wandb_run_holds_curves_histograms_and_dictionaries(offline, tmp_path):
     inspect_run(run_dir, rows=4096)
     first, again = _runs(tmp_path)
     assert again["run_id"] == first["run_id"]
-    images = {key for row in again["history"] for key, value in row.items()
-              if isinstance(value, dict) and value.get("_type") == "image-file"}
+    images = {
+        key
+        for row in again["history"]
+        for key, value in row.items()
+        if isinstance(value, dict) and value.get("_type") == "image-file"
+    }
     assert {"inspect/density", "inspect/l0", "inspect/recovery"} <= images
 
 

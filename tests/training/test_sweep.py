@@ -78,13 +78,16 @@ def test_sweep_instances_sharded_over_devices_match_one_device(tmp_path):
     the one-device sweep ends: the same L0 at every log step and the same weights up to float round-off
     (measured: 3e-7 for three instances; one latent of the k=3 instance drifts by 3e-4 over the 30 steps,
     the vmapped and the side-by-side programs summing in different orders)."""
-    done = subprocess.run([sys.executable, "-c", SHARDED_WORKER, str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED_WORKER, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     for label in ("k=2", "k=3", "k=4", "k=5"):
         one, four = (load_file(tmp_path / run / label / "sae" / "sae_weights.safetensors") for run in ("one", "four"))
         for key in one:
             np.testing.assert_allclose(four[key], one[key], rtol=1e-4, atol=1e-3, err_msg=f"{label} {key}")
-        logs = [[json.loads(line)["l0"] for line in (tmp_path / run / label / "metrics.jsonl").read_text().splitlines()]
-                for run in ("one", "four")]
+        logs = [
+            [json.loads(line)["l0"] for line in (tmp_path / run / label / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "four")
+        ]
         assert logs[0] == logs[1]

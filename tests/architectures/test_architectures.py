@@ -12,18 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAMILY_TESTS
 
+from sae.architectures import FAMILIES as REGISTERED
 from sae.architectures import make_sae
-from sae.architectures.sparse import exact_top_k, gather_sum, latent_sharded_top_k, take_with_sparse_grad
-from sae.architectures.batchtopk import batch_threshold, kth_largest_nonnegative
-from sae.architectures.jumprelu import jumprelu, step
-from sae.architectures.matryoshka import prefix_sizes
-from sae.architectures.batchtopk import BatchTopKConfig
+from sae.architectures.batchtopk import BatchTopKConfig, batch_threshold, kth_largest_nonnegative
 from sae.architectures.gated import GatedConfig
-from sae.architectures.jumprelu import JumpReLUConfig
-from sae.architectures.matryoshka import MatryoshkaConfig
+from sae.architectures.jumprelu import JumpReLUConfig, jumprelu, step
+from sae.architectures.matryoshka import MatryoshkaConfig, prefix_sizes
 from sae.architectures.relu import ReLUConfig
 from sae.architectures.relu_april import ReLUAprilConfig
+from sae.architectures.sparse import exact_top_k, gather_sum, latent_sharded_top_k, take_with_sparse_grad
 from sae.architectures.topk import TopKConfig
 
 B, D_IN, D_SAE, K = 32, 8, 48, 4
@@ -34,8 +33,8 @@ BANDWIDTH = 0.2  # JumpReLU ε
 K_AUX = 6  # TopK's explicit k_aux; BatchTopK and Matryoshka use the default d_in // 2 = 4
 TOL = dict(rtol=1e-5, atol=1e-5)
 
-FAMILIES = ("relu", "relu_april", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
-UNIT_NORM = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
+FAMILIES = tuple(FAMILY_TESTS)
+UNIT_NORM = tuple(name for name, t in FAMILY_TESTS.items() if t.unit_norm)
 
 
 def make_cfg(name: str, prefixes: tuple[int, ...] = ()):
@@ -52,12 +51,13 @@ def make_cfg(name: str, prefixes: tuple[int, ...] = ()):
     if name == "batchtopk":
         return BatchTopKConfig(d_sae=D_SAE, k=K, aux_coefficient=ALPHA, threshold_ema_decay=DECAY)
     if name == "matryoshka":
-        return MatryoshkaConfig(d_sae=D_SAE, k=K, aux_coefficient=ALPHA, threshold_ema_decay=DECAY,
-                                prefixes=list(prefixes))
+        return MatryoshkaConfig(
+            d_sae=D_SAE, k=K, aux_coefficient=ALPHA, threshold_ema_decay=DECAY, prefixes=list(prefixes)
+        )
     raise ValueError(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sae_and_fns(name: str, prefixes: tuple[int, ...] = ()):
     """(sae, jitted forward, jitted encode); one compilation per family/config."""
     sae = make_sae(make_cfg(name, prefixes), D_IN)
@@ -175,7 +175,11 @@ def np_batch_code(cfg, p, x, threshold):
     tau = np.sort(r.ravel())[-n]
     f = r * ((r >= tau) & (r > 0))
     smallest_kept = f[f > 0].min() if (f > 0).any() else 0.0
-    new = smallest_kept if threshold < 0 else cfg.threshold_ema_decay * threshold + (1 - cfg.threshold_ema_decay) * smallest_kept
+    new = (
+        smallest_kept
+        if threshold < 0
+        else cfg.threshold_ema_decay * threshold + (1 - cfg.threshold_ema_decay) * smallest_kept
+    )
     return f, tau, new
 
 
@@ -380,7 +384,7 @@ def test_exact_top_k_matches_lax_top_k(n, k):
     (1024, 3) take the blocked path (one row has all its top-k inside one block), the rest fall back."""
     rng = np.random.default_rng(n + k)
     z = rng.standard_normal((B, n)).astype(np.float32)
-    z[0, 32:32 + k] = 10.0 + np.arange(k)  # all of row 0's top-k in a single block
+    z[0, 32 : 32 + k] = 10.0 + np.arange(k)  # all of row 0's top-k in a single block
     z[1] = -np.abs(z[1])  # all negative
     vals, idx = jax.jit(exact_top_k, static_argnums=1)(jnp.asarray(z), k)
     ref_vals, ref_idx = jax.lax.top_k(jnp.asarray(z), k)
@@ -424,14 +428,17 @@ def test_take_with_sparse_grad_and_gather_sum_values_and_grads():
     np.testing.assert_allclose(sparse_dot(w), dense_dot(w), **TOL)
     np.testing.assert_allclose(gather_sum(vals, w, idx), dense_sum(vals, w), **TOL)
     np.testing.assert_allclose(
-        sparse_dot(w), np.einsum("bd,bjd->bj", np.asarray(x), np.asarray(w)[np.asarray(idx)]), **TOL)
+        sparse_dot(w), np.einsum("bd,bjd->bj", np.asarray(x), np.asarray(w)[np.asarray(idx)]), **TOL
+    )
 
-    grads = jax.jit(lambda w, v: (
-        jax.grad(lambda w: jnp.sum(g_dot * sparse_dot(w)))(w),
-        jax.grad(lambda w: jnp.sum(g_dot * dense_dot(w)))(w),
-        jax.grad(lambda v, w: jnp.sum(g_sum * gather_sum(v, w, idx)), argnums=(0, 1))(v, w),
-        jax.grad(lambda v, w: jnp.sum(g_sum * dense_sum(v, w)), argnums=(0, 1))(v, w),
-    ))(w, vals)
+    grads = jax.jit(
+        lambda w, v: (
+            jax.grad(lambda w: jnp.sum(g_dot * sparse_dot(w)))(w),
+            jax.grad(lambda w: jnp.sum(g_dot * dense_dot(w)))(w),
+            jax.grad(lambda v, w: jnp.sum(g_sum * gather_sum(v, w, idx)), argnums=(0, 1))(v, w),
+            jax.grad(lambda v, w: jnp.sum(g_sum * dense_sum(v, w)), argnums=(0, 1))(v, w),
+        )
+    )(w, vals)
     sw, dw, (sv, sw2), (dv, dw2) = grads
     for a, b in ((sw, dw), (sv, dv), (sw2, dw2)):
         assert np.abs(np.asarray(b)).max() > 0
@@ -462,15 +469,16 @@ def test_topk_gradients_match_dense_reference(n_dead):
     z = np_preacts(np64(params), np.asarray(x, np.float64), True)
     topk_mask = np_topk_rows(relu(z) + 1.0, K) > 0  # +1 so rows with < k positives still pick k
     aux_mask = np_auxk_mask(z, np.asarray(dead), K_AUX)
-    sparse_g, dense_g = _topk_grads()(params, x, dead, jnp.asarray(topk_mask, jnp.float32),
-                                      jnp.asarray(aux_mask, jnp.float32))
+    sparse_g, dense_g = _topk_grads()(
+        params, x, dead, jnp.asarray(topk_mask, jnp.float32), jnp.asarray(aux_mask, jnp.float32)
+    )
     assert set(sparse_g) == {"W_enc", "b_enc", "W_dec", "b_dec"}
     for name in sparse_g:
         assert np.abs(np.asarray(dense_g[name])).max() > 0
         np.testing.assert_allclose(sparse_g[name], dense_g[name], **TOL, err_msg=name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _topk_grads():
     """Jitted (sparse TopK forward grads, dense reference grads); compiled once."""
     sae, _, _ = sae_and_fns("topk")
@@ -493,7 +501,8 @@ def test_jumprelu_and_step_pseudo_gradients():
     eps = BANDWIDTH
     theta = rng.uniform(0.1, 0.8, D_SAE).astype(np.float32)
     z = theta + rng.uniform(-1.0, 1.0, (B, D_SAE)).astype(np.float32) * np.where(
-        rng.random((B, D_SAE)) < 0.5, eps, 1.0).astype(np.float32)
+        rng.random((B, D_SAE)) < 0.5, eps, 1.0
+    ).astype(np.float32)
     g = rng.standard_normal((B, D_SAE)).astype(np.float32)
     kernel = (np.abs((z - theta) / eps) < 0.5).astype(np.float64)
     assert 50 < kernel.sum() < kernel.size - 50
@@ -641,3 +650,9 @@ def test_latent_sharded_top_k_is_exact(shards, k):
     want_values, want_idx = jax.lax.top_k(z, k)
     np.testing.assert_array_equal(values, want_values)
     np.testing.assert_array_equal(idx, want_idx)
+
+
+def test_every_family_has_a_test_entry():
+    assert sorted(FAMILY_TESTS) == list(REGISTERED)
+    for name, family in REGISTERED.items():
+        assert (family.saelens, family.pre_bias) == FAMILY_TESTS[name].saelens, name

@@ -40,8 +40,17 @@ def sae_export(tmp_path: Path) -> Path:
     return export
 
 
-STEP_METRICS = {"loss": 0.5, "mse_loss": 0.4, "auxk_loss": 0.1, "l0": 8.0, "fvu": 0.2, "dead_fraction": 0.25,
-                "lr": 1e-3, "tokens_per_s": 5000.0, "tokens": 4096}
+STEP_METRICS = {
+    "loss": 0.5,
+    "mse_loss": 0.4,
+    "auxk_loss": 0.1,
+    "l0": 8.0,
+    "fvu": 0.2,
+    "dead_fraction": 0.25,
+    "lr": 1e-3,
+    "tokens_per_s": 5000.0,
+    "tokens": 4096,
+}
 
 
 def test_offline_wandb_run_holds_metrics_histograms_and_dictionary_artifact(offline, capsys):
@@ -54,10 +63,15 @@ def test_offline_wandb_run_holds_metrics_histograms_and_dictionary_artifact(offl
     tracker.log(20, {**STEP_METRICS, "loss": 0.3})
     density = np.log10(np.array([1e-1, 1e-2, 1e-7, 0.0]) + 1e-10)  # [d_sae], one dead latent
     tracker.log_histograms(20, {"feature_density_log10": density, "decoder_norm": np.array([1.0, 1.0, 0.5, 2.0])})
-    table = {"density": np.array([0.1, 0.01, 1e-7, 0.0]), "max_activation": np.array([3.0, 2.0, 1.0, 0.0]),
-             "best_true_feature": np.array([5, 1, 0, 2]), "best_cosine": np.array([0.99, 0.95, 0.4, 0.1])}
-    tracker.log_artifact("sae-topk", "sae", sae_export(offline), table=table, metadata={"step": np.int64(20)},
-                         aliases=["latest", "best"])
+    table = {
+        "density": np.array([0.1, 0.01, 1e-7, 0.0]),
+        "max_activation": np.array([3.0, 2.0, 1.0, 0.0]),
+        "best_true_feature": np.array([5, 1, 0, 2]),
+        "best_cosine": np.array([0.99, 0.95, 0.4, 0.1]),
+    }
+    tracker.log_artifact(
+        "sae-topk", "sae", sae_export(offline), table=table, metadata={"step": np.int64(20)}, aliases=["latest", "best"]
+    )
     tracker.finish()
     tracker.finish()  # idempotent
 
@@ -188,13 +202,15 @@ def test_none_logger_never_touches_wandb(offline, monkeypatch):
 
 
 def test_importing_tracking_and_logging_to_none_does_not_import_wandb(tmp_path):
-    code = ("import sys; from pathlib import Path; from sae.tracking import LoggerConfig, make_tracker; "
-            "t = make_tracker(LoggerConfig(name='none'), Path('run'), {}); t.log(1, {'loss': 1.0}); t.finish(); "
-            "print('wandb' in sys.modules)")
-    env = {k: v for k, v in os.environ.items() if k not in WANDB_ENV} | {"HOME": str(tmp_path),
-                                                                          "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys; from pathlib import Path; from sae.tracking import LoggerConfig, make_tracker; "
+        "t = make_tracker(LoggerConfig(name='none'), Path('run'), {}); t.log(1, {'loss': 1.0}); t.finish(); "
+        "print('wandb' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in WANDB_ENV} | {"HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "False" and not list(tmp_path.iterdir())
 
 
@@ -228,10 +244,26 @@ def test_log_toy_run_logs_figures_and_results(offline):
 
     run_dir = offline / "toy"
     run_dir.mkdir()
-    settings = [{"feature_probability": p, "loss": 0.1 * i, "n_represented": 2 + i, "represented": [0, 1],
-                 "dimensions_per_feature": 1.0 / (i + 1), "feature_norms": [1.0, 0.5]} for i, p in enumerate([1.0, 0.1])]
-    metrics = {"experiment": "intro", "config": {"model": {"n_features": 5}}, "n_settings": 2, "n_instances": 4,
-               "seconds": 1.5, "steps_per_s": 100.0, "settings": settings}
+    settings = [
+        {
+            "feature_probability": p,
+            "loss": 0.1 * i,
+            "n_represented": 2 + i,
+            "represented": [0, 1],
+            "dimensions_per_feature": 1.0 / (i + 1),
+            "feature_norms": [1.0, 0.5],
+        }
+        for i, p in enumerate([1.0, 0.1])
+    ]
+    metrics = {
+        "experiment": "intro",
+        "config": {"model": {"n_features": 5}},
+        "n_settings": 2,
+        "n_instances": 4,
+        "seconds": 1.5,
+        "steps_per_s": 100.0,
+        "settings": settings,
+    }
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     np.savez(run_dir / "results.npz", W=np.zeros((2, 2, 5)))
     for name in ("wtw", "loss"):
@@ -256,15 +288,38 @@ def test_log_toy_run_logs_figures_and_results(offline):
 
 def test_metric_names_follow_saelens():
     assert SAELENS_NAMES["loss"] == "losses/overall_loss" and SAELENS_NAMES["l0"] == "metrics/l0"
-    out = to_wandb_metrics({"step": 7, "loss": 1.0, "fvu": 0.25, "dead_fraction": 0.125, "sparsity_coefficient": 3.0,
-                            "l0_loss": 0.5, "mmcs": 0.9, "eval/custom": 2.0}, sae_name="jumprelu", d_sae=16)
-    assert out == {"losses/overall_loss": 1.0, "metrics/fvu": 0.25, "sparsity/dead_fraction": 0.125,
-                   "details/l0_coefficient": 3.0, "losses/l0_loss": 0.5, "metrics/mmcs": 0.9, "eval/custom": 2.0,
-                   "metrics/explained_variance": 0.75, "sparsity/dead_features": 2.0}
+    out = to_wandb_metrics(
+        {
+            "step": 7,
+            "loss": 1.0,
+            "fvu": 0.25,
+            "dead_fraction": 0.125,
+            "sparsity_coefficient": 3.0,
+            "l0_loss": 0.5,
+            "mmcs": 0.9,
+            "eval/custom": 2.0,
+        },
+        sae_name="jumprelu",
+        d_sae=16,
+    )
+    assert out == {
+        "losses/overall_loss": 1.0,
+        "metrics/fvu": 0.25,
+        "sparsity/dead_fraction": 0.125,
+        "details/l0_coefficient": 3.0,
+        "losses/l0_loss": 0.5,
+        "metrics/mmcs": 0.9,
+        "eval/custom": 2.0,
+        "metrics/explained_variance": 0.75,
+        "sparsity/dead_features": 2.0,
+    }
     assert to_wandb_metrics({"sparsity_coefficient": 3.0, "gate_aux_loss": 0.1}, sae_name="gated") == {
-        "details/l1_coefficient": 3.0, "losses/auxiliary_reconstruction_loss": 0.1}
+        "details/l1_coefficient": 3.0,
+        "losses/auxiliary_reconstruction_loss": 0.1,
+    }
     assert to_wandb_metrics({"sparsity_coefficient": 0.0, "auxk_loss": 0.1}, sae_name="topk") == {
-        "losses/auxiliary_reconstruction_loss": 0.1}  # SAELens's TopK has no coefficient
+        "losses/auxiliary_reconstruction_loss": 0.1
+    }  # SAELens's TopK has no coefficient
 
 
 def test_histogram_of_only_nonfinite_values():
@@ -292,14 +347,17 @@ def test_mode_selection(tmp_path):
         resolve_mode(None, {"WANDB_MODE": "sometimes"})
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"name": "tensorboard"}, "logger.name"),
-    ({"mode": "sometimes"}, "logger.mode"),
-    ({"project": " "}, "logger.project"),
-    ({"histogram_every": 0}, "logger.histogram_every"),
-    ({"tags": ["ok", ""]}, "logger.tags"),
-    ({"init_timeout": 0.0}, "logger.init_timeout"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"name": "tensorboard"}, "logger.name"),
+        ({"mode": "sometimes"}, "logger.mode"),
+        ({"project": " "}, "logger.project"),
+        ({"histogram_every": 0}, "logger.histogram_every"),
+        ({"tags": ["ok", ""]}, "logger.tags"),
+        ({"init_timeout": 0.0}, "logger.init_timeout"),
+    ],
+)
 def test_check_logger_names_the_field(change, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         LoggerConfig(**change).check()

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, small_config
 
-from sae.data.synthetic import SyntheticBatches
 from sae.data.store import StoreWriter
+from sae.data.synthetic import SyntheticBatches
 from sae.export import LoadedSAE, load_sae
 from sae.inspect import inspect_run, load
 from sae.inspect.examples import context_rows, latent_values
@@ -166,10 +166,18 @@ def test_latent_values_match_full_encode(arch):
     """One latent at a time (the context pass) equals SAELens's rule on whole rows, for every architecture."""
     rng = np.random.default_rng(1)
     d_in, d_sae, n = 6, 10, 64
-    names = {"standard": ["b_enc"], "topk": ["b_enc"], "jumprelu": ["b_enc", "threshold"],
-             "gated": ["b_gate", "r_mag", "b_mag"]}[arch]
-    params = {"W_enc": rng.normal(size=(d_in, d_sae)), "W_dec": rng.normal(size=(d_sae, d_in)),
-              "b_dec": rng.normal(size=d_in) * 0.1, **{k: rng.normal(size=d_sae) * 0.3 for k in names}}
+    names = {
+        "standard": ["b_enc"],
+        "topk": ["b_enc"],
+        "jumprelu": ["b_enc", "threshold"],
+        "gated": ["b_gate", "r_mag", "b_mag"],
+    }[arch]
+    params = {
+        "W_enc": rng.normal(size=(d_in, d_sae)),
+        "W_dec": rng.normal(size=(d_sae, d_in)),
+        "b_dec": rng.normal(size=d_in) * 0.1,
+        **{k: rng.normal(size=d_sae) * 0.3 for k in names},
+    }
     if arch == "jumprelu":
         params["threshold"] = np.abs(params["threshold"])
     cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": arch != "jumprelu", "k": 3}
@@ -193,9 +201,24 @@ def test_cli_without_token_ids(run, tmp_path):
     """`sae-inspect` on a synthetic run: statistics, plots and the browser, examples without text panels."""
     run_dir, _, _ = run
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, SCRIPT, f"run={run_dir}", f"out={out}", "rows=9000", "batch_size=1024",
-                           "top_k=8", "n_random=8", "chunk_features=32"], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            f"run={run_dir}",
+            f"out={out}",
+            "rows=9000",
+            "batch_size=1024",
+            "top_k=8",
+            "n_random=8",
+            "chunk_features=32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mmcs" in proc.stdout
     for name in ("index.html", "features.js", "density.png", "l0.png", "recovery.png", "stats.npz", "meta.json"):
@@ -204,7 +227,7 @@ def test_cli_without_token_ids(run, tmp_path):
     assert summary["n_rows"] == 9000 and summary["l0_mean"] == 3.0 and summary["mmcs"] > 0.9
     assert summary["plots"]["density"] == str(out / "density.png")
     assert sorted(p.name for p in (out / "data").iterdir()) == ["chunk_00000.js", "chunk_00001.js", "chunk_00002.js"]
-    chunk = json.loads((out / "data" / "chunk_00001.js").read_text()[len("SAE_CHUNK("):-3])
+    chunk = json.loads((out / "data" / "chunk_00001.js").read_text()[len("SAE_CHUNK(") : -3])
     assert chunk["tokens"] == [] and all(len(ex) == 3 for feat in chunk["features"] for ex in feat["top"])
     assert chunk["features"][0]["id"] == 32
     assert not load(out).has_tokens and load(out).n_rows == 9000
@@ -219,10 +242,16 @@ MISTAKES = {  # overrides -> the text the one-line error must contain
 
 def test_cli_user_mistakes(run, tmp_path):
     """Each mistake (run as concurrent processes) exits non-zero with one line naming it, no traceback."""
-    procs = {name: subprocess.Popen([sys.executable, SCRIPT, *(a.format(tmp=tmp_path, run=run[0]) for a in args),
-                                     f"out={tmp_path / name}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, cwd=tmp_path)
-             for name, (args, _) in MISTAKES.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, SCRIPT, *(a.format(tmp=tmp_path, run=run[0]) for a in args), f"out={tmp_path / name}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for name, (args, _) in MISTAKES.items()
+    }
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode != 0 and MISTAKES[name][1] in err, (name, err[-2000:])
@@ -252,12 +281,25 @@ class Chromium:
         write_end = fcntl.fcntl(from_chrome[1], fcntl.F_DUPFD, 10)
         for fd in (to_chrome[0], from_chrome[1]):
             os.close(fd)
-        args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
-                f"--user-data-dir={profile}", "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
-                "--window-size=1280,1000", "about:blank"]
+        args = [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--remote-debugging-pipe",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--proxy-server=127.0.0.1:9",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--window-size=1280,1000",
+            "about:blank",
+        ]
         self.proc = subprocess.Popen(
             ["bash", "-c", f'exec 3<&{read_end} 4>&{write_end} {read_end}<&- {write_end}>&-; exec "$@"', "bash", *args],
-            pass_fds=(read_end, write_end), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            pass_fds=(read_end, write_end),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for fd in (read_end, write_end):
             os.close(fd)
         self.send_file = os.fdopen(to_chrome[1], "wb", buffering=0)
@@ -345,16 +387,20 @@ def test_browser_list_search_and_feature_page(store_inspection, tmp_path):
         assert int(first) == _first_by(insp.density)
         browser.screenshot(tmp_path / "list.png")
         # Typing into the search box filters the list (label search) and is mirrored in the URL.
-        browser.eval("var s = document.getElementById('search'); s.value = 'planted'; "
-                     "s.dispatchEvent(new Event('input', {bubbles: true}))")
+        browser.eval(
+            "var s = document.getElementById('search'); s.value = 'planted'; "
+            "s.dispatchEvent(new Event('input', {bubbles: true}))"
+        )
         ids = browser.eval("Array.from(document.querySelectorAll('tr.feature-row')).map(r => +r.dataset.id)")
         assert ids == [5]
         assert "q=planted" in browser.eval("location.hash")
         # A search by token string given in the URL.
         token = insp.top_token(7)
         browser.eval(f"location.hash = 'q=' + encodeURIComponent({json.dumps(token)})")
-        ids = browser.wait_for("(() => { const r = Array.from(document.querySelectorAll('tr.feature-row'))"
-                               ".map(r => +r.dataset.id); return r.includes(7) && r; })()")
+        ids = browser.wait_for(
+            "(() => { const r = Array.from(document.querySelectorAll('tr.feature-row'))"
+            ".map(r => +r.dataset.id); return r.includes(7) && r; })()"
+        )
         expected = sorted(i for i in range(insp.d_sae) if token.lower() in insp.top_token(i).lower())
         assert sorted(ids) == expected and len(ids) < insp.d_sae
         # Sorting by clicking the max-activation header (descending).
@@ -373,13 +419,17 @@ def test_browser_list_search_and_feature_page(store_inspection, tmp_path):
         assert browser.eval("document.getElementById('feature-title').textContent") == f"Feature {j}"
         assert browser.eval("document.querySelectorAll('#top-examples .example').length") == len(feat.top)
         assert browser.eval("document.querySelectorAll('#random-examples .example').length") == len(feat.random)
-        assert browser.eval("document.querySelector('#top-examples .example .tok.c').textContent") == \
-            feat.top[0].tokens[feat.top[0].centre]
+        assert (
+            browser.eval("document.querySelector('#top-examples .example .tok.c').textContent")
+            == feat.top[0].tokens[feat.top[0].centre]
+        )
         assert browser.eval("document.querySelectorAll('#histogram rect.bar').length") > 0
         assert browser.eval("document.querySelectorAll('#neighbours a').length") == 8
         assert "best true feature" in browser.eval("document.getElementById('gt').textContent")
         shot = browser.screenshot(tmp_path / "feature.png")
-        requests = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+        requests = [
+            e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"
+        ]
         assert requests and all(u.startswith("file://") for u in requests), requests
     finally:
         browser.close()

@@ -5,12 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae.data.arrays import ArraysConfig
-from sae.data.synthetic import SyntheticConfig
 from sae.data import DataError
-from sae.data.arrays import ArrayBatches
-from sae.data.synthetic import SyntheticFeatures
-from sae.data.synthetic import firing_probabilities, normal_quantile
+from sae.data.arrays import ArrayBatches, ArraysConfig
+from sae.data.synthetic import SyntheticConfig, SyntheticFeatures, firing_probabilities, normal_quantile
 
 
 def test_firing_probabilities_decay_and_sum_to_mean_active():
@@ -23,8 +20,7 @@ def test_firing_probabilities_decay_and_sum_to_mean_active():
 
 
 def test_coefficients_fire_at_their_probabilities_with_their_magnitudes():
-    cfg = SyntheticConfig(d_in=8, n_features=20, mean_active=4.0, magnitude_mean=2.0,
-                          magnitude_std=0.1)
+    cfg = SyntheticConfig(d_in=8, n_features=20, mean_active=4.0, magnitude_mean=2.0, magnitude_std=0.1)
     features = SyntheticFeatures.create(cfg, jax.random.PRNGKey(0))
     c = np.asarray(features.sample_coefficients(jax.random.PRNGKey(1), 50_000))
     p = np.asarray(features.probabilities)
@@ -47,8 +43,15 @@ def test_normal_quantile_is_finite_and_normal():
 
 
 def test_correlated_groups_fire_together():
-    cfg = SyntheticConfig(d_in=8, n_features=24, mean_active=6.0, probability_decay=0.0,
-                          n_correlated_groups=2, group_size=3, group_correlation=0.9)
+    cfg = SyntheticConfig(
+        d_in=8,
+        n_features=24,
+        mean_active=6.0,
+        probability_decay=0.0,
+        n_correlated_groups=2,
+        group_size=3,
+        group_correlation=0.9,
+    )
     features = SyntheticFeatures.create(cfg, jax.random.PRNGKey(0))
     fires = np.asarray(features.sample_coefficients(jax.random.PRNGKey(2), 40_000)) > 0
     group = np.asarray(features.group)

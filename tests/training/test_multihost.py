@@ -53,17 +53,27 @@ def free_port() -> int:
 
 
 def launch(*args):
-    return subprocess.Popen([sys.executable, "-c", WORKER, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ),
+    )
 
 
 def test_two_processes_train_like_one(tmp_path):
     first, second = (f"localhost:{free_port()}" for _ in range(2))  # a coordinator per launch
     # one at a time: 8 CPU device threads per collective must all get a core share within XLA's timeout
     outputs = []
-    groups = [((8, "single", "run"),), ((8, "resumed", "stop"),), ((8, "resumed", "run"),),
-              ((4, "multi", "stop", first, 0), (4, "multi", "stop", first, 1)),
-              ((4, "multi", "run", second, 0), (4, "multi", "run", second, 1))]
+    groups = [
+        ((8, "single", "run"),),
+        ((8, "resumed", "stop"),),
+        ((8, "resumed", "run"),),
+        ((4, "multi", "stop", first, 0), (4, "multi", "stop", first, 1)),
+        ((4, "multi", "run", second, 0), (4, "multi", "run", second, 1)),
+    ]
     for group in groups:  # each group ends before the next starts
         procs = [launch(n, tmp_path / out_dir, *rest) for n, out_dir, *rest in group]
         for proc in procs:
