@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_benchmark_prints_one_json_line_per_architecture():
     out = subprocess.run(
         [

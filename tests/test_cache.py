@@ -258,6 +258,7 @@ def test_check_cache_names_the_field(tmp_path, field, value, message):
         cache_lib.check(cfg)
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     """The interface commands on tiny sizes, and bad inputs (one line, exit 2 or Hydra's 1), run concurrently."""
     np.save(tmp_path / "acts.npy", acts(500))

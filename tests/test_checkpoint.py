@@ -96,6 +96,7 @@ def _sigkill_at_random_step(name: str, run: Path) -> int:
     return at
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILY_FIELDS))
 def test_killed_or_stopped_runs_resume_bit_identical(name, tmp_path, monkeypatch, capsys):
     """Every family: (1) a run SIGKILLed at a random step resumes from its last checkpoint; (2) SIGTERM at

@@ -38,6 +38,7 @@ CASES = {  # overrides -> text the error must contain
 }
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_before_training(bad_files, tmp_path):
     """All cases run as concurrent processes; each exits non-zero, names the problem, writes nothing."""
     procs = {}

@@ -203,6 +203,7 @@ def test_valid_overrides_pass_and_other_mistakes_are_one_line():
         check_overrides(CONF_DIR, "lm_train", ["+model.n_layrs=2"], GROUPS)
 
 
+@pytest.mark.slow
 def test_sae_train_refuses_a_plus_typo_in_one_line(tmp_path):
     script = CONF_DIR.parent / "scripts" / "train_sae.py"
     proc = subprocess.run(

@@ -86,6 +86,7 @@ def sharded_runs():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_sharded_steps_match_one_device(sharded_runs, name):
     for mesh, result in sharded_runs[name].items():

@@ -1,5 +1,5 @@
 """Every SAE family against an independent NumPy implementation of its equations
-(../shared/references.md), plus the sparse/custom-gradient building blocks in sae/architectures/base.py.
+(docs/architectures.md), plus the sparse/custom-gradient building blocks in sae/architectures/sparse.py.
 
 NumPy references work in float64 on the same float32 inputs; the JAX code runs in float32.
 """

@@ -197,6 +197,7 @@ def test_context_rows_respect_sequences():
     np.testing.assert_array_equal(got[0], [[-1, -1, 0, 1], [0, 1, 2, -1], [-1, 3, 4, 5], [-1, -1, -1, -1]])
 
 
+@pytest.mark.slow
 def test_cli_without_token_ids(run, tmp_path):
     """`sae-inspect` on a synthetic run: statistics, plots and the browser, examples without text panels."""
     run_dir, _, _ = run
@@ -240,6 +241,7 @@ MISTAKES = {  # overrides -> the text the one-line error must contain
 }
 
 
+@pytest.mark.slow
 def test_cli_user_mistakes(run, tmp_path):
     """Each mistake (run as concurrent processes) exits non-zero with one line naming it, no traceback."""
     procs = {

@@ -166,6 +166,7 @@ def test_without_compiler_falls_back_with_a_warning(tmp_path):
     assert "[[63, 62, 61], [63, 62, 61]]" in out.stdout
 
 
+@pytest.mark.slow
 def test_portable_top_k_equals_lax_top_k(tmp_path):
     """The kernels built without AVX-512 (their portable loops) give lax.top_k's values and indices."""
     code = (

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import ROOT
 from safetensors.numpy import load_file
 
@@ -63,6 +64,7 @@ def launch(*args):
     )
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     first, second = (f"localhost:{free_port()}" for _ in range(2))  # a coordinator per launch
     # one at a time: 8 CPU device threads per collective must all get a core share within XLA's timeout

@@ -73,6 +73,7 @@ for name, mesh in (("one", MeshConfig(data=1)), ("four", MeshConfig(data=4))):
 """
 
 
+@pytest.mark.slow
 def test_sweep_instances_sharded_over_devices_match_one_device(tmp_path):
     """Four instances on four (fake CPU) devices, one each (shard_map over the instance axis), end where
     the one-device sweep ends: the same L0 at every log step and the same weights up to float round-off

@@ -108,6 +108,7 @@ def _train_on_exact_capacity(aux_coefficient, steps=600, batch=1024, n=128, d=64
     return float(metrics["dead_fraction"]), float(metrics["fvu"]), mmcs
 
 
+@pytest.mark.slow
 def test_auxk_lowers_the_dead_fraction():
     """Every latent is needed here, but some lose every top-k early on and die. Without AuxK they never
     get a gradient again (measured: 12.5% dead, MMCS 0.936, FVU 0.214); AuxK trains them on the
