@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -65,10 +66,10 @@ def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictCo
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
             return compose(config_name, overrides=overrides)
-    except MissingConfigException as err:
-        group = next((o.split("=", 1) for o in overrides if o.split("=", 1)[0].lstrip("+~") in str(err)), None)
+    except MissingConfigException as err:  # "Could not find 'sae/topkk'": a group option that does not exist
+        found = re.search(r"'([\w/]+)/([^'/]+)'", str(err))
+        what = f"{found.group(1)}={found.group(2)}" if found else str(err).splitlines()[0]
         options = sorted(o for o in (err.options or []) if not o.endswith("_schema"))
-        what = f"{group[0].lstrip('+~')}={group[1]}" if group else str(err).splitlines()[0]
         raise ConfigError(f"{what} is not one of {', '.join(options)}" if options else what) from None
     except (HydraException, OmegaConfBaseException) as err:
         cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
