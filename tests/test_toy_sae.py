@@ -11,8 +11,8 @@ from conftest import ROOT
 
 from sae.architectures.topk import TopKConfig
 from sae.config import Config, TrainerConfig
-from sae.data.toy import ToyRunConfig
 from sae.data import DataError, open_batch_source
+from sae.data.toy import ToyRunConfig
 from sae.toy_sae import train_per_setting
 from toy_models.config import ToyConfig, ToyDataConfig, ToyModelConfig, to_dict
 

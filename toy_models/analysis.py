@@ -72,8 +72,9 @@ def geometry_2d(W: np.ndarray, threshold: float = REPRESENTED_NORM, angle_tolera
     index = np.flatnonzero(represented(W, threshold))
     unit = W[:, index] / feature_norms(W)[index]
     cos = unit.T @ unit
-    pairs = [(int(index[a]), int(index[b])) for a in range(len(index)) for b in range(a + 1, len(index))
-             if cos[a, b] < -0.9]
+    pairs = [
+        (int(index[a]), int(index[b])) for a in range(len(index)) for b in range(a + 1, len(index)) if cos[a, b] < -0.9
+    ]
     result = {"represented": index.tolist(), "antipodal_pairs": pairs}
     k = len(index)
     if k < 2:

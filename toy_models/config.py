@@ -13,7 +13,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 
 from toy_models.data import RNG_KINDS
-from toy_models.models import KINDS
+from toy_models.models import INITS, KINDS
 from toy_models.train import SCHEDULES
 
 
@@ -47,6 +47,7 @@ class ToyTrainConfig:
     weight_decay: float = 0.01  # PyTorch AdamW's default
     schedule: str = "constant"  # constant | linear | cosine
     n_seeds: int = 1  # instances per setting; analysis keeps the lowest-loss one
+    init: str = "normal"  # one of models.INITS: independent draws per seed, or permuted_init's variants
     steps_per_call: int = 1000  # optimiser steps per compiled call (lax.scan)
     eval_batches: int = 8  # held-out batches for the per-instance loss
 
@@ -100,11 +101,17 @@ def check(cfg: ToyConfig) -> None:
             _fail(f"data.{name}", getattr(data, name), "a non-negative integer")
     paired = 2 * (data.correlated_pairs + data.anticorrelated_pairs)
     if paired > model.n_features:
-        _fail("data.correlated_pairs + data.anticorrelated_pairs",
-              data.correlated_pairs + data.anticorrelated_pairs, f"at most model.n_features / 2 = {model.n_features // 2}")
+        _fail(
+            "data.correlated_pairs + data.anticorrelated_pairs",
+            data.correlated_pairs + data.anticorrelated_pairs,
+            f"at most model.n_features / 2 = {model.n_features // 2}",
+        )
     if data.anticorrelated_pairs and max(data.feature_probability) > 0.5:
-        _fail("data.feature_probability", list(data.feature_probability),
-              "values ≤ 0.5 with anti-correlated pairs (a pair fires with probability 2p)")
+        _fail(
+            "data.feature_probability",
+            list(data.feature_probability),
+            "values ≤ 0.5 with anti-correlated pairs (a pair fires with probability 2p)",
+        )
     if data.rng not in RNG_KINDS:
         _fail("data.rng", data.rng, f"one of {list(RNG_KINDS)}")
     for name in ("steps", "batch_size", "n_seeds", "steps_per_call", "eval_batches"):
@@ -116,6 +123,10 @@ def check(cfg: ToyConfig) -> None:
         _fail("train.weight_decay", train.weight_decay, "a non-negative number")
     if train.schedule not in SCHEDULES:
         _fail("train.schedule", train.schedule, f"one of {list(SCHEDULES)}")
+    if train.init not in INITS:
+        _fail("train.init", train.init, f"one of {list(INITS)}")
+    if train.init == "permuted" and model.kind == "abs":
+        _fail("train.init", train.init, "'normal' for the abs model (permuted_init needs a single W)")
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,11 @@ class Settings:
 def settings(cfg: ToyConfig) -> Settings:
     """Expand the data config into per-setting arrays; phase grids are importance-major."""
     n = cfg.model.n_features
-    base = np.asarray(cfg.data.importance, np.float64) if cfg.data.importance else cfg.data.importance_decay ** np.arange(n)
+    base = (
+        np.asarray(cfg.data.importance, np.float64)
+        if cfg.data.importance
+        else cfg.data.importance_decay ** np.arange(n)
+    )
     probs = np.asarray(cfg.data.feature_probability, np.float64)
     if not cfg.data.relative_importance:
         return Settings(probs, np.tile(base, (len(probs), 1)), None)

@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize, to_rgba
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Circle, Patch
 from matplotlib.ticker import MaxNLocator
 
@@ -194,30 +195,54 @@ def _phase_grid(density: np.ndarray, relative_importance: np.ndarray, phase: np.
     return xs, ys, grid
 
 
-def plot_phase(
-    density: np.ndarray, relative_importance: np.ndarray, phase: np.ndarray, path: str | Path, title: str = ""
-) -> Path:
-    """Phase diagram over (feature density, relative importance), both on log axes.
-
-    density, relative_importance, phase: [k], one entry per setting of a full grid; phase 0 = not represented,
-    1 = dedicated dimension, 2 = superposition.
-    """
-    xs, ys, grid = _phase_grid(
-        np.asarray(density, dtype=float).ravel(),
-        np.asarray(relative_importance, dtype=float).ravel(),
-        np.asarray(phase, dtype=int).ravel(),
-    )
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
-    ax = fig.add_subplot()
+def _draw_phase(ax, xs: np.ndarray, ys: np.ndarray, grid: np.ndarray, title: str) -> None:
+    """One phase diagram [ny, nx] on log axes, coloured by PHASES."""
     cmap = ListedColormap([colour for _, colour in PHASES])
     ax.pcolormesh(_log_edges(xs), _log_edges(ys), grid, cmap=cmap, vmin=-0.5, vmax=len(PHASES) - 0.5)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("feature density (1−S)")
-    ax.set_ylabel("relative importance of the extra feature")
     ax.set_title(title)
+
+
+def plot_phase(
+    density: np.ndarray,
+    relative_importance: np.ndarray,
+    phase: np.ndarray,
+    path: str | Path,
+    title: str = "",
+    theory: np.ndarray | None = None,
+    clear: np.ndarray | None = None,
+) -> Path:
+    """Phase diagram over (feature density, relative importance), both on log axes; with `theory`, the paper's
+    theory panel beside it (§4).
+
+    density, relative_importance, phase, theory: [k], one entry per setting of a full grid; phase 0 = not
+    represented, 1 = dedicated dimension, 2 = superposition. clear: bool [k], where the theory's best phase wins by
+    a clear margin; the other theory cells get a dot, and trained cells that differ from a clear theory cell a cross.
+    """
+    density, relative_importance = (np.asarray(v, dtype=float).ravel() for v in (density, relative_importance))
+    cells = lambda values: _phase_grid(density, relative_importance, np.asarray(values, dtype=int).ravel())
+    xs, ys, trained = cells(phase)
+    panels = {"trained": trained} if theory is None else {"trained": trained, "theory": cells(theory)[2]}
+    fig = Figure(figsize=(3.6 + 3.4 * len(panels), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (name, grid) in zip(axes, panels.items()):
+        _draw_phase(ax, xs, ys, grid, name)
+    axes[0].set_ylabel("relative importance of the extra feature")
     handles = [Patch(facecolor=colour, edgecolor="0.5", label=name) for name, colour in PHASES]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+    if theory is not None and clear is not None:
+        is_clear = cells(clear)[2] > 0
+        iy, ix = np.nonzero(~is_clear)
+        axes[1].plot(xs[ix], ys[iy], ".", color="0.25")
+        iy, ix = np.nonzero(is_clear & (trained != panels["theory"]))
+        axes[0].plot(xs[ix], ys[iy], "x", color="black")
+        handles += [
+            Line2D([], [], marker=".", linestyle="", color="0.25", label="theory: no clear winner"),
+            Line2D([], [], marker="x", linestyle="", color="black", label="trained ≠ clear theory"),
+        ]
+    fig.suptitle(title)
+    axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
     return _save(fig, path)
 
 

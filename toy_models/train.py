@@ -110,13 +110,20 @@ def train(
     steps_per_call: int = 1000,
     eval_batches: int = 8,
     on_progress: Callable[[int, np.ndarray], None] | None = None,
+    init: models.Params | None = None,
 ) -> TrainResult:
-    """Train len(feature_probability) instances; feature_probability: [I], importance: [I, n]."""
+    """Train len(feature_probability) instances; feature_probability: [I], importance: [I, n].
+
+    init: the starting parameters (leading axis [I]); by default models.init_params(key(seed)).
+    """
     n_instances = len(feature_probability)
     shard, padded = instance_sharding(n_instances)
     fp = shard(jnp.asarray(_pad(np.asarray(feature_probability), padded), jnp.float32))
     imp = shard(jnp.asarray(_pad(np.asarray(importance), padded), jnp.float32))
-    params = models.init_params(jax.random.key(seed), task.kind, padded, task.n_features, task.n_hidden)
+    if init is None:
+        params = models.init_params(jax.random.key(seed), task.kind, padded, task.n_features, task.n_hidden)
+    else:
+        params = {name: jnp.asarray(_pad(np.asarray(value), padded)) for name, value in init.items()}
     optimizer = make_optimizer(lr, schedule, steps, weight_decay)
     params = jax.tree.map(shard, params)
     opt_state = jax.tree.map(shard, optimizer.init(params))

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from toy_models import analysis, data, models
-from toy_models.config import ToyConfig, ToyConfigError, ToyDataConfig, ToyModelConfig, check, settings
+from toy_models.config import (
+    ToyConfig,
+    ToyConfigError,
+    ToyDataConfig,
+    ToyModelConfig,
+    ToyTrainConfig,
+    check,
+    settings,
+)
 from toy_models.train import Task, make_chunk, make_optimizer, train
 
 # --- data -----------------------------------------------------------------------------------------
@@ -129,6 +137,29 @@ def test_chunked_training_equals_one_long_call():
         np.testing.assert_allclose(params[name], whole[name], rtol=1e-5, atol=1e-7)
 
 
+def test_permuted_init_shifts_and_negates_the_columns_of_one_draw_per_2n_seeds():
+    n_seeds, n_settings, n, m = 7, 3, 3, 2
+    W = np.asarray(models.permuted_init(jax.random.key(0), "relu", n_seeds, n_settings, n, m)["W"])
+    draws = np.asarray(models.init_params(jax.random.key(0), "relu", 2 * n_settings, n, m)["W"])
+    W, draws = W.reshape(n_seeds, n_settings, m, n), draws.reshape(2, n_settings, m, n)
+    for k in range(n_seeds):
+        expected = np.roll(draws[k // (2 * n)], k, axis=-1)  # column i moves to (i + k) mod n
+        if k % (2 * n) >= n:
+            expected[..., 0] *= -1
+        np.testing.assert_array_equal(W[k], expected)
+    with pytest.raises(ValueError, match="abs"):
+        models.permuted_init(jax.random.key(0), "abs", 2, 1, n, m)
+
+
+def test_train_from_given_parameters():
+    task, fp, imp = Task("relu", 3, 2, 64), np.array([1.0, 0.1, 0.3]), np.ones((3, 3))
+    default = train(task, fp, imp, seed=4, steps=20, steps_per_call=20)
+    given = train(
+        task, fp, imp, seed=4, steps=20, steps_per_call=20, init=models.init_params(jax.random.key(4), "relu", 3, 3, 2)
+    )
+    np.testing.assert_allclose(given.params["W"], default.params["W"], rtol=1e-6)
+
+
 # --- the paper's qualitative results, at a small budget ----------------------------------------
 
 
@@ -137,8 +168,10 @@ def basic_runs():
     """n=20, m=5, I_i = 0.7^i at three sparsities, linear and ReLU (§2, Figure 2)."""
     fp = np.array([1.0, 0.1, 0.01])
     imp = np.tile(0.7 ** np.arange(20), (3, 1))
-    return {kind: train(Task(kind, 20, 5, 1024), fp, imp, seed=0, steps=3000, steps_per_call=3000)
-            for kind in ("linear", "relu")}
+    return {
+        kind: train(Task(kind, 20, 5, 1024), fp, imp, seed=0, steps=3000, steps_per_call=3000)
+        for kind in ("linear", "relu")
+    }
 
 
 def test_linear_model_represents_exactly_the_top_m_features(basic_runs):
@@ -187,9 +220,18 @@ def test_bad_configs_name_the_field(model, data, message):
         check(ToyConfig(model=model, data=data))
 
 
+def test_bad_init_names_the_field():
+    with pytest.raises(ToyConfigError, match="train.init='orthogonal'"):
+        check(ToyConfig(train=ToyTrainConfig(init="orthogonal")))
+    with pytest.raises(ToyConfigError, match="'normal' for the abs model"):
+        check(ToyConfig(model=ToyModelConfig(kind="abs"), train=ToyTrainConfig(init="permuted")))
+
+
 def test_phase_grid_settings():
-    cfg = ToyConfig(model=ToyModelConfig(n_features=2, n_hidden=1),
-                    data=ToyDataConfig(feature_probability=[1.0, 0.1], relative_importance=[0.5, 2.0, 4.0]))
+    cfg = ToyConfig(
+        model=ToyModelConfig(n_features=2, n_hidden=1),
+        data=ToyDataConfig(feature_probability=[1.0, 0.1], relative_importance=[0.5, 2.0, 4.0]),
+    )
     grid = settings(cfg)
     assert len(grid) == 6
     np.testing.assert_allclose(grid.feature_probability, [1.0, 0.1] * 3)

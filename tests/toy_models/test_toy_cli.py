@@ -17,16 +17,25 @@ SCRIPT = str(Path(ROOT) / "scripts" / "train_toy.py")
 
 
 def run_cli(*args, cwd, env=None):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600, check=False
+    )
 
 
 @pytest.fixture(scope="module")
 def multirun(tmp_path_factory):
     """`toy-train -m toy=intro seed=0,1` at a small budget."""
     out = tmp_path_factory.mktemp("multirun")
-    proc = run_cli("-m", "toy=intro", "seed=0,1", "train.steps=2000", "train.n_seeds=2",
-                   "data.feature_probability=[1.0,0.3,0.03]", f"hydra.sweep.dir={out}", cwd=out)
+    proc = run_cli(
+        "-m",
+        "toy=intro",
+        "seed=0,1",
+        "train.steps=2000",
+        "train.n_seeds=2",
+        "data.feature_probability=[1.0,0.3,0.03]",
+        f"hydra.sweep.dir={out}",
+        cwd=out,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -68,8 +77,13 @@ CASES = {
 def test_bad_values_fail_at_start_up(tmp_path):
     procs = {}
     for name, (overrides, _) in CASES.items():
-        procs[name] = subprocess.Popen([sys.executable, SCRIPT, *overrides, f"hydra.run.dir={tmp_path / name}"],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        procs[name] = subprocess.Popen(
+            [sys.executable, SCRIPT, *overrides, f"hydra.run.dir={tmp_path / name}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode != 0, name
@@ -89,12 +103,20 @@ np.savez(sys.argv[1], eval_loss=r.eval_loss, **r.params)
 def test_instances_sharded_over_devices_train_as_on_one(tmp_path):
     """3 instances over 2 devices (one padding instance) end where a single device ends."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "sharded.npz")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED, str(tmp_path / "sharded.npz")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sharded = np.load(tmp_path / "sharded.npz")
-    single = train(Task("relu", 5, 2, 128), np.array([1.0, 0.3, 0.1]), np.ones((3, 5)), seed=1, steps=300,
-                   steps_per_call=150)
+    single = train(
+        Task("relu", 5, 2, 128), np.array([1.0, 0.3, 0.1]), np.ones((3, 5)), seed=1, steps=300, steps_per_call=150
+    )
     np.testing.assert_allclose(sharded["W"], single.params["W"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(sharded["b"], single.params["b"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(sharded["eval_loss"], single.eval_loss, rtol=1e-4)

@@ -75,6 +75,16 @@ def test_plot_phase(tmp_path):
     assert_png(plot_phase(*phase_grid(), tmp_path / "phase.png", title="n=2, m=1"))
 
 
+def test_plot_phase_beside_the_theory(tmp_path):
+    density, importance, phase = phase_grid()
+    theory = phase.copy()
+    theory[0] = 2  # one clear disagreement (crossed), one cell without a clear winner (dotted)
+    clear = np.arange(phase.size) != 5
+    alone = assert_png(plot_phase(density, importance, phase, tmp_path / "alone.png"))
+    both = assert_png(plot_phase(density, importance, phase, tmp_path / "both.png", theory=theory, clear=clear))
+    assert both.width > 1.3 * alone.width
+
+
 def test_plot_phase_rejects_points_that_do_not_fill_a_grid(tmp_path):
     density, importance, phase = phase_grid()
     with pytest.raises(ValueError, match="full"):

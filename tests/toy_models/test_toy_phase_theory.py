@@ -1,7 +1,6 @@
 """The phase diagrams' theory (toy_models/theory.py, Elhage et al. 2022 §4): its expected loss against the training
 loss on sampled data, the known limits of the phase diagrams, and the issue's grid point."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,8 +85,9 @@ def test_issue_grid_point(solvers):
     p, importance = 0.08111, np.array([1.0, 0.5337])
     result = solvers[(2, 1)](p, importance)
     assert analysis.PHASES[result.phase] == "superposition" and result.margin > 5
-    found = float(theory.expected_loss(jnp.array([[-1.063, -0.202]]), jnp.array([-0.107, 0.028]), p,
-                                       jnp.asarray(importance)))
+    found = float(
+        theory.expected_loss(jnp.array([[-1.063, -0.202]]), jnp.array([-0.107, 0.028]), p, jnp.asarray(importance))
+    )
     antipodal = min(s.loss for s in result.solutions if s.name == "antipodal pair")
     assert 5 < found / antipodal < 12
 
