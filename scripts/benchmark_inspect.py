@@ -10,7 +10,7 @@ of random unit rows, b_enc 0) exported as `sae-train` would, with `data=cached` 
 runs `inspect_run` on all rows and prints ONE JSON object: machine (cpu_count, load_avg_before), config, rows,
 stats_s (the streamed jitted pass, compilation included), context_s (the second pass encoding the example
 contexts; absent with --no-tokens), total_s (stats through neighbours, plots and the browser files),
-rows_per_s (rows / stats_s), site_bytes. """
+rows_per_s (rows / stats_s), site_bytes."""
 
 from __future__ import annotations
 
