@@ -94,6 +94,14 @@ def test_primary_config_composes_to_the_python_default(config_name, default):
     assert container(composed(config_name)) == container(default)
 
 
+@pytest.mark.parametrize("name", options("toy"))
+def test_toy_experiment_composes_into_its_schema(name):
+    """conf/toy/ files pin a paper experiment's setup: every key they set is the schema's, and valid."""
+    cfg = OmegaConf.to_object(composed("toy_train", [f"toy={name}"]))
+    assert isinstance(cfg, toy_config.ToyConfig) and cfg.experiment == name
+    toy_config.check(cfg)
+
+
 def test_toy_sae_differs_only_where_it_says():
     cfg = OmegaConf.to_object(composed("toy_sae", ["data.run=RUN"]))
     default = Config(sae=FAMILIES["relu"].config(), data=BATCH_SOURCES["toy"].schema(run="RUN"))
