@@ -45,8 +45,7 @@ def _global_batches(
 
 def train_single(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     """Train one SAE as configured; returns the final metrics (also written to out_dir/metrics.json).
-    Resumes from the run dir's newest checkpoint (or cfg.resume)."""
-    config_lib.check(cfg)
+    Resumes from the run dir's newest checkpoint (or cfg.resume). cfg was checked by `train`."""
     parallel.initialize_distributed(cfg.mesh)
     trainer = cfg.trainer
     source = open_batch_source(cfg.data, trainer.batch_size, cfg.seed)

@@ -54,8 +54,8 @@ def instance_configs(cfg: config_lib.Config) -> list[config_lib.Config]:
 
 
 def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
-    """Train every instance of the sweep; returns {label: final metrics} (also out_dir/sweep.json)."""
-    config_lib.check(cfg)
+    """Train every instance of the sweep; returns {label: final metrics} (also out_dir/sweep.json). cfg was
+    checked by `train`; each instance's config is checked here."""
     if jax.process_count() > 1:
         raise ConfigError("sweeps run in one process (over its devices): start one per host")
     devices = parallel.make_mesh(cfg.mesh).devices.reshape(-1)
