@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run: save, resume from the newest good one, stop cleanly on SIGTERM.
+"""Orbax checkpoints of a training run: save, seal, resume from the newest good one, stop cleanly on a signal.
 
 A checkpoint is `<run dir>/checkpoints/<step>/` holding two items:
   state  the training state pytree (params, Adam moments and count, buffers, dead-latent and firing
@@ -9,18 +9,18 @@ The lr and sparsity-warm-up schedules are functions of the step counts inside `s
 
 Saves are asynchronous (orbax copies the arrays off the device, then writes in a background thread)
 and land in `<step>.orbax-checkpoint-tmp` until committed by a rename, so a killed run never leaves a
-half-written checkpoint where a restore looks. The latest `keep` are kept, plus the best by a logged
-metric. A checkpoint that fails to read back is moved to `checkpoints.unreadable/` (never deleted) with a
-warning, and the previous one is used.
+half-written checkpoint where a restore looks. Once a step is committed its files' BLAKE2b digests are
+written last, to `<step>/digest.json` (the step is "sealed"), and a restore verifies them first. The latest
+`keep` are kept, plus the best by a logged metric. A checkpoint whose files differ from their digests, or
+that fails to read back, is moved to `checkpoints.unreadable/` (never deleted) with a warning naming the
+file, and the previous one is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
 import shutil
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -32,10 +32,14 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from sae.config import CheckpointConfig
+from sae.data.store import checksum
 from sae.errors import ConfigError
+from sae.interrupts import Interrupted, signal_name
+from sae.outputs import write_atomic
 
 CHECKPOINTS = "checkpoints"
 UNREADABLE = "checkpoints.unreadable"
+DIGEST = "digest.json"
 # Config fields that fix the shapes or meaning of the saved state: a checkpoint that differs refuses to load.
 MUST_MATCH = ("sae.name", "sae.d_sae", "d_in", "trainer.param_dtype", "sweep.key", "sweep.values")
 # Where and how a run is launched, not what it trains: free to change on resume (the state is resharded).
@@ -46,15 +50,46 @@ class CheckpointMismatch(ConfigError):
     """A checkpoint made by a differently configured run; the message lists what differs."""
 
 
-class Preempted(Exception):
-    """SIGTERM arrived: a checkpoint of the step reached was written; rerunning the command resumes."""
+class Preempted(Interrupted):
+    """SIGINT or SIGTERM arrived: a checkpoint of the step reached was written; rerunning the command resumes."""
 
-    def __init__(self, step: int, directory: Path):
+    def __init__(self, step: int, directory: Path, signum: int):
         super().__init__(
-            f"stopped by SIGTERM at step {step}; checkpoint saved in {directory}/{step}; "
-            "run the same command again to resume"
+            f"stopped by {signal_name(signum)} at step {step}; checkpoint saved in {directory}/{step}; "
+            "run the same command again to resume",
+            signum,
         )
         self.step, self.directory = step, directory
+
+
+def file_digests(step_dir: Path) -> dict[str, str]:
+    """{path relative to step_dir: BLAKE2b digest} of every file of a checkpoint step but its digest file."""
+    return {
+        str(path.relative_to(step_dir)): checksum(path)
+        for path in sorted(step_dir.rglob("*"))
+        if path.is_file() and path.name != DIGEST
+    }
+
+
+def damage(step_dir: Path) -> str | None:
+    """What differs between a sealed step's files and its digest.json (None when they agree or when the
+    step has no digest: one killed between its commit and its seal, or written before digests existed)."""
+    sealed = step_dir / DIGEST
+    if not sealed.is_file():
+        return None
+    try:
+        expected = json.loads(sealed.read_text())
+    except (OSError, ValueError):
+        return f"its {DIGEST} is unreadable"
+    found = file_digests(step_dir)
+    for name in sorted(expected.keys() | found.keys()):
+        if name not in found:
+            return f"{name} is missing"
+        if name not in expected:
+            return f"{name} is not in its {DIGEST}"
+        if found[name] != expected[name]:
+            return f"{name} differs from its digest"
+    return None
 
 
 @dataclasses.dataclass
@@ -121,18 +156,34 @@ class Checkpointer:
             read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._unsealed: list[int] = []  # steps saved here whose digests are not written yet
+        self.set_aside: list[Path] = []  # where restore moved the damaged and unreadable steps
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict[str, float] | None = None) -> None:
-        """Start saving `state` and `meta` as checkpoint `step`; returns once the arrays are off the device."""
+        """Start saving `state` and `meta` as checkpoint `step`; returns once the arrays are off the device.
+
+        The previous save is committed and sealed first (orbax waits for it before starting another anyway).
+        """
+        self.wait()
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             metrics=metrics,
             force=True,
         )
+        self._unsealed.append(step)
+
+    def _seal(self) -> None:
+        """Write digest.json into every committed step this run saved (process 0; the files are final)."""
+        if jax.process_index() == 0:
+            for step in self._unsealed:
+                step_dir = self.directory / str(step)
+                if step_dir.is_dir():  # not already removed by the preservation policy
+                    write_atomic(step_dir / DIGEST, json.dumps(file_digests(step_dir), indent=1).encode())
+        self._unsealed = []
 
     def best_step(self) -> int | None:
         return self.manager.best_step() if self.cfg.best_metric is not None else None
@@ -148,10 +199,20 @@ class Checkpointer:
         """
         for candidate in [step] if step is not None else reversed(self.steps()):
             path = self.directory / str(candidate)
+            problem = damage(path)
+            if problem is not None:
+                self._set_aside(path, problem, "damaged")
+                continue
+            if not (path / DIGEST).is_file():
+                warnings.warn(
+                    f"checkpoint {path} has no {DIGEST} (its run stopped before sealing it, or an older version "
+                    "wrote it): restoring it unverified",
+                    stacklevel=2,
+                )
             try:
                 meta = self.manager.restore(candidate, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
             except Exception as err:  # noqa: BLE001 - any read failure means this checkpoint is unusable
-                self._set_aside(path, err)
+                self._set_aside(path, _first_line(err))
                 continue
             check_meta(meta, path)
             try:
@@ -159,31 +220,47 @@ class Checkpointer:
                     candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
                 ).state
             except Exception as err:  # noqa: BLE001
-                self._set_aside(path, err)
+                self._set_aside(path, _first_line(err))
                 continue
             return Restored(candidate, state, meta, path)
         return None
 
-    def _set_aside(self, path: Path, err: Exception) -> None:
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    def _set_aside(self, path: Path, reason: str, what: str = "unreadable") -> None:
         if jax.process_index() == 0 and path.exists():
             target = path.parent.parent / UNREADABLE / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             target.parent.mkdir(exist_ok=True)
             shutil.move(path, target)
+            self.set_aside.append(target)
             warnings.warn(
-                f"checkpoint {path} is unreadable ({reason}); moved it to {target} and fell back to the previous one",
+                f"checkpoint {path} is {what} ({reason}); moved it to {target} and fell back to the previous one",
                 stacklevel=3,
             )
         else:
-            warnings.warn(f"checkpoint {path} is unreadable ({reason}); falling back to the previous one", stacklevel=3)
+            warnings.warn(f"checkpoint {path} is {what} ({reason}); falling back to the previous one", stacklevel=3)
         self.manager.reload()
 
     def wait(self) -> None:
-        """Block until every started save is committed."""
+        """Block until every started save is committed, then seal them."""
         self.manager.wait_until_finished()
+        self._seal()
 
     def close(self) -> None:
-        self.manager.close()
+        """Commit and seal what was started, then stop orbax's threads (also after an error: nothing of
+        orbax's may outlive the run and print into the user's terminal)."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
 def resume_source(resume: str | None, run_dir: Path) -> tuple[Path, int | None] | None:
@@ -206,33 +283,3 @@ def resume_source(resume: str | None, run_dir: Path) -> tuple[Path, int | None] 
         f"resume={resume!r}: not a run directory with checkpoints/, a checkpoints/ directory, "
         "or one checkpoint step's directory"
     )
-
-
-class StopOnSigterm:
-    """Context: SIGTERM (a pre-emption notice) sets `requested` instead of killing the process.
-
-    The loop checks the flag between steps, writes a checkpoint and stops. Only the main thread can
-    install signal handlers; elsewhere (a notebook's worker thread), or with install=False, this does nothing.
-    """
-
-    def __init__(self, install: bool = True):
-        self.requested = False
-        self._install = install
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __enter__(self):
-        if self._install and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def sigterm_exit_status() -> int:
-    """The shell's status for a process ended by SIGTERM (128 + 15), used after a pre-emption checkpoint."""
-    return 128 + signal.SIGTERM.value if os.name == "posix" else 1

@@ -10,11 +10,13 @@ Hydra here (`register_schemas`), from the registries of families and sources, so
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +28,9 @@ from sae.data import BATCH_SOURCES, ROW_SOURCES
 from sae.errors import ConfigError, DataError
 from sae.inspect.config import InspectConfig
 from sae.lm.config import LMTrainConfig
+from sae.outputs import OutputError, check_writable
 from sae.overrides import check_overrides
+from sae.run_record import RunRecord
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -59,14 +63,39 @@ def _check_command_line(config_name: str) -> None:
         sys.exit(2)
 
 
-def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfig], None]:
-    """A Hydra task running job(typed config, output dir), with user mistakes reported in one line."""
+def _record_files(cfg: DictConfig) -> dict[str, str]:
+    """The .hydra/ files Hydra would have written (its own writing is off: sae/run_record.py)."""
+    hydra_cfg = HydraConfig.instance().cfg
+    return {
+        ".hydra/config.yaml": OmegaConf.to_yaml(cfg),
+        ".hydra/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+        ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+    }
+
+
+def run_in_record(cfg: DictConfig, job: Callable[[], object]) -> int:
+    """run_job(job) with the run's record (.hydra/, cli.log) in Hydra's output dir; a refused run (a user
+    mistake, status 2) leaves that directory as it was."""
+    record = RunRecord(HydraConfig.get().runtime.output_dir, _record_files(cfg))
+    status = run_job(record.open)
+    if status:
+        return status
+    status = 1  # what a crash leaves: the record kept
+    try:
+        status = run_job(job)
+    finally:
+        record.close(refused=status == 2)
+    return status
+
+
+def _run(job: Callable[[config_lib.Config, str], object], record: bool) -> Callable[[DictConfig], None]:
+    """A Hydra task running job(typed config, output dir), with user mistakes reported in one line; with
+    `record`, the output dir gets the run's record (run_in_record)."""
 
     def task(cfg: DictConfig) -> None:
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" at start-up
-        logging.getLogger("absl").setLevel(logging.WARNING)  # no orbax INFO lines in the console
-        from sae.checkpoint import Preempted, sigterm_exit_status
-
+        logging.getLogger("absl").setLevel(logging.ERROR)  # no orbax notes ("directory is read only") in the console
+        logging.getLogger().setLevel(logging.WARNING)  # nor any library's, through Hydra's console handler
         try:
             typed = OmegaConf.to_object(cfg)
         except MissingMandatoryValue as err:  # a `???` left in the yaml, e.g. data.path
@@ -74,24 +103,58 @@ def _run(job: Callable[[config_lib.Config, str], object]) -> Callable[[DictConfi
                 f"error: {err.full_key} is required: give it on the command line as {err.full_key}=...", file=sys.stderr
             )
             sys.exit(2)
-        try:
-            job(typed, HydraConfig.get().runtime.output_dir)
-        except (ConfigError, DataError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        except Preempted as stop:  # SIGTERM: the checkpoint is written; the scheduler may requeue the command
-            print(stop, file=sys.stderr, flush=True)
-            sys.exit(sigterm_exit_status())
+        run = lambda: job(typed, HydraConfig.get().runtime.output_dir)
+        status = run_in_record(cfg, run) if record else run_job(run)
+        if status:  # not sys.exit(0): a multirun goes on to its next job
+            sys.exit(status)
 
     return task
 
 
-def _main(config_name: str, job: Callable[[config_lib.Config, str], object]) -> None:
+def run_job(job: Callable[[], object]) -> int:
+    """Run a tool's job and return its exit status, every expected failure reported in one line:
+    a user mistake (2), an output that cannot be written (1), a clean stop on a signal (128 + n, the
+    message saying what was kept), a second Ctrl-C (130)."""
+    from sae.interrupts import Interrupted, exit_status
+
+    try:
+        job()
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Interrupted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        return exit_status(stop.signum)
+    except KeyboardInterrupt:
+        print("aborted by Ctrl-C: the work since the last save is lost", file=sys.stderr)
+        return exit_status(signal.SIGINT)
+    return 0
+
+
+def _check_run_dir(config_name: str) -> None:
+    """One line and exit status 1 when Hydra could not make the run directory (it would print a traceback)."""
+    multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+    overrides = [a for a in sys.argv[1:] if a.startswith("hydra.") and "=" in a]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        hydra_cfg = compose(config_name, overrides=overrides, return_hydra_config=True).hydra
+    try:
+        check_writable(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir, "the run directory")
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _main(config_name: str, job: Callable[[config_lib.Config, str], object], record: bool = True) -> None:
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         sys.exit(f"error: config directory {CONF_DIR} not found; install the project with `pip install -e .`")
     register_schemas()
     _check_command_line(config_name)
-    hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)(_run(job))()
+    if record:
+        _check_run_dir(config_name)
+    hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)(_run(job, record))()
 
 
 def train() -> None:
@@ -129,7 +192,7 @@ def cache() -> None:
     """Console script `sae-cache`: write an activation store from a source (sae/cache.py)."""
     from sae.cache import cache as cache_store
 
-    _main("cache", cache_store)
+    _main("cache", cache_store, record=False)  # writes only into out
 
 
 def inspect() -> None:
@@ -139,7 +202,7 @@ def inspect() -> None:
     # `data` is an open dict of overrides of the run's saved data config: let `data.path=X` add a key
     # (Hydra's struct mode would ask for `+data.path=X`); unknown keys are rejected by inspect_run.
     sys.argv = [f"+{a}" if a.startswith("data.") else a for a in sys.argv]
-    _main("inspect", lambda cfg, _output_dir: inspect_run(cfg))
+    _main("inspect", lambda cfg, _output_dir: inspect_run(cfg), record=False)  # writes only into out
 
 
 def lm_train() -> None:

@@ -139,7 +139,7 @@ def test_damaged_and_half_written_checkpoints_are_skipped(tmp_path, monkeypatch)
     half = cut / CHECKPOINTS / "30.orbax-checkpoint-tmp"
     half.mkdir()
     (half / "state").mkdir()
-    with pytest.warns(UserWarning, match=f"checkpoint {damaged} is unreadable"):
+    with pytest.warns(UserWarning, match=f"checkpoint {damaged} is damaged"):
         train(cfg, cut)
     assert any(p.name.startswith("25-") for p in (cut.parent / "cut" / UNREADABLE).iterdir())
     assert not half.exists()

@@ -1,4 +1,4 @@
-"""The step loop shared by single runs and sweeps: train steps, logging, checkpoints, resume, SIGTERM.
+"""The step loop shared by single runs and sweeps: train steps, logging, checkpoints, resume, Ctrl-C and SIGTERM.
 
 Nothing here waits on the device between steps except where a host value is needed: a log step's
 metrics are fetched one step later (after the next step is queued), histograms every
@@ -7,6 +7,7 @@ metrics are fetched one step later (after the next step is queued), histograms e
 
 from __future__ import annotations
 
+import signal
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae import parallel
-from sae.checkpoint import Checkpointer, Preempted, StopOnSigterm, check_compatible, resume_source
+from sae.checkpoint import UNREADABLE, Checkpointer, Preempted, check_compatible, resume_source
+from sae.errors import ConfigError
+from sae.interrupts import StopSignals
 
 
 def abstract(state: Any) -> Any:
@@ -32,6 +35,7 @@ def resume(
     or (state, 0, None, run_dir) for a fresh start.
 
     meta: this run's meta (its config and d_in), which the checkpoint's must match (check_compatible).
+    An explicit `resume=` that finds no readable checkpoint is a ConfigError naming what it found.
     """
     source = resume_source(resume_from, run_dir)
     if source is None:
@@ -42,12 +46,31 @@ def resume(
         if directory == checkpointer.directory
         else Checkpointer(directory, checkpointer.cfg, read_only=True)
     )
-    restored = reader.restore(abstract(state), lambda saved, path: check_compatible(saved, meta, path), step)
+    try:
+        restored = reader.restore(abstract(state), lambda saved, path: check_compatible(saved, meta, path), step)
+    finally:
+        if reader is not checkpointer:
+            reader.close()
+    if restored is None and resume_from is not None:
+        raise ConfigError(f"resume={resume_from!r}: {_found(directory, reader.set_aside)}")
     if restored is None:
         return state, 0, None, run_dir
     if jax.process_index() == 0:
         print(f"resuming from {restored.path} (step {restored.step})", flush=True)
     return restored.state, restored.step, restored.meta, directory.parent
+
+
+def _found(directory: Path, set_aside: list[Path]) -> str:
+    """What a checkpoints/ directory holds when none of it can be restored (for resume='s error)."""
+    entries = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    found = f"{directory} holds no readable checkpoint"
+    if set_aside:
+        found += f" (set aside as damaged or unreadable: {', '.join(str(p) for p in set_aside)})"
+    elif entries:
+        found += f" (found only: {', '.join(entries[:8])}{' ...' if len(entries) > 8 else ''})"
+    else:
+        found += " (it is empty)"
+    return found + f"; see {directory.parent / UNREADABLE} for steps set aside, or drop resume= to start afresh"
 
 
 class Hooks:
@@ -89,7 +112,8 @@ def run_steps(
     dictionaries: bool = False,
 ) -> Any:
     """Steps first_step+1 .. n_steps on `batches`; saves a checkpoint every checkpoint_every steps and at
-    the end; on SIGTERM saves the step reached and raises Preempted. Returns the final state.
+    the end; on Ctrl-C (SIGINT) or SIGTERM saves the step reached and raises Preempted (a second Ctrl-C
+    aborts at once). Returns the final state.
 
     meta(step): the checkpoint's JSON; summaries(state): (firing counters [.., d_sae] uint32, decoder
     norms [.., d_sae]) on the device; dictionaries: bring the state to the host at checkpoints for
@@ -113,10 +137,10 @@ def run_steps(
         hooks.checkpointed(step, host_state, host, checkpointer.best_step() == step)
 
     step, metrics = first_step, None
-    # One process: our SIGTERM flag. Several: JAX's preemption service (started by jax.distributed) takes
-    # SIGTERM and names a step every process reaches, so all of them save the same one.
+    # One process: our flag, set by SIGINT or SIGTERM. Several: JAX's preemption service (started by
+    # jax.distributed) takes SIGTERM and names a step every process reaches, so all of them save the same one.
     multi_process = jax.process_count() > 1
-    with StopOnSigterm(install=not multi_process) as stop:
+    with StopSignals(install=not multi_process, what="training") as stop:
         for step, x in enumerate(batches, start=first_step + 1):
             state, metrics = train_step(state, x)
             flush()
@@ -130,7 +154,7 @@ def run_steps(
                 flush()
                 save(step, state, metrics)
                 checkpointer.wait()
-                raise Preempted(step, checkpointer.directory)
+                raise Preempted(step, checkpointer.directory, stop.requested or signal.SIGTERM)
             if checkpoint_every and step % checkpoint_every == 0 and step < n_steps:
                 save(step, state, metrics)
     flush()
