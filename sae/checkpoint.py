@@ -250,13 +250,39 @@ class Checkpointer:
         try:
             self.wait()
         finally:
+            # orbax's close() does not wait for the clean-up of old tmp folders it starts on opening: a run
+            # that fails at once would leave that thread printing a traceback at interpreter exit.
+            getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
             self.manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+            return
+        try:  # the run failed: stop orbax's threads; a save failing again (the full disk) adds nothing
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def space_needed(self, state: Any) -> int:
+        """Bytes this run's checkpoints may still need on disk: `keep` of them, the best, and one being
+        written, each the size of `state`, less what its checkpoints already take."""
+        per_step = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        held = sum(f.stat().st_size for f in self.directory.rglob("*") if f.is_file()) if self.directory.is_dir() else 0
+        return max(per_step * (self.cfg.keep + 2) - held, 0)
+
+    def intact(self) -> str:
+        """What survives a failed save, for its error message: the newest committed step, or none."""
+        steps = [int(p.name) for p in self.directory.glob("*") if p.name.isdigit()] if self.directory.is_dir() else []
+        if not steps:
+            return "no checkpoint was complete yet; free space and run the same command again"
+        return (
+            f"the last complete checkpoint, {self.directory / str(max(steps))}, is intact; "
+            "free space and run the same command again to resume"
+        )
 
 
 def _first_line(err: Exception) -> str:

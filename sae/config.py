@@ -69,7 +69,7 @@ STEP_METRICS = ("loss", "mse_loss", "l1_loss", "auxk_loss", "l0_loss", "gate_aux
 class CheckpointConfig:
     """Orbax checkpoints under <run dir>/checkpoints (sae/checkpoint.py)."""
 
-    every: int = 1000  # steps between checkpoints; one is also made at the end and on SIGTERM; 0: only those
+    every: int = 1000  # steps between checkpoints; one is also made at the end and on Ctrl-C or SIGTERM; 0: only those
     keep: int = 2  # the most recent checkpoints kept
     best_metric: str | None = "fvu"  # also keep the best checkpoint by this logged metric; null: the latest only
     best_mode: str = "min"  # min | max: whether a lower or a higher best_metric is better

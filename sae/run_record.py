@@ -6,8 +6,8 @@ Hydra would write `.hydra/` before the job could refuse anything, so the tools' 
 (`hydra.output_subdir: null`, no job logging) and `RunRecord` does it instead: it remembers what the
 directory held, writes the record, copies stdout and stderr into `cli.log`, and on `close(refused=True)`
 puts every file back as it was. A run directory that was empty when the job began (Hydra had just made
-it) is removed again with the empty folders the job made in it (never a file), and with the date folder
-above it under ./outputs or ./multirun when that is left empty.
+it) is removed again with the empty folders the job made in it (never a file), and with Hydra's folders
+above it (./outputs/DATE) when they are left empty.
 """
 
 from __future__ import annotations
@@ -87,11 +87,12 @@ class RunRecord:
             self._restore()
 
     def _default_parents(self) -> list[Path]:
-        """The folders between ./outputs (or ./multirun) and the run dir, e.g. the date in outputs/DATE/TIME."""
+        """The folders from ./outputs (or ./multirun) down to the run dir, e.g. outputs/ and DATE/ in
+        outputs/DATE/TIME: Hydra's, removed with the run dir when left empty."""
         cwd = Path.cwd().absolute()
         for root in HYDRA_ROOTS:
             if self.run_dir.is_relative_to(cwd / root):
-                return [p for p in self.run_dir.parents if p.is_relative_to(cwd / root) and p != cwd / root][::-1]
+                return [p for p in self.run_dir.parents if p.is_relative_to(cwd / root)][::-1]
         return []
 
     def _restore(self) -> None:

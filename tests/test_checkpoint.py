@@ -229,35 +229,6 @@ def _interrupt(run: Path, family: list[str], at: int, sig: int, after_a_checkpoi
     return proc.returncode, rest
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", [["sae=topk", "sae.k=4"]], ids=["topk"])
-def test_cli_sigkill_at_random_step_resumes_bit_identical(family, tmp_path):
-    at = random.Random().randint(25, 100)
-    subprocess.run(_cli(tmp_path / "whole", family), check=True, capture_output=True, env=_env(), cwd=ROOT)
-    code, _ = _interrupt(tmp_path / "cut", family, at, signal.SIGKILL, after_a_checkpoint=True)
-    assert code == -signal.SIGKILL
-    assert not (tmp_path / "cut" / "metrics.json").exists()
-    done = subprocess.run(
-        _cli(tmp_path / "cut", family), capture_output=True, text=True, env=_env(), cwd=ROOT, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert "resuming from" in done.stdout, f"killed at step {at}: {done.stdout[-2000:]}"
-    _assert_same_run(tmp_path / "whole", tmp_path / "cut")
-
-    if family[0] == "sae=topk":  # SIGTERM: a checkpoint of the step reached, exit status 143, then resume
-        at = random.Random().randint(25, 100)
-        code, out = _interrupt(tmp_path / "term", family, at, signal.SIGTERM)
-        assert code == 128 + signal.SIGTERM, out
-        stopped = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
-        assert stopped >= at
-        assert (tmp_path / "term" / CHECKPOINTS / str(stopped)).is_dir()
-        done = subprocess.run(
-            _cli(tmp_path / "term", family), capture_output=True, text=True, env=_env(), cwd=ROOT, check=False
-        )
-        assert f"(step {stopped})" in done.stdout, done.stdout[-2000:]
-        _assert_same_run(tmp_path / "whole", tmp_path / "term")
-
-
 def test_sweep_resumes_bit_identical(tmp_path, monkeypatch):
     """A one-pass sweep (two k) stopped by SIGTERM resumes every instance to its uninterrupted end."""
     cfg = _config("topk")

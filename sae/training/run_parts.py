@@ -18,9 +18,11 @@ import optax
 from sae import config as config_lib
 from sae import tracking
 from sae.architectures import SAE
+from sae.checkpoint import Checkpointer
 from sae.data import ROW_SOURCES
 from sae.evals import evaluate, feature_table
 from sae.export import export_sae
+from sae.outputs import replaced_dir, write_atomic
 from sae.training.geometric_median import geometric_median
 from sae.training.loop import Hooks, scratch_dir
 from sae.training.step import make_optimizer
@@ -38,6 +40,14 @@ def _format_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity (never kept) for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class ProgressLog:
     """Console line and metrics.jsonl record per log interval, from metrics already on the host.
 
@@ -49,11 +59,7 @@ class ProgressLog:
         kept = []
         history = history or path
         if resume_step and history.exists():
-            kept = [
-                line
-                for line in history.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
+            kept = [line for line in history.read_text().splitlines(keepends=True) if _step_of(line) <= resume_step]
         self.file = path.open("w")
         self.file.writelines(kept)
         self.n_steps, self.batch_size = n_steps, batch_size
@@ -201,6 +207,11 @@ def log_dictionary(one: Instance, state, source, step: int, aliases: list[str]) 
         )
 
 
+def run_space(checkpointer: Checkpointer, state) -> int:
+    """Bytes a run may still write: its checkpoints (Checkpointer.space_needed) and the export of its weights."""
+    return checkpointer.space_needed(state) + sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
+
+
 def loop_settings(cfg: config_lib.Config) -> dict:
     """The keyword arguments of `run_steps` that come straight from the config."""
     return {
@@ -281,15 +292,10 @@ def finish(
         tracker.log(int(state.step), {f"eval/{k}": results[k] for k in SUMMARY if k in results})
         if tracker.run_id is not None:
             results["wandb_run_id"] = tracker.run_id  # where sae-inspect logs its plots
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-    export_sae(
-        out_dir / "sae",
-        sae,
-        state.params,
-        buffers,
-        float(state.input_scale),
-        metadata={"config": config_lib.to_dict(cfg)},
-    )
+    write_atomic(out_dir / "metrics.json", json.dumps(results, indent=2).encode())
+    with replaced_dir(out_dir / "sae") as export_dir:
+        metadata = {"config": config_lib.to_dict(cfg)}
+        export_sae(export_dir, sae, state.params, buffers, float(state.input_scale), metadata=metadata)
     print(
         f"final (held-out) {out_dir.name}: " + " | ".join(f"{k} {results[k]:.4g}" for k in SUMMARY if k in results),
         flush=True,

@@ -13,8 +13,18 @@ from sae import parallel, tracking
 from sae.architectures import make_sae
 from sae.checkpoint import CHECKPOINTS, Checkpointer
 from sae.data import open_batch_source
+from sae.outputs import check_space, check_writable, disk_errors
 from sae.training.loop import Hooks, decoder_norms, resume, run_steps
-from sae.training.run_parts import Instance, ProgressLog, RunHooks, finish, initial_parameters, loop_settings, run_meta
+from sae.training.run_parts import (
+    Instance,
+    ProgressLog,
+    RunHooks,
+    finish,
+    initial_parameters,
+    loop_settings,
+    run_meta,
+    run_space,
+)
 from sae.training.step import init_state, make_train_step
 
 
@@ -50,11 +60,12 @@ def train_single(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     trainer = cfg.trainer
     source = open_batch_source(cfg.data, trainer.batch_size, cfg.seed)
     out_dir = Path(out_dir).absolute()
+    check_writable(out_dir, "the run directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     sae = make_sae(cfg.sae, source.d_in)
     start = initial_parameters(cfg, sae, source)
-    n_steps, lr, tx, schedule = start.n_steps, start.lr, start.tx, start.schedule
-    state = init_state(sae, start.params, tx, start.input_scale)
+    n_steps, lr = start.n_steps, start.lr
+    state = init_state(sae, start.params, start.tx, start.input_scale)
     mesh = parallel.make_mesh(cfg.mesh)
     shardings = None
     if mesh.size > 1:
@@ -65,48 +76,55 @@ def train_single(cfg: config_lib.Config, out_dir: str | Path) -> dict:
         )
         state = jax.device_put(state, shardings[0])
     checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
-    state, done, saved, origin = resume(checkpointer, cfg.resume, out_dir, state, run_meta(cfg, sae.d_in, [])(0))
-    train_step = make_train_step(
-        sae,
-        tx,
-        schedule,
-        n_steps,
-        cfg.optim.sparsity_warmup_fraction,
-        trainer.dead_tokens,
-        shardings,
-        trainer.compute_dtype,
-    )
-    lead = jax.process_index() == 0  # only process 0 logs, evaluates and exports
-    hooks, trackers = Hooks(), []
-    if lead:
-        if source.ground_truth is not None:
-            np.save(out_dir / "ground_truth.npy", np.asarray(source.ground_truth))
-        print(
-            f"training {cfg.sae.name} SAE: d_in={sae.d_in} d_sae={sae.d_sae} lr={lr:.3g} steps={n_steps} "
-            f"batch={trainer.batch_size} mesh={dict(mesh.shape)} -> {out_dir}",
-            flush=True,
+    # A full or read-only disk, here or in orbax's writer thread: one line naming the last intact checkpoint.
+    with disk_errors(out_dir, kept=checkpointer.intact), checkpointer:
+        check_space(out_dir, run_space(checkpointer, state), "the run directory")
+        state, done, saved, origin = resume(checkpointer, cfg.resume, out_dir, state, run_meta(cfg, sae.d_in, [])(0))
+        train_step = make_train_step(
+            sae,
+            start.tx,
+            start.schedule,
+            n_steps,
+            cfg.optim.sparsity_warmup_fraction,
+            trainer.dead_tokens,
+            shardings,
+            trainer.compute_dtype,
         )
-        run_ids = (saved or {}).get("wandb_run_ids") or [None]
-        trackers = [tracking.make_tracker(cfg.logger, out_dir, config_lib.to_dict(cfg), run_id=run_ids[0])]
-        log = ProgressLog(
-            out_dir / "metrics.jsonl", n_steps, trainer.batch_size, resume_step=done, history=origin / "metrics.jsonl"
-        )
-        hooks = RunHooks([Instance(sae, cfg, out_dir, log, trackers[0])], source, stacked=False)
-    try:
-        state = run_steps(
-            state,
-            train_step,
-            _global_batches(source, trainer.batch_size, n_steps, cfg.seed, shardings, done),
-            first_step=done,
-            n_steps=n_steps,
-            checkpointer=checkpointer,
-            meta=run_meta(cfg, sae.d_in, trackers),
-            hooks=hooks,
-            summaries=lambda s: (s.fire_counts, decoder_norms(s.params)),
-            **loop_settings(cfg),
-        )
-        checkpointer.close()
-        state = parallel.to_host(state)
-        return finish(sae, cfg, state, state.buffers, source, out_dir, trackers[0]) if lead else {}
-    finally:  # also when stopped (SIGTERM, an error): the log flushed, the W&B run closed for a resume
-        hooks.close()
+        lead = jax.process_index() == 0  # only process 0 logs, evaluates and exports
+        hooks, trackers = Hooks(), []
+        if lead:
+            if source.ground_truth is not None:
+                np.save(out_dir / "ground_truth.npy", np.asarray(source.ground_truth))
+            print(
+                f"training {cfg.sae.name} SAE: d_in={sae.d_in} d_sae={sae.d_sae} lr={lr:.3g} steps={n_steps} "
+                f"batch={trainer.batch_size} mesh={dict(mesh.shape)} -> {out_dir}",
+                flush=True,
+            )
+            run_ids = (saved or {}).get("wandb_run_ids") or [None]
+            trackers = [tracking.make_tracker(cfg.logger, out_dir, config_lib.to_dict(cfg), run_id=run_ids[0])]
+            log = ProgressLog(
+                out_dir / "metrics.jsonl",
+                n_steps,
+                trainer.batch_size,
+                resume_step=done,
+                history=origin / "metrics.jsonl",
+            )
+            hooks = RunHooks([Instance(sae, cfg, out_dir, log, trackers[0])], source, stacked=False)
+        try:
+            state = run_steps(
+                state,
+                train_step,
+                _global_batches(source, trainer.batch_size, n_steps, cfg.seed, shardings, done),
+                first_step=done,
+                n_steps=n_steps,
+                checkpointer=checkpointer,
+                meta=run_meta(cfg, sae.d_in, trackers),
+                hooks=hooks,
+                summaries=lambda s: (s.fire_counts, decoder_norms(s.params)),
+                **loop_settings(cfg),
+            )
+            checkpointer.wait()
+            state = parallel.to_host(state)
+            return finish(sae, cfg, state, state.buffers, source, out_dir, trackers[0]) if lead else {}
+        finally:  # also when stopped (Ctrl-C, SIGTERM, an error): the log flushed, the W&B run closed for a resume
+            hooks.close()

@@ -27,6 +27,7 @@ from sae.architectures import make_sae
 from sae.checkpoint import CHECKPOINTS, Checkpointer
 from sae.data import open_batch_source
 from sae.errors import ConfigError
+from sae.outputs import check_space, check_writable, disk_errors, write_atomic
 from sae.training.loop import decoder_norms, resume, run_steps
 from sae.training.run_parts import (
     Instance,
@@ -37,6 +38,7 @@ from sae.training.run_parts import (
     initial_parameters,
     loop_settings,
     run_meta,
+    run_space,
 )
 from sae.training.step import init_state, make_sweep_step, pure_train_step
 
@@ -68,6 +70,7 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     for one in configs:
         config_lib.check(one)
     trainer, out_dir = cfg.trainer, Path(out_dir).absolute()
+    check_writable(out_dir, "the run directory")
     source = open_batch_source(cfg.data, trainer.batch_size, cfg.seed)
     widest = configs[int(np.argmax([getattr(c.sae, "k", 0) for c in configs]))]
     sae = make_sae(widest.sae, source.d_in)
@@ -97,50 +100,52 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
 
     labels = [f"{cfg.sweep.key.split('.')[-1]}={value:g}" for value in cfg.sweep.values]
     checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
-    states, done, saved, origin = resume(checkpointer, cfg.resume, out_dir, states, run_meta(cfg, sae.d_in, [])(0))
-    print(
-        f"training a sweep of {len(configs)} {cfg.sae.name} SAEs ({', '.join(labels)}) in one pass: "
-        f"d_in={sae.d_in} d_sae={sae.d_sae} steps={n_steps} batch={trainer.batch_size} -> {out_dir}",
-        flush=True,
-    )
-    run_ids = (saved or {}).get("wandb_run_ids") or [None] * len(labels)
-    instances = []
-    for one, label, run_id in zip(configs, labels, run_ids):
-        (out_dir / label).mkdir(parents=True, exist_ok=True)
-        tracker = tracking.make_tracker(
-            cfg.logger, out_dir / label, config_lib.to_dict(one), run_id=run_id, name=f"{out_dir.name}/{label}"
+    with disk_errors(out_dir, kept=checkpointer.intact), checkpointer:  # as in train_single
+        check_space(out_dir, run_space(checkpointer, states), "the run directory")
+        states, done, saved, origin = resume(checkpointer, cfg.resume, out_dir, states, run_meta(cfg, sae.d_in, [])(0))
+        print(
+            f"training a sweep of {len(configs)} {cfg.sae.name} SAEs ({', '.join(labels)}) in one pass: "
+            f"d_in={sae.d_in} d_sae={sae.d_sae} steps={n_steps} batch={trainer.batch_size} -> {out_dir}",
+            flush=True,
         )
-        log = ProgressLog(
-            out_dir / label / "metrics.jsonl",
-            n_steps,
-            trainer.batch_size,
-            resume_step=done,
-            history=origin / label / "metrics.jsonl",
-        )
-        instances.append(Instance(make_sae(one.sae, source.d_in), one, out_dir / label, log, tracker))
-    trackers = [one.tracker for one in instances]
-    hooks = RunHooks(instances, source, stacked=True)
-    try:
-        states = run_steps(
-            states,
-            step,
-            source.train_batches(trainer.batch_size, n_steps, cfg.seed, done),
-            first_step=done,
-            n_steps=n_steps,
-            checkpointer=checkpointer,
-            meta=run_meta(cfg, sae.d_in, trackers),
-            hooks=hooks,
-            summaries=summaries,
-            **loop_settings(cfg),
-        )
-        checkpointer.close()
-        results = {
-            one.out_dir.name: finish(
-                one.sae, one.cfg, state, export_buffers(state.buffers), source, one.out_dir, one.tracker
+        run_ids = (saved or {}).get("wandb_run_ids") or [None] * len(labels)
+        instances = []
+        for one, label, run_id in zip(configs, labels, run_ids):
+            (out_dir / label).mkdir(parents=True, exist_ok=True)
+            tracker = tracking.make_tracker(
+                cfg.logger, out_dir / label, config_lib.to_dict(one), run_id=run_id, name=f"{out_dir.name}/{label}"
             )
-            for one, state in zip(instances, hooks.split(jax.device_get(states)))
-        }
-    finally:
-        hooks.close()
-    (out_dir / "sweep.json").write_text(json.dumps(results, indent=2))
+            log = ProgressLog(
+                out_dir / label / "metrics.jsonl",
+                n_steps,
+                trainer.batch_size,
+                resume_step=done,
+                history=origin / label / "metrics.jsonl",
+            )
+            instances.append(Instance(make_sae(one.sae, source.d_in), one, out_dir / label, log, tracker))
+        trackers = [one.tracker for one in instances]
+        hooks = RunHooks(instances, source, stacked=True)
+        try:
+            states = run_steps(
+                states,
+                step,
+                source.train_batches(trainer.batch_size, n_steps, cfg.seed, done),
+                first_step=done,
+                n_steps=n_steps,
+                checkpointer=checkpointer,
+                meta=run_meta(cfg, sae.d_in, trackers),
+                hooks=hooks,
+                summaries=summaries,
+                **loop_settings(cfg),
+            )
+            checkpointer.wait()
+            results = {
+                one.out_dir.name: finish(
+                    one.sae, one.cfg, state, export_buffers(state.buffers), source, one.out_dir, one.tracker
+                )
+                for one, state in zip(instances, hooks.split(jax.device_get(states)))
+            }
+        finally:
+            hooks.close()
+        write_atomic(out_dir / "sweep.json", json.dumps(results, indent=2).encode())
     return results
