@@ -10,14 +10,19 @@ Layout of a store directory:
 Shards are memory-mapped `.npy`: reading a whole shard is a sequential read (several GB/s from the page
 cache), and any tool can open it. A shard is written under a temporary name and renamed when complete;
 its row count and checksum go into `progress.jsonl`, so a killed cache run keeps its complete shards and
-resumes after them. The manifest appears only when every shard is in place.
+resumes after them. The manifest appears only when every shard is in place. A failed write (a full disk)
+removes its temporary file, so nothing half-written looks complete; `check_out` says whether a directory
+may be written into at all (empty, or an interrupted run's), before anything is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +30,17 @@ import ml_dtypes
 import numpy as np
 
 from sae.errors import DataError
+from sae.outputs import write_atomic
 
 FORMAT = "sae-jax-activation-store"
 VERSION = 1
 DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 _ON_DISK = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32)}
 MANIFEST, PROGRESS = "manifest.json", "progress.jsonl"
+NPY_HEADER = 128  # bytes of a shard's .npy header (np.save pads it to a multiple of 64)
+# What a store directory holds of its own: shards (with token ids, positions), manifest, progress file, and
+# their temporary files (`shard_00003.npy.tmp`, `.manifest.json.tmp`) while being written.
+_OWNED = re.compile(r"\.?(shard_\d{5,}(\.tokens|\.positions)?\.npy|manifest\.json|progress\.jsonl)(\.tmp)?")
 
 
 class StoreError(DataError):
@@ -44,6 +54,78 @@ def checksum(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_out(path: str | Path, extra_files: Iterable[str] | None = ()) -> None:
+    """Raise StoreError unless a cache run may write into `path`: absent, empty, or an interrupted cache run
+    (its progress file) holding nothing but the store's own files and `extra_files` (e.g. ground_truth.npy).
+
+    Reads only. extra_files None: not known yet, so an interrupted run's other files are not looked at.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise StoreError(f"out={path} is a file, not a directory; choose an empty directory")
+    if (path / MANIFEST).exists():
+        raise StoreError(f"'{path}' already holds a complete store ({MANIFEST}); choose another out dir")
+    names = sorted(p.name for p in path.iterdir())
+    if names and PROGRESS not in names:
+        raise StoreError(
+            f"out={path} holds files that are not an activation store: {_listing(names)}; choose an empty directory"
+        )
+    if extra_files is None:
+        return
+    allowed = {name for extra in extra_files for name in (extra, f".{extra}.tmp")}
+    foreign = [name for name in names if name not in allowed and not _OWNED.fullmatch(name)]
+    if foreign:
+        raise StoreError(
+            f"out={path} holds an interrupted cache run and files that are not its: {_listing(foreign)}; "
+            "move them away or choose an empty directory"
+        )
+
+
+def shard_bytes(rows: int, d_in: int, dtype: str, with_tokens: bool) -> int:
+    """Bytes on disk of one shard of `rows` rows (with its token ids and positions)."""
+    size = NPY_HEADER + rows * d_in * _ON_DISK[dtype].itemsize
+    return size + (2 * (NPY_HEADER + rows * 4) if with_tokens else 0)
+
+
+def store_bytes(n_rows: int, d_in: int, dtype: str, shard_rows: int, with_tokens: bool) -> int:
+    """About how many bytes a store of n_rows takes (a little more): its shards, and its manifest (~120 bytes
+    a shard, ~500 of provenance)."""
+    full, last = divmod(n_rows, shard_rows)
+    size = full * shard_bytes(shard_rows, d_in, dtype, with_tokens)
+    if last:
+        size += shard_bytes(last, d_in, dtype, with_tokens)
+    return size + 120 * (full + bool(last)) + 512
+
+
+def _differences(earlier: dict, now: dict, prefix: str = "") -> list[str]:
+    """'field=A there but B here' for each (nested) field where two settings dicts differ."""
+    out = []
+    for key in sorted(set(earlier) | set(now), key=str):
+        a, b = earlier.get(key, "(none)"), now.get(key, "(none)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}={a!r} there but {b!r} here")
+    return out
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError raised inside names `path`, the file being written (a failed write() names no file, and a
+    failed open() its temporary file)."""
+    try:
+        yield
+    except OSError as err:
+        err.filename = str(path)
+        raise
 
 
 def shard_name(index: int) -> str:
@@ -66,7 +148,9 @@ class StoreWriter:
 
     Use as a context manager: `close()` (on a clean exit) writes the last shard and the manifest. If
     the directory holds a killed run with the same settings, writing resumes: `rows_written` says how
-    many leading rows are already stored, and the caller skips that many rows of its source.
+    many leading rows are already stored, and the caller skips that many rows of its source. Shard files
+    of anything else (no progress file) are refused, never replaced. An OSError from a write (a full disk)
+    leaves the complete shards and the progress file as they were, and no temporary file.
     """
 
     def __init__(
@@ -102,16 +186,24 @@ class StoreWriter:
         """Complete shards of an earlier, interrupted run with the same settings (checked)."""
         progress = self.path / PROGRESS
         if not progress.exists():
-            for stale in self.path.glob("shard_*"):
-                stale.unlink()
-            progress.write_text(json.dumps({"settings": self.settings}) + "\n")
+            stale = sorted(p.name for p in self.path.glob("shard_*"))
+            if stale:
+                raise StoreError(
+                    f"'{self.path}' holds shard files of no cache run (no {PROGRESS}): {_listing(stale)}; "
+                    "choose an empty directory"
+                )
+            with naming(progress):
+                write_atomic(progress, (json.dumps({"settings": self.settings}) + "\n").encode())
             return []
         lines = progress.read_text().splitlines()
-        earlier = json.loads(lines[0])["settings"]
+        try:
+            earlier = json.loads(lines[0])["settings"]
+        except (IndexError, ValueError, KeyError, TypeError):
+            raise StoreError(f"'{progress}' is not a cache run's progress file; choose an empty directory") from None
         if earlier != self.settings:
             raise StoreError(
                 f"'{self.path}' holds an interrupted cache run with other settings "
-                f"({earlier}); resume it with those, or choose another out dir"
+                f"({'; '.join(_differences(earlier, self.settings))}); resume it with those, or choose another out dir"
             )
         shards = []
         for line in lines[1:]:
@@ -126,7 +218,9 @@ class StoreWriter:
         for stale in self.path.glob("shard_*"):
             if stale.name not in keep:
                 stale.unlink()
-        progress.write_text("\n".join([lines[0]] + [json.dumps(s.__dict__) for s in shards]) + "\n")
+        text = "\n".join([lines[0]] + [json.dumps(s.__dict__) for s in shards]) + "\n"
+        with naming(progress):
+            write_atomic(progress, text.encode())
         return shards
 
     def append(self, rows: np.ndarray, tokens: np.ndarray | None = None, positions: np.ndarray | None = None) -> None:
@@ -161,7 +255,7 @@ class StoreWriter:
             self._write(_side(name, "positions"), positions[:n].astype(np.int32))
         self._write(name, rows[:n].view(_ON_DISK[self.settings["dtype"]]))
         shard = Shard(name, n, checksum(self.path / name))
-        with open(self.path / PROGRESS, "a") as f:
+        with naming(self.path / PROGRESS), open(self.path / PROGRESS, "a") as f:  # a cut line is redone on resume
             f.write(json.dumps(shard.__dict__) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -176,12 +270,17 @@ class StoreWriter:
         self._pending_rows = rest
 
     def _write(self, name: str, array: np.ndarray) -> None:
+        """`name` whole or not at all: a temporary file, fsync, rename; the temporary removed on failure."""
         tmp = self.path / f"{name}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / name)
+        try:
+            with naming(self.path / name), open(tmp, "wb") as f:
+                np.save(f, array)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def close(self) -> dict:
         """Write the remaining rows and then the manifest; returns the manifest."""
@@ -199,9 +298,8 @@ class StoreWriter:
             "shards": [s.__dict__ for s in self.shards],
             "provenance": self.settings["provenance"],
         }
-        tmp = self.path / f"{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, self.path / MANIFEST)
+        with naming(self.path / MANIFEST):
+            write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1).encode())
         (self.path / PROGRESS).unlink()
         return manifest
 
