@@ -7,6 +7,7 @@ the mean); `explained_variance` = 1 − fvu. All in the raw (unnormalised) input
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import jax
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae.architectures import SAE, Params
+from sae.architectures.base import check_input, rows
+from sae.errors import DataError
 
 RECOVERY_COSINE = 0.9
 
@@ -40,19 +43,37 @@ def _batch_sums(sae: SAE):
 
 
 def _accumulate(
-    sae: SAE, params: Params, buffers: dict, input_scale: float, batches: Iterable[jax.Array]
+    where: str, sae: SAE, params: Params, buffers: dict, input_scale: float, batches: Iterable[jax.Array]
 ) -> dict[str, np.ndarray]:
-    """Per-batch sums added up over `batches` (maxima kept as maxima), in float64 on the host."""
+    """Per-batch sums added up over `batches` (maxima kept as maxima), in float64 on the host; each batch
+    [..., d_in] is checked first (DataError naming d_in)."""
+    try:
+        scale = float(input_scale)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not (math.isfinite(scale) and scale > 0):
+        raise DataError(f"{where}: input_scale={input_scale!r}; expected a positive finite number")
     sums = _batch_sums(sae)
     totals: dict[str, np.ndarray] = {}
     for x in batches:
+        x = rows(check_input(where, "a batch", x, sae.d_in, "d_in"))
         for name, value in jax.device_get(sums(params, buffers, input_scale, x)).items():
             value = np.asarray(value, np.float64)
             if name not in totals:
                 totals[name] = value
             else:
                 totals[name] = np.maximum(totals[name], value) if name == "activation_max" else totals[name] + value
+    if not totals or totals["n"] == 0:
+        raise DataError(f"{where}: batches held no rows; expected [batch, d_in={sae.d_in}] arrays")
     return totals
+
+
+def _check_directions(where: str, name: str, w: jax.Array, d_in: int) -> jax.Array:
+    """w: [n, d_in] (ground truth or decoder rows), else DataError naming d_in."""
+    w = check_input(where, name, w, d_in, "d_in")
+    if w.ndim != 2:
+        raise DataError(f"{where}: {name} has shape {tuple(w.shape)}; expected (n, d_in={d_in})")
+    return w
 
 
 def _unit(w: jax.Array) -> jax.Array:
@@ -61,7 +82,10 @@ def _unit(w: jax.Array) -> jax.Array:
 
 
 def max_cosines(ground_truth: jax.Array, w_dec: jax.Array) -> np.ndarray:
-    """[n_features]: each ground-truth direction's largest cosine with any decoder row."""
+    """[n_features]: each ground-truth direction's largest cosine with any decoder row (both [n, d_in])."""
+    if np.ndim(w_dec) != 2:
+        raise DataError(f"max_cosines: w_dec has shape {np.shape(w_dec)}; expected (d_sae, d_in)")
+    ground_truth = _check_directions("max_cosines", "ground_truth", ground_truth, np.shape(w_dec)[1])
     return np.asarray(jnp.max(_unit(ground_truth) @ _unit(w_dec).T, axis=-1))
 
 
@@ -72,7 +96,13 @@ def ground_truth_recovery(ground_truth: jax.Array, w_dec: jax.Array) -> dict[str
 
 
 def density_histogram(fires: np.ndarray, n_tokens: float) -> dict:
-    """log10 feature-density histogram (Towards Monosemanticity's plot); never-firing latents counted apart."""
+    """log10 feature-density histogram (Towards Monosemanticity's plot); never-firing latents counted apart.
+    fires: [d_sae] tokens each latent fired on, out of n_tokens > 0."""
+    fires = np.asarray(fires)
+    if fires.ndim != 1:
+        raise DataError(f"density_histogram: fires has shape {fires.shape}; expected (d_sae,)")
+    if not n_tokens > 0:
+        raise DataError(f"density_histogram: n_tokens={n_tokens!r}; expected a positive count")
     density = fires / n_tokens
     alive = density[density > 0]
     low = np.floor(np.log10(1.0 / n_tokens))
@@ -92,8 +122,11 @@ def evaluate(
     batches: Iterable[jax.Array],
     ground_truth: jax.Array | None = None,
 ) -> dict:
-    """Metrics of the SAE's inference rule (`encode`) on held-out batches of raw activations."""
-    totals = _accumulate(sae, params, buffers, input_scale, batches)
+    """Metrics of the SAE's inference rule (`encode`) on held-out batches [..., d_in] of raw activations
+    (and ground truth [n_features, d_in]); DataError naming d_in for another shape."""
+    if ground_truth is not None:
+        _check_directions("evaluate", "ground_truth", ground_truth, sae.d_in)
+    totals = _accumulate("evaluate", sae, params, buffers, input_scale, batches)
     n = totals["n"]
     total_variance = totals["x_squared"] - np.sum(np.square(totals["x_sum"])) / n
     fvu = totals["squared_error"] / total_variance
@@ -121,8 +154,11 @@ def feature_table(
 ) -> dict[str, np.ndarray]:
     """One row per latent over held-out batches: {feature, density, mean_activation (over the tokens it
     fires on), max_activation} and, with ground truth [n_features, d_in], {true_feature, true_cosine}: the
-    true direction closest to its decoder row and their cosine. Each value: [d_sae]."""
-    totals = _accumulate(sae, params, buffers, input_scale, batches)
+    true direction closest to its decoder row and their cosine. Each value: [d_sae]. DataError naming d_in
+    for a batch or ground truth of another shape."""
+    if ground_truth is not None:
+        _check_directions("feature_table", "ground_truth", ground_truth, sae.d_in)
+    totals = _accumulate("feature_table", sae, params, buffers, input_scale, batches)
     fires = totals["fires"]
     table = {
         "feature": np.arange(sae.d_sae),

@@ -23,9 +23,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from sae.architectures import FAMILIES, SAE, saelens
+from sae.architectures.base import check_input, rows
+from sae.errors import DataError
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -149,31 +152,43 @@ class LoadedSAE:
     def saelens_architecture(self) -> str:
         return self.cfg["architecture"]
 
+    @property
+    def d_in(self) -> int:
+        return int(self.cfg["d_in"])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.cfg["d_sae"])
+
     def encode(self, x: jax.Array) -> jax.Array:
-        """x: [batch, d_in] -> f: [batch, d_sae] by SAELens's inference rule for the architecture."""
-        x = jnp.asarray(x, jnp.float32)
-        return _encode(
+        """x: [..., d_in] (a single vector [d_in] too) -> f: [..., d_sae] by SAELens's inference rule for the
+        architecture. DataError naming d_in for another shape or a non-float dtype."""
+        x = jnp.asarray(check_input("encode", "x", x, self.d_in, "d_in"), jnp.float32)
+        f = _encode(
             self.params,
-            x,
+            rows(x),
             arch=self.saelens_architecture,
             pre_bias=bool(self.cfg["apply_b_dec_to_input"]),
             k=int(self.cfg.get("k", 0)),
         )
+        return f.reshape(*x.shape[:-1], self.d_sae)
 
     def decode(self, f: jax.Array) -> jax.Array:
-        """f: [batch, d_sae] -> x̂ = f W_dec + b_dec: [batch, d_in]."""
+        """f: [..., d_sae] -> x̂ = f W_dec + b_dec: [..., d_in]. DataError naming d_sae for another shape."""
+        f = check_input("decode", "f", f, self.d_sae, "d_sae")
         return f @ self.params["W_dec"] + self.params["b_dec"]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, d_in] -> x̂: [batch, d_in]."""
+        """x: [..., d_in] -> x̂: [..., d_in]."""
         return self.decode(self.encode(x))
 
 
 def load_sae(directory: str | Path) -> LoadedSAE:
     """Read a SAELens-format directory (cfg.json + sae_weights.safetensors) into a `LoadedSAE`.
 
-    Raises FileNotFoundError for a missing directory or file, ValueError for an architecture or
-    option this loader does not implement, or tensors of the wrong names or shapes.
+    Raises FileNotFoundError for a missing directory or file, DataError (a ValueError) naming the file for
+    a truncated or damaged one (unreadable JSON or safetensors, NaN weights), ValueError for an architecture
+    or option this loader does not implement, or tensors of the wrong names or shapes.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -186,10 +201,7 @@ def load_sae(directory: str | Path) -> LoadedSAE:
             raise FileNotFoundError(
                 f"{path}: missing; a SAELens SAE directory holds {CFG_FILENAME} and {WEIGHTS_FILENAME}"
             )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    cfg = _read_cfg(cfg_path)
 
     arch = cfg.get("architecture")
     if arch not in saelens.LATENT_TENSORS:
@@ -220,7 +232,7 @@ def load_sae(directory: str | Path) -> LoadedSAE:
                 f"expected one of {list(FAMILIES)} exported by export_sae"
             )
 
-    tensors = load_file(str(weights_path))
+    tensors = _read_weights(weights_path)
     expected = saelens.tensor_shapes(arch, cfg["d_in"], cfg["d_sae"])
     if set(tensors) != set(expected):
         raise ValueError(
@@ -229,5 +241,35 @@ def load_sae(directory: str | Path) -> LoadedSAE:
     for name, shape in expected.items():
         if tensors[name].shape != shape:
             raise ValueError(f"{weights_path}: {name} has shape {tensors[name].shape}; expected {shape}")
+    for name, tensor in tensors.items():
+        if not np.all(np.isfinite(tensor)):
+            raise DataError(f"{weights_path}: {name} holds NaN or infinite values; {REEXPORT}")
     params = {k: jnp.asarray(v, jnp.float32) for k, v in tensors.items()}
     return LoadedSAE(architecture=family, params=params, cfg=cfg)
+
+
+REEXPORT = "re-export the run (sae.export.export_sae, or train it again)"
+
+
+def _damaged(path: Path, err: Exception) -> DataError:
+    detail = str(err).splitlines()[0] if str(err) else ""
+    return DataError(f"{path} is truncated or damaged ({type(err).__name__}: {detail}); {REEXPORT}")
+
+
+def _read_cfg(path: Path) -> dict[str, Any]:
+    """cfg.json as a dict; DataError naming the file when it is not (truncated, damaged, not JSON)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(path, err) from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{path} holds a JSON {type(cfg).__name__}, not an object; {REEXPORT}")
+    return cfg
+
+
+def _read_weights(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file; DataError naming the file when it cannot be read."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _damaged(path, err) from None

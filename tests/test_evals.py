@@ -1,5 +1,7 @@
 """Held-out evaluation metrics against a NumPy computation of their definitions."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,8 @@ import pytest
 
 from sae.architectures import make_sae
 from sae.architectures.relu import ReLUConfig
-from sae.evals import density_histogram, evaluate, ground_truth_recovery
+from sae.errors import DataError
+from sae.evals import density_histogram, evaluate, feature_table, ground_truth_recovery
 
 
 def test_evaluate_matches_numpy():
@@ -54,3 +57,35 @@ def test_density_histogram_bins_log10_density():
     assert hist["never_fired"] == 1 and counts.sum() == 4
     for density in (-3, -2, -1, 0):
         assert counts[np.searchsorted(edges, density, side="right") - 1 if density < 0 else -1] == 1
+
+
+def test_evaluate_and_feature_table_name_the_expected_d_in():
+    d_in, d_sae = 6, 20
+    sae = make_sae(ReLUConfig(d_sae=d_sae), d_in)
+    params = sae.init_params(jax.random.PRNGKey(0), jnp.zeros(d_in))
+    x = np.random.default_rng(0).normal(size=(64, d_in)).astype(np.float32)
+    flat = evaluate(sae, params, {}, 1.0, [x])
+    batched = evaluate(sae, params, {}, 1.0, [x.reshape(4, 16, d_in)])  # any leading dims
+    assert {k: batched[k] for k in ("mse", "fvu", "l0", "eval_tokens")} == pytest.approx(
+        {k: flat[k] for k in ("mse", "fvu", "l0", "eval_tokens")}
+    )
+    for fn in (evaluate, feature_table):
+        where = fn.__name__
+        with pytest.raises(
+            DataError, match=re.escape(f"{where}: a batch has shape (64, 5); expected (..., d_in={d_in})")
+        ):
+            fn(sae, params, {}, 1.0, [x[:, :5]])
+        with pytest.raises(
+            DataError, match=re.escape(f"{where}: ground_truth has shape (3, 5); expected (..., d_in=6)")
+        ):
+            fn(sae, params, {}, 1.0, [x], np.ones((3, 5), np.float32))
+        with pytest.raises(DataError, match=f"{where}: batches held no rows"):
+            fn(sae, params, {}, 1.0, [])
+        with pytest.raises(DataError, match=f"{where}: input_scale=0.0; expected a positive finite number"):
+            fn(sae, params, {}, 0.0, [x])
+    with pytest.raises(
+        DataError, match=re.escape("max_cosines: ground_truth has shape (3, 5); expected (..., d_in=6)")
+    ):
+        ground_truth_recovery(np.ones((3, 5), np.float32), params["W_dec"])
+    with pytest.raises(DataError, match=re.escape("density_histogram: fires has shape (2, 3); expected (d_sae,)")):
+        density_histogram(np.ones((2, 3)), 10.0)

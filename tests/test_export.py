@@ -4,6 +4,7 @@ sae_lens and torch are installed) SAELens's own loader reproducing our reconstru
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from conftest import FAMILY_TESTS
 from safetensors.numpy import load_file
 
 from sae.architectures import FAMILIES, make_sae
+from sae.errors import DataError
 from sae.export import CFG_FILENAME, WEIGHTS_FILENAME, export_sae, load_sae
 
 D_IN, D_SAE, BATCH, SCALE = 16, 64, 32, 2.5
@@ -203,3 +205,53 @@ def test_saelens_loads_export(tmp_path, family):
     f_ref, x_hat_ref = reference(sae, params, buffers, x, SCALE)
     np.testing.assert_allclose(f_theirs, f_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(x_hat_theirs, x_hat_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_loaded_sae_takes_any_leading_dims_and_names_the_expected_width(tmp_path):
+    sae, params, buffers, x = build("topk")
+    loaded = load_sae(export_sae(tmp_path, sae, params, buffers, input_scale=SCALE))
+    f = loaded.encode(x)
+    np.testing.assert_allclose(loaded.encode(x[3]), f[3], rtol=1e-6, atol=1e-6)  # a single vector [d_in]
+    np.testing.assert_allclose(loaded(x.reshape(4, 8, D_IN)), loaded(x).reshape(4, 8, D_IN), rtol=1e-6, atol=1e-6)
+    with pytest.raises(DataError, match=re.escape(f"encode: x has shape (32, 7); expected (..., d_in={D_IN})")):
+        loaded.encode(x[:, :7])
+    with pytest.raises(DataError, match=re.escape(f"encode: x has shape (7,); expected (..., d_in={D_IN})")):
+        loaded(x[0, :7])
+    with pytest.raises(DataError, match="encode: x has dtype int32; expected floating point"):
+        loaded.encode(np.zeros((2, D_IN), np.int32))
+    with pytest.raises(DataError, match=re.escape(f"decode: f has shape (32, 5); expected (..., d_sae={D_SAE})")):
+        loaded.decode(f[:, :5])
+
+
+DAMAGE = {  # file -> its damaged bytes, from the intact ones
+    "weights_truncated": (WEIGHTS_FILENAME, lambda b: b[: len(b) // 2], "is truncated or damaged (SafetensorError: "),
+    "weights_empty": (WEIGHTS_FILENAME, lambda b: b"", "is truncated or damaged (SafetensorError: "),
+    "weights_junk": (WEIGHTS_FILENAME, lambda b: b"\xff" * 64, "is truncated or damaged (SafetensorError: "),
+    "cfg_truncated": (CFG_FILENAME, lambda b: b[: len(b) // 2], "is truncated or damaged (JSONDecodeError: "),
+    "cfg_binary": (CFG_FILENAME, lambda b: b"\x89PNG\x00\xff", "is truncated or damaged (UnicodeDecodeError: "),
+    "cfg_not_an_object": (CFG_FILENAME, lambda b: b"[1, 2]", "holds a JSON list, not an object"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_truncated_or_damaged_export_names_the_file(tmp_path, damage):
+    name, corrupt, expected = DAMAGE[damage]
+    sae, params, buffers, _ = build("relu")
+    path = export_sae(tmp_path, sae, params, buffers, 1.0) / name
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(DataError) as refused:
+        load_sae(tmp_path)
+    message = str(refused.value)
+    assert message.startswith(f"{path} {expected}") and message.endswith(
+        "re-export the run (sae.export.export_sae, or train it again)"
+    )
+    assert "\n" not in message
+
+
+def test_nan_weights_are_named(tmp_path):
+    sae, params, buffers, _ = build("relu")
+    export_sae(tmp_path, sae, {**params, "b_enc": params["b_enc"].at[3].set(jnp.nan)}, buffers, 1.0)
+    with pytest.raises(
+        DataError, match=re.escape(f"{tmp_path / WEIGHTS_FILENAME}: b_enc holds NaN or infinite values")
+    ):
+        load_sae(tmp_path)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from sae.architectures import saelens
 from sae.architectures.sparse import gather_sum, take_with_sparse_grad
-from sae.errors import positive, require
+from sae.errors import DataError, positive, require
 from sae.registry import Registry
 
 Params = dict[str, jax.Array]
@@ -93,13 +93,21 @@ class SAE:
         return {name: params[name] for name in ("W_enc", "W_dec", "b_dec", *saelens.LATENT_TENSORS[self.saelens])}
 
     def encode(self, params: Params, x: jax.Array, buffers: dict[str, jax.Array]) -> jax.Array:
-        """x: [batch, d_in] -> f: [batch, d_sae] by the family's inference rule."""
+        """x: [..., d_in] -> f: [..., d_sae] by the family's inference rule; any leading dims, a single
+        vector [d_in] included. DataError naming d_in for another shape or a non-float dtype."""
+        x = check_input("encode", "x", x, self.d_in, "d_in")
         k = getattr(self.cfg, "k", 0)
-        return saelens.encode(self.saelens, self.inference_params(params, buffers), x, self.pre_bias, k)
+        f = saelens.encode(self.saelens, self.inference_params(params, buffers), rows(x), self.pre_bias, k)
+        return f.reshape(*x.shape[:-1], f.shape[-1])
 
     def decode(self, params: Params, f: jax.Array) -> jax.Array:
-        """f: [batch, d_sae] -> x̂: [batch, d_in]."""
+        """f: [..., d_sae] -> x̂: [..., d_in]. DataError naming d_sae for another shape or a non-float dtype."""
+        f = check_input("decode", "f", f, self.d_sae, "d_sae")
         return f @ params["W_dec"] + params["b_dec"]
+
+    def __call__(self, params: Params, x: jax.Array, buffers: dict[str, jax.Array]) -> jax.Array:
+        """x: [..., d_in] -> x̂ = decode(encode(x)): [..., d_in]."""
+        return self.decode(params, self.encode(params, x, buffers))
 
     # --- training -------------------------------------------------------------------------------
     def forward(
@@ -139,6 +147,26 @@ def register(cls: type[SAE]) -> type[SAE]:
     if cls.config.name != cls.name:
         raise ValueError(f"{cls.__name__}.config.name={cls.config.name!r}, expected the family's name {cls.name!r}")
     return FAMILIES.register(cls.name, cls)
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def check_input(where: str, name: str, x: Any, width: int, width_name: str) -> jax.Array:
+    """x as an array of shape [..., width] and a floating-point dtype, else DataError in one line, e.g.
+    "encode: x has shape (4, 7); expected (..., d_in=16)". Shapes are static: free under jax.jit."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        x = jnp.asarray(x)
+    if x.ndim == 0 or x.shape[-1] != width:
+        raise DataError(f"{where}: {name} has shape {tuple(x.shape)}; expected (..., {width_name}={width})")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise DataError(f"{where}: {name} has dtype {x.dtype}; expected floating point (..., {width_name}={width})")
+    return x
+
+
+def rows(x: jax.Array) -> jax.Array:
+    """[..., d] as [n, d]: the 2-D layout the inference rules take."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def make_sae(cfg: SAEConfig, d_in: int) -> SAE:

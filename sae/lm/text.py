@@ -220,8 +220,8 @@ class Corpus:
         return [f for f in self.files if is_validation(f, self.val_fraction) == (name == "val")]
 
     def read(self, name: str) -> list[bytes]:
-        """The bytes of each file of a split."""
-        return [(self.root / f).read_bytes() for f in self.split(name)]
+        """The bytes of each file of a split (CorpusError naming a file that is not UTF-8 text)."""
+        return [read_text_file(self.root / f) for f in self.split(name)]
 
     def tokens(self, name: str, tokenizer: ByteTokenizer) -> np.ndarray:
         """The split as one token stream [n_tokens] (uint16): each file's tokens followed by EOT."""
@@ -249,6 +249,26 @@ class Corpus:
         }
 
 
+def read_text_file(path: Path) -> bytes:
+    """A corpus file's bytes; CorpusError naming it when it is binary (a NUL byte) or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CorpusError(f"corpus.path: {path} cannot be read ({err.strerror or err})") from None
+    advice = "give text files (corpus.pattern selects them)"
+    nul = data.find(b"\0")
+    try:
+        data[: nul if nul >= 0 else len(data)].decode("utf-8")
+    except UnicodeDecodeError as err:  # before the first NUL: the earlier problem is named
+        byte = data[err.start]
+        raise CorpusError(
+            f"corpus.path: {path} is not UTF-8 text (byte 0x{byte:02x} at offset {err.start}); {advice}"
+        ) from None
+    if nul >= 0:
+        raise CorpusError(f"corpus.path: {path} is binary, not text (a NUL byte at offset {nul}); {advice}")
+    return data
+
+
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
@@ -272,6 +292,8 @@ def find_corpus(cfg: CorpusConfig) -> Corpus:
             f"corpus.path={str(root)!r} holds no files matching corpus.pattern={cfg.pattern!r} "
             f"outside corpus.exclude={sorted(exclude)}"
         )
+    for file in files:  # before any tokenizer training: every file must be text
+        read_text_file(root / file)
     return Corpus(root, tuple(sorted(files)), cfg.val_fraction)
 
 

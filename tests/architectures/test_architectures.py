@@ -7,6 +7,7 @@ NumPy references work in float64 on the same float32 inputs; the JAX code runs i
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from sae.architectures.relu import ReLUConfig
 from sae.architectures.relu_april import ReLUAprilConfig
 from sae.architectures.sparse import exact_top_k, gather_sum, latent_sharded_top_k, take_with_sparse_grad
 from sae.architectures.topk import TopKConfig
+from sae.errors import DataError
 
 B, D_IN, D_SAE, K = 32, 8, 48, 4
 LAM = 0.3  # sparsity coefficient passed to forward
@@ -656,3 +658,29 @@ def test_every_family_has_a_test_entry():
     assert sorted(FAMILY_TESTS) == list(REGISTERED)
     for name, family in REGISTERED.items():
         assert (family.saelens, family.pre_bias) == FAMILY_TESTS[name].saelens, name
+
+
+# --- entry checks: any leading dims; another width or dtype is one line naming d_in / d_sae -------------
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_encode_decode_take_any_leading_dims_and_name_the_expected_width(name):
+    sae, _, encode = sae_and_fns(name)
+    params, x = perturbed_params(sae), inputs()
+    buffers = sae.init_buffers()
+    f = sae.encode(params, x, buffers)
+    np.testing.assert_allclose(sae.encode(params, x[3], buffers), f[3], **TOL)  # a single vector [d_in]
+    np.testing.assert_allclose(sae.encode(params, x.reshape(4, 8, D_IN), buffers), f.reshape(4, 8, D_SAE), **TOL)
+    np.testing.assert_allclose(sae(params, x[3], buffers), sae.decode(params, f[3]), **TOL)
+    for bad in (x[:, :5], x[0, :5], x[0, 0], x[None, :, :5]):
+        expected = f"encode: x has shape {tuple(bad.shape)}; expected (..., d_in={D_IN})"
+        with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
+            sae.encode(params, bad, buffers)
+    with pytest.raises(DataError, match=re.escape(f"encode: x has shape (32, 5); expected (..., d_in={D_IN})")):
+        encode(params, x[:, :5], buffers)  # under jax.jit: the check runs at trace time
+    with pytest.raises(
+        DataError, match=re.escape(f"encode: x has dtype int32; expected floating point (..., d_in={D_IN})")
+    ):
+        sae.encode(params, x.astype(jnp.int32), buffers)
+    with pytest.raises(DataError, match=re.escape(f"decode: f has shape (32, 5); expected (..., d_sae={D_SAE})")):
+        sae.decode(params, f[:, :5])
