@@ -62,7 +62,8 @@ def group_options(group: str) -> list[str]:
 def compose_tool(config_name: str, overrides: list[str]) -> ToolConfig:
     """The composed config and the tool's own groups (inside `hydra_context`); ConfigError in one line."""
     cfg = _compose(config_name, overrides)
-    choices = {g: o for g, o in cfg.hydra.runtime.choices.items() if not g.startswith("hydra/")}
+    # not Hydra's own groups, nor a group chosen for the user by interpolation (toy_sae_sae@sae: ${sae})
+    choices = {g: o for g, o in cfg.hydra.runtime.choices.items() if not g.startswith("hydra/") and "@" not in g}
     return ToolConfig(cfg, {g: group_options(g) for g in choices}, choices)
 
 
