@@ -25,11 +25,11 @@ from omegaconf.errors import MissingMandatoryValue
 from sae import config as config_lib
 from sae.architectures import FAMILIES
 from sae.data import BATCH_SOURCES, ROW_SOURCES
-from sae.errors import ConfigError, DataError
+from sae.errors import ConfigError, DataError, require
 from sae.inspect.config import InspectConfig
 from sae.lm.config import LMTrainConfig
-from sae.outputs import OutputError, check_writable
-from sae.overrides import check_overrides
+from sae.outputs import OutputError, OutputRefused, check_writable
+from sae.overrides import check_overrides, parse_command_line
 from sae.run_record import RunRecord
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -54,10 +54,22 @@ def register_schemas() -> None:
 
 
 def _check_command_line(config_name: str) -> None:
-    """One line and exit status 2 for an override the config cannot take (sae/overrides.py)."""
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    """`--help`: the tool's own groups and keys (sae/help.py), exit 0. Otherwise one line and exit status 2
+    for a flag or an override the config cannot take (sae/overrides.py), before Hydra sees the command line."""
+    from sae.help import print_help, tool_help
+
     try:
-        check_overrides(CONF_DIR, config_name, sys.argv[1:], groups)
+        args = parse_command_line(sys.argv[1:])
+        if args.config_path or args.config_dir:
+            return  # another config search path: left to Hydra
+        if args.config_name:
+            configs = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+            require(args.config_name in configs, f"--config-name {args.config_name}: not one of {', '.join(configs)}")
+            config_name = args.config_name
+        if args.help:
+            print_help(tool_help(CONF_DIR, config_name, args.overrides))
+            sys.exit(0)
+        check_overrides(CONF_DIR, config_name, args.overrides, multirun=args.multirun)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -112,13 +124,16 @@ def _run(job: Callable[[config_lib.Config, str], object], record: bool) -> Calla
 
 
 def run_job(job: Callable[[], object]) -> int:
-    """Run a tool's job and return its exit status, every expected failure reported in one line:
-    a user mistake (2), an output that cannot be written (1), a clean stop on a signal (128 + n, the
-    message saying what was kept), a second Ctrl-C (130)."""
+    """Run a tool's job and return its exit status, every expected failure reported in one line: a user
+    mistake or an output refused before any work (2), an output failing mid-job (1), a clean stop on a
+    signal (128 + n, the message saying what was kept), a second Ctrl-C (130)."""
     from sae.interrupts import Interrupted, exit_status
 
     try:
         job()
+    except OutputRefused as err:  # before any work: as a refused input
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -135,7 +150,7 @@ def run_job(job: Callable[[], object]) -> int:
 
 
 def _check_run_dir(config_name: str) -> None:
-    """One line and exit status 1 when Hydra could not make the run directory (it would print a traceback)."""
+    """One line and exit status 2 when Hydra could not make the run directory (it would print a traceback)."""
     multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
     overrides = [a for a in sys.argv[1:] if a.startswith("hydra.") and "=" in a]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -144,7 +159,7 @@ def _check_run_dir(config_name: str) -> None:
         check_writable(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir, "the run directory")
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
 
 
 def _main(config_name: str, job: Callable[[config_lib.Config, str], object], record: bool = True) -> None:
@@ -167,18 +182,43 @@ def train() -> None:
 def toy_train() -> None:
     """Console script `toy-train` (toy_models/cli.py): a toy-models experiment, then its figures and
     results to the tracker when `logger=wandb`."""
+    from sae.interrupts import Interrupted, StopSignals, signal_name
+    from sae.outputs import disk_errors
     from sae.tracking import log_toy_run
     from toy_models import cli as toy_cli
     from toy_models import config as toy_config
+    from toy_models.experiment import Stopped
 
     def log(cfg, out_dir: str) -> None:
         if cfg.logger is not None and cfg.logger.name == "wandb":
             log_toy_run(Path(out_dir), cfg.logger)
 
+    def run(cfg: DictConfig, job: Callable[..., None]) -> int:
+        """The job in the run's record, stopping cleanly on Ctrl-C / SIGTERM, its failures in one line."""
+        out_dir = HydraConfig.get().runtime.output_dir
+
+        def guarded() -> None:
+            kept = "this run's results are incomplete; free some space and run the same command again"
+            with StopSignals(what="toy-train") as stop, disk_errors(out_dir, kept=kept):
+                try:
+                    job(stop=lambda: stop.requested)
+                except toy_config.ToyConfigError as err:
+                    raise ConfigError(str(err)) from None
+                except Stopped as err:
+                    raise Interrupted(str(err), err.signum) from None
+            if stop.requested:  # during the analysis or the figures, after the training: all of it was written
+                name = signal_name(stop.requested)
+                raise Interrupted(
+                    f"stopped by {name} once the run had finished: its results are in {out_dir}", stop.requested
+                )
+
+        return run_in_record(cfg, guarded)
+
     register_schemas()
     toy_config.register()
     _check_command_line("toy_train")
-    toy_cli.main(after=log)
+    _check_run_dir("toy_train")
+    toy_cli.main(after=log, run=run)
 
 
 def toy_sae() -> None:

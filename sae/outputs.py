@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -154,3 +155,18 @@ def replaced_dir(path: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def records_up_to(path: str | Path, step: int) -> list[str]:
+    """The lines of a JSON-lines log (metrics.jsonl) whose "step" is at most `step`, for a resumed run to
+    keep; a last line that a killed run left half-written is dropped."""
+    path = Path(path)
+    lines = path.read_text().splitlines(keepends=True) if step and path.exists() else []
+    return [line for line in lines if _step_of(line) <= step]
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else float("inf")
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

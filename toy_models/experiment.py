@@ -16,7 +16,11 @@ Writes to the run directory:
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -29,8 +33,76 @@ from toy_models.train import Task, train
 MAX_PANELS = 8  # settings shown in the per-setting figures (evenly picked when there are more)
 
 
-def run(cfg: ToyConfig, out_dir: str | Path, log=print) -> dict:
-    """Train, analyse and save one experiment; returns the metrics written to metrics.json."""
+class Stopped(Exception):
+    """A run stopped on a signal (`signum`); the message says what was kept and how to go on."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)  # flushed: progress shows at once through a pipe (tee, a log file)
+
+
+def _signal_name(signum: int) -> str:
+    return "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """A line per ~5% of the steps (at the ends of compiled calls, where the loss is on the host anyway):
+    step, mean loss, steps/s (from the end of the first call: its compilation left out) and ETA.
+
+    toy_models' own small equivalent of sae/progress.py: this package never imports sae.
+    """
+
+    def __init__(self, steps: int, log=_say, every: float = 0.05):
+        self.steps, self.log, self.every = steps, log, every
+        self.start = time.perf_counter()
+        self.first: tuple[int, float] | None = None
+        self.next = 0
+
+    def __call__(self, step: int, loss: np.ndarray) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+        if step < self.next and step < self.steps:
+            return
+        since = self.first if step > self.first[0] else (0, self.start)
+        rate = (step - since[0]) / max(now - since[1], 1e-9)
+        self.next = (math.floor(step / (self.every * self.steps)) + 1) * self.every * self.steps
+        self.log(
+            f"  step {step:>6}/{self.steps} ({100 * step / self.steps:.0f}%)  mean loss {loss.mean():.5f}  "
+            f"{rate:,.0f} steps/s  ETA {_duration((self.steps - step) / rate if rate > 0 else math.inf)}  "
+            f"{now - self.start:.1f}s"
+        )
+
+
+def _write_whole(path: Path, write: Callable) -> None:
+    """write(file) into a temporary file beside `path`, then rename it: no half-written file looks complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def run(cfg: ToyConfig, out_dir: str | Path, log=_say, stop: Callable[[], int | None] | None = None) -> dict:
+    """Train, analyse and save one experiment; returns the metrics written to metrics.json.
+
+    stop(): the number of a signal asking the run to stop, or None; polled after each compiled call but the
+    last. A stop raises Stopped, saying what was kept.
+    """
     check(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +121,6 @@ def run(cfg: ToyConfig, out_dir: str | Path, log=print) -> dict:
         f"{cfg.experiment}: {len(grid)} settings × {n_seeds} seeds = {len(grid) * n_seeds} instances of the "
         f"{cfg.model.kind} model (n={cfg.model.n_features}, m={cfg.model.n_hidden}), {cfg.train.steps} steps"
     )
-    start = time.perf_counter()
     has_theory = _has_theory(cfg, grid)
     init = None
     if cfg.train.init == "permuted":
@@ -57,8 +128,17 @@ def run(cfg: ToyConfig, out_dir: str | Path, log=print) -> dict:
             jax.random.key(cfg.seed), cfg.model.kind, n_seeds, len(grid), cfg.model.n_features, cfg.model.n_hidden
         )
 
+    report = Progress(cfg.train.steps, log)
+
     def progress(step: int, loss: np.ndarray) -> None:
-        log(f"  step {step:>6}  mean loss {loss.mean():.5f}  {time.perf_counter() - start:.1f}s")
+        report(step, loss)
+        signum = stop() if stop is not None and step < cfg.train.steps else None  # trained: finish the run
+        if signum:
+            raise Stopped(
+                f"stopped by {_signal_name(signum)} at step {step} of {cfg.train.steps}: nothing saved for this run; "
+                "run the same command again to start it over",
+                signum,
+            )
 
     result = train(
         task,
@@ -101,7 +181,7 @@ def run(cfg: ToyConfig, out_dir: str | Path, log=print) -> dict:
     )
     if grid.relative_importance is not None:
         arrays["relative_importance"] = grid.relative_importance
-    np.savez(out / "results.npz", **arrays)
+    _write_whole(out / "results.npz", lambda f: np.savez(f, **arrays))
 
     theory_start = time.perf_counter()
     theories = None
@@ -128,7 +208,7 @@ def run(cfg: ToyConfig, out_dir: str | Path, log=print) -> dict:
         metrics["figures"] = [
             p.name for p in _figures(cfg, grid, params, loss_curve, result.curve_steps, out, theories)
         ]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    _write_whole(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=1).encode()))
     log(summary(metrics))
     return metrics
 

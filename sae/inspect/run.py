@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,9 @@ from sae.inspect.report import Inspection
 from sae.inspect.rows import data_config, load_vocab, open_rows
 from sae.inspect.site import write_site
 from sae.inspect.stats import accumulate, decoder_neighbours, ground_truth_match
+from sae.interrupts import Interrupted, StopSignals, signal_name
+from sae.outputs import check_writable, disk_errors
+from sae.progress import Progress
 
 
 def _load_labels(path: str | None, run: Path, d_sae: int) -> dict[int, str]:
@@ -38,18 +43,51 @@ def _load_labels(path: str | None, run: Path, d_sae: int) -> dict[int, str]:
     return labels
 
 
-def _progress(total: int, every_s: float = 5.0):
-    start = last = time.perf_counter()
+def _on_rows(total: int, stop: StopSignals, out: Path):
+    """The pass's callback: a progress line every ~5% (rows, rows/s, ETA) and, on Ctrl-C or SIGTERM, a clean
+    stop (nothing is written before the pass ends)."""
+    progress = Progress(total, 0, "inspect", "rows")
 
     def report(done: int) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        if now - last >= every_s or done >= total:
-            last = now
-            rate = done / max(now - start, 1e-9)
-            print(f"inspect: {done:,}/{total:,} rows, {rate:,.0f} rows/s", flush=True)
+        progress.update(done)
+        if stop.requested:
+            raise Interrupted(
+                f"stopped by {signal_name(stop.requested)} after {done:,} of {total:,} rows: nothing written to "
+                f"{out}; run the same command again to start over",
+                stop.requested,
+            )
 
     return report
+
+
+def _check_stop(stop: StopSignals, out: Path, where: str) -> None:
+    if stop.requested:
+        raise Interrupted(
+            f"stopped by {signal_name(stop.requested)} {where}: nothing written to {out}; "
+            "run the same command again to start over",
+            stop.requested,
+        )
+
+
+def _files(directory: Path) -> set[Path]:
+    return {p for p in directory.rglob("*") if p.is_file()} if directory.is_dir() else set()
+
+
+@contextlib.contextmanager
+def _whole_or_removed(out: Path) -> Iterator[None]:
+    """On any failure inside (a full disk, a second Ctrl-C), remove the files and empty folders it added to `out`."""
+    before, existed = _files(out), out.is_dir()
+    folders = {p for p in out.rglob("*") if p.is_dir()} if existed else set()
+    try:
+        yield
+    except BaseException:
+        for path in _files(out) - before:
+            path.unlink(missing_ok=True)
+        made = {p for p in out.rglob("*") if p.is_dir()} - folders if out.is_dir() else set()
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True) + ([] if existed else [out]):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
 
 
 def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
@@ -63,8 +101,12 @@ def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
         cfg = InspectConfig(run=str(cfg), **overrides)
     inspect_config.check(cfg)
     run = Path(cfg.run)
+    out = Path(cfg.out) if cfg.out else run / "inspect"
+    check_writable(out, "out")  # before any work: not a traceback once the pass is done
     try:
         sae = load_sae(run / "sae")
+    except DataError:
+        raise  # a truncated or damaged export: the message names the file
     except (FileNotFoundError, ValueError) as err:
         raise DataError(f"run='{run}': not a sae-train output directory ({err})") from None
     saved = (sae.cfg.get("metadata") or {}).get("config", {}).get("data")
@@ -78,9 +120,31 @@ def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
     with_context = rows.tokens is not None and rows.take is not None
     vocab = load_vocab(cfg.vocab, rows.store_path) if with_context else None  # user files are read up front
     labels = _load_labels(cfg.labels, run, d_sae)
-    out = Path(cfg.out) if cfg.out else run / "inspect"
     t0 = time.perf_counter()
     print(f"inspect: {sae.architecture} SAE d_in={d_in} d_sae={d_sae} on {rows.description} -> {out}", flush=True)
+    with StopSignals(what="sae-inspect") as stop:
+        insp, timings = _inspect(cfg, sae, rows, run, out, vocab, labels, stop, t0)
+        line = (
+            f"inspect: {rows.n_rows:,} rows in {timings['total_s']:.1f} s; {len(insp.dead)} dead, "
+            f"{len(insp.ultra_low_density)} below density {cfg.ultra_low_density}"
+        )
+        if insp.has_ground_truth:
+            line += " | " + " ".join(f"{k} {v:.4g}" for k, v in insp.mmcs().items())
+        print(line + f" -> {out / 'index.html'}", flush=True)
+        if stop.requested:
+            raise Interrupted(
+                f"stopped by {signal_name(stop.requested)} once the inspection was complete: {out} holds all of it",
+                stop.requested,
+            )
+    _log_plots(run, sae.cfg, insp.plots)
+    return insp
+
+
+def _inspect(cfg: InspectConfig, sae, rows, run: Path, out: Path, vocab, labels, stop: StopSignals, t0: float):
+    """The pass over the rows, the context pass and the outputs (written whole, or removed on a failure);
+    returns (the Inspection, its timings). A stop request before the outputs raises Interrupted."""
+    d_in, d_sae = int(sae.cfg["d_in"]), int(sae.cfg["d_sae"])
+    with_context = rows.tokens is not None and rows.take is not None
     arrays = accumulate(
         sae,
         rows.batches(cfg.batch_size),
@@ -92,7 +156,7 @@ def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
         cfg.n_random,
         cfg.random_stride,
         cfg.seed,
-        _progress(rows.n_rows),
+        _on_rows(rows.n_rows, stop, out),
     )
     timings = {"stats_s": time.perf_counter() - t0}
     row_floor = arrays.pop("row_floor")  # [n_rows]: needed for the context pass only, not saved
@@ -120,6 +184,7 @@ def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
             )
         )
         timings["context_s"] = time.perf_counter() - t1
+    _check_stop(stop, out, "after the pass over the rows")
     meta = {
         "run": str(run.absolute()),
         "description": rows.description,
@@ -133,21 +198,14 @@ def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
         "data": dict(cfg.data),
     }
     insp = Inspection(arrays, meta, vocab, labels)
-    insp.summary_plots(out)
-    write_site(insp, out, cfg.page_size, cfg.chunk_features)
-    timings["total_s"] = time.perf_counter() - t0
-    insp.meta["timings"] = timings
-    insp.save(out)
-    (out / "summary.json").write_text(json.dumps({**insp.summary(), "timings": timings}, indent=1))
-    line = (
-        f"inspect: {rows.n_rows:,} rows in {timings['total_s']:.1f} s; {len(insp.dead)} dead, "
-        f"{len(insp.ultra_low_density)} below density {cfg.ultra_low_density}"
-    )
-    if insp.has_ground_truth:
-        line += " | " + " ".join(f"{k} {v:.4g}" for k, v in insp.mmcs().items())
-    print(line + f" -> {out / 'index.html'}", flush=True)
-    _log_plots(run, sae.cfg, insp.plots)
-    return insp
+    with disk_errors(out, kept=f"removed what this run had written to {out}"), _whole_or_removed(out):
+        insp.summary_plots(out)
+        write_site(insp, out, cfg.page_size, cfg.chunk_features)
+        timings["total_s"] = time.perf_counter() - t0
+        insp.meta["timings"] = timings
+        insp.save(out)
+        (out / "summary.json").write_text(json.dumps({**insp.summary(), "timings": timings}, indent=1))
+    return insp, timings
 
 
 def _log_plots(run: Path, sae_cfg: dict, plots: dict[str, Path]) -> None:

@@ -26,9 +26,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sae.checkpoint import CHECKPOINTS, Checkpointer
+from sae.checkpoint import CHECKPOINTS, Checkpointer, Preempted
 from sae.config import CheckpointConfig
 from sae.errors import ConfigError
+from sae.interrupts import StopSignals
 from sae.lm.config import CorpusConfig, LMModelConfig, LMOptimConfig, LMTrainConfig, check_train
 from sae.lm.model import TransformerLM, build, generate, token_losses
 from sae.lm.text import (
@@ -40,6 +41,8 @@ from sae.lm.text import (
     random_windows,
     tiled_windows,
 )
+from sae.outputs import check_writable, disk_errors, records_up_to, write_atomic
+from sae.progress import Progress, duration, rate_text
 from sae.tracking import make_tracker
 
 LM_CONFIG = "lm_config.json"
@@ -171,11 +174,31 @@ def _sample_texts(
     return out
 
 
-def train_lm(cfg: LMTrainConfig, run_dir: str | Path) -> dict:
-    """Train the LM as configured into run_dir (resuming from its checkpoints); returns metrics.json's dict."""
-    check_train(cfg)
-    run_dir = Path(run_dir).expanduser().absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _crossed(step: int, k: int, every: int) -> bool:
+    """Whether the call that took the run from step − k to step passed a multiple of `every` (so a resumed
+    run logs, evaluates and checkpoints at the steps an uninterrupted one does)."""
+    return step // every > (step - k) // every
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+@dataclasses.dataclass
+class _Data:
+    corpus: Corpus
+    tokenizer: ByteTokenizer
+    train_tokens: np.ndarray
+    val_windows: np.ndarray  # [n, n_ctx]: the fixed validation set
+    bytes_per_token: float  # of the tokens the validation loss predicts
+
+
+def _prepare_data(cfg: LMTrainConfig) -> _Data:
+    """Find the corpus, build the tokenizer, cut the validation windows; prints one line about them."""
     t, m = cfg.trainer, cfg.model
     t0 = time.perf_counter()
     corpus = find_corpus(cfg.corpus)
@@ -193,132 +216,212 @@ def train_lm(cfg: LMTrainConfig, run_dir: str | Path) -> dict:
         f"{time.perf_counter() - t0:.1f} s",
         flush=True,
     )
+    return _Data(corpus, tokenizer, train_tokens, val_windows, bytes_per_token)
 
-    config_dict = {
-        "model": dataclasses.asdict(m),
+
+class _MetricsLog:
+    """metrics.jsonl: the records up to the resumed step kept, then one line per record (and to the tracker)."""
+
+    def __init__(self, path: Path, step: int, tokens_per_step: int, tracker):
+        kept = records_up_to(path, step)
+        self.file = path.open("w")
+        self.file.writelines(kept)
+        self.tokens_per_step, self.tracker = tokens_per_step, tracker
+
+    def record(self, step: int, values: dict) -> None:
+        self.file.write(json.dumps({"step": step, "tokens": step * self.tokens_per_step, **values}) + "\n")
+        self.file.flush()
+        self.tracker.log(step, values)
+
+
+@dataclasses.dataclass
+class _State:
+    """Where training stands: the arrays, the step, and what a checkpoint's meta carries besides them (the
+    last losses and the train losses since the last log line), so a resumed run logs what an uninterrupted
+    one does."""
+
+    params: dict
+    opt_state: object
+    step: int = 0
+    train_loss: float = float("nan")
+    val_loss: float = float("nan")
+    pending: list = dataclasses.field(default_factory=list)  # per-step train losses not yet logged
+
+    def meta(self) -> dict:
+        losses = np.concatenate([np.asarray(x) for x in self.pending]).tolist() if self.pending else []
+        return {"pending_losses": losses, "train_loss": _finite(self.train_loss), "val_loss": _finite(self.val_loss)}
+
+    @classmethod
+    def restored(cls, arrays: dict, step: int, meta: dict) -> _State:
+        pending = [np.asarray(meta["pending_losses"], np.float32)] if meta.get("pending_losses") else []
+        loss = _nan_if_none(meta.get("train_loss"))
+        return cls(arrays["params"], arrays["opt"], step, loss, _nan_if_none(meta.get("val_loss")), pending)
+
+
+def train_lm(cfg: LMTrainConfig, run_dir: str | Path) -> dict:
+    """Train the LM as configured into run_dir (resuming from its checkpoints); returns metrics.json's dict.
+
+    Ctrl-C (SIGINT) or SIGTERM saves a checkpoint of the step reached and raises Preempted (running the same
+    again resumes, ending as an uninterrupted run would); a full or read-only disk raises one OutputError line
+    naming the last intact checkpoint.
+    """
+    check_train(cfg)
+    run_dir = Path(run_dir).expanduser().absolute()
+    check_writable(run_dir, "the run directory")
+    ckpt: Checkpointer | None = None
+    kept = lambda: ckpt.intact() if ckpt is not None else "no checkpoint was written yet"
+    with disk_errors(run_dir, kept=kept):
+        t0 = time.perf_counter()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data = _prepare_data(cfg)
+        config_dict = _config_dict(cfg)
+        lm_config = {
+            "model": config_dict["model"],
+            "tokenizer": data.tokenizer.to_dict(),
+            "corpus": _corpus_record(cfg.corpus, data.corpus),
+            "train": config_dict,
+        }
+        write_atomic(run_dir / LM_CONFIG, json.dumps(lm_config, indent=1).encode())
+        graphdef, params = nnx.split(build(cfg.model, data.tokenizer.vocab_size, cfg.seed), nnx.Param)
+        params = nnx.to_pure_dict(params)
+        tx, schedule = make_optimizer(cfg.optim, cfg.trainer.steps)
+        state = _State(params, tx.init(params))
+        t = cfg.trainer
+        ckpt = Checkpointer(
+            run_dir / CHECKPOINTS, CheckpointConfig(every=t.checkpoint_every, keep=t.keep_checkpoints, best_metric=None)
+        )
+        with ckpt:
+            state = _resume(ckpt, state, config_dict)
+            tracker = make_tracker(cfg.logger, run_dir, config_dict, name=f"lm-{run_dir.name}")
+            log = _MetricsLog(run_dir / "metrics.jsonl", state.step, t.batch_size * cfg.model.n_ctx, tracker)
+            n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+            print(
+                f"lm-train: {n_params:,} parameters; {t.steps} steps × {t.batch_size} × {cfg.model.n_ctx} tokens "
+                f"({t.steps * t.batch_size * cfg.model.n_ctx / 1e6:.1f}M tokens), {t.steps_per_call} steps per call",
+                flush=True,
+            )
+            try:
+                _train_loop(
+                    cfg, state, data, ckpt, log, make_train_steps(graphdef, tx), make_eval_loss(graphdef), schedule
+                )
+            finally:
+                log.file.close()
+        seconds = time.perf_counter() - t0
+        if math.isnan(state.val_loss):  # resumed at the end from a checkpoint that did not record it
+            state.val_loss = mean_loss(make_eval_loss(graphdef), state.params, data.val_windows, t.batch_size)
+        metrics = _finish(cfg, run_dir, nnx.merge(graphdef, state.params), state, data, n_params, seconds)
+        tracker.log(state.step, {"final_val_loss": state.val_loss})
+        tracker.finish()
+    print(
+        f"lm-train: val loss {state.val_loss:.4f} nats/token after {state.step} steps in {metrics['seconds']:.0f} s; "
+        f"run in '{run_dir}'",
+        flush=True,
+    )
+    return metrics
+
+
+def _config_dict(cfg: LMTrainConfig) -> dict:
+    """The training settings a checkpoint and lm_config.json record."""
+    return {
+        "model": dataclasses.asdict(cfg.model),
         "optim": dataclasses.asdict(cfg.optim),
-        "trainer": dataclasses.asdict(t),
+        "trainer": dataclasses.asdict(cfg.trainer),
         "seed": cfg.seed,
     }
-    lm_config = {
-        "model": dataclasses.asdict(m),
-        "tokenizer": tokenizer.to_dict(),
-        "corpus": _corpus_record(cfg.corpus, corpus),
-        "train": config_dict,
-    }
-    (run_dir / LM_CONFIG).write_text(json.dumps(lm_config, indent=1))
 
-    model = build(m, tokenizer.vocab_size, cfg.seed)
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    tx, schedule = make_optimizer(cfg.optim, t.steps)
-    opt_state = tx.init(params)
-    train_steps, eval_loss = make_train_steps(graphdef, tx), make_eval_loss(graphdef)
 
-    ckpt = Checkpointer(
-        run_dir / CHECKPOINTS, CheckpointConfig(every=t.checkpoint_every, keep=t.keep_checkpoints, best_metric=None)
-    )
-    meta = {"config": config_dict, "d_in": 0}
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"params": params, "opt": opt_state})
+def _resume(ckpt: Checkpointer, state: _State, config_dict: dict) -> _State:
+    """The newest readable checkpoint's state (refusing one of another model or seed), or `state` itself."""
+    arrays = {"params": state.params, "opt": state.opt_state}
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arrays)
 
     def check_meta(saved: dict, where: Path) -> None:
-        if saved["config"]["model"] != config_dict["model"] or saved["config"]["seed"] != cfg.seed:
+        if saved["config"]["model"] != config_dict["model"] or saved["config"]["seed"] != config_dict["seed"]:
             raise ConfigError(
                 f"checkpoint {where} was made with model={saved['config']['model']} "
                 f"seed={saved['config']['seed']}; start in a new run directory"
             )
 
     restored = ckpt.restore(abstract, check_meta) if ckpt.steps() else None
-    step = 0
-    if restored is not None:
-        params, opt_state, step = restored.state["params"], restored.state["opt"], restored.step
-        print(f"lm-train: resumed from {restored.path} at step {step}", flush=True)
-    tracker = make_tracker(cfg.logger, run_dir, config_dict, name=f"lm-{run_dir.name}")
-    log_path = run_dir / "metrics.jsonl"
-    kept = [
-        line
-        for line in (log_path.read_text().splitlines(keepends=True) if log_path.exists() else [])
-        if step and line.strip() and json.loads(line)["step"] <= step
-    ]
-    log_file = log_path.open("w")
-    log_file.writelines(kept)
+    if restored is None:
+        return state
+    print(f"lm-train: resumed from {restored.path} at step {restored.step}", flush=True)
+    return _State.restored(restored.state, restored.step, restored.meta)
 
-    def record(values: dict) -> None:
-        log_file.write(json.dumps({"step": step, "tokens": step * t.batch_size * m.n_ctx, **values}) + "\n")
-        log_file.flush()
-        tracker.log(step, values)
 
-    print(
-        f"lm-train: {n_params:,} parameters; {t.steps} steps × {t.batch_size} × {m.n_ctx} tokens "
-        f"({t.steps * t.batch_size * m.n_ctx / 1e6:.1f}M tokens), {t.steps_per_call} steps per call",
-        flush=True,
-    )
-    last = {"log": step, "eval": step, "ckpt": step}
-    val_loss = train_loss = float("nan")
-    pending: list[jax.Array] = []
-    t_train, tokens_at = time.perf_counter(), step
-    try:
-        while step < t.steps:
-            k = min(t.steps_per_call, t.steps - step)
-            batches = step_batches(train_tokens, m.n_ctx, t.batch_size, cfg.seed, step, k)
-            params, opt_state, losses = train_steps(params, opt_state, batches)
-            pending.append(losses)
-            step += k
-            done = step >= t.steps
-            if step - last["log"] >= t.log_every or done:
-                train_loss = float(np.mean(np.concatenate([np.asarray(x) for x in pending])))
-                pending = []
-                rate = (step - tokens_at) * t.batch_size * m.n_ctx / max(time.perf_counter() - t_train, 1e-9)
-                record({"train_loss": train_loss, "lr": float(schedule(step - 1)), "tokens_per_s": rate})
+def _train_loop(
+    cfg, state: _State, data: _Data, ckpt: Checkpointer, log: _MetricsLog, train_steps, eval_loss, schedule
+):
+    """Train `state` in place up to trainer.steps: log, evaluate and checkpoint at multiples of their intervals
+    (rounded up to whole calls); on Ctrl-C or SIGTERM save the step reached and raise Preempted."""
+    t, n_ctx = cfg.trainer, cfg.model.n_ctx
+    meta = {"config": _config_dict(cfg), "d_in": 0}
+    timer = Progress(t.steps, state.step, "lm-train", "steps")  # rates after the first call (its compilation)
+
+    def save() -> None:
+        arrays = {"params": state.params, "opt": state.opt_state}
+        ckpt.save(state.step, arrays, {**meta, "step": state.step, **state.meta()})
+
+    with StopSignals(what="training") as stop:
+        while state.step < t.steps:
+            k = min(t.steps_per_call, t.steps - state.step)
+            batches = step_batches(data.train_tokens, n_ctx, t.batch_size, cfg.seed, state.step, k)
+            state.params, state.opt_state, losses = train_steps(state.params, state.opt_state, batches)
+            state.pending.append(losses)
+            state.step += k
+            step, done = state.step, state.step >= t.steps
+            timer.mark(step)
+            if _crossed(step, k, t.log_every) or done:
+                state.train_loss = float(np.mean(np.concatenate([np.asarray(x) for x in state.pending])))
+                state.pending = []
+                steps_per_s, left = timer.measure(step)
+                tokens_per_s = steps_per_s * t.batch_size * n_ctx
+                lr = float(schedule(step - 1))
+                log.record(step, {"train_loss": state.train_loss, "lr": lr, "tokens_per_s": tokens_per_s})
                 print(
-                    f"step {step}/{t.steps} | train loss {train_loss:.4f} nats/token"
-                    f" | lr {float(schedule(step - 1)):.2e}"
-                    f" | {rate:,.0f} tok/s | {time.perf_counter() - t0:.0f} s",
+                    f"step {step}/{t.steps} | train loss {state.train_loss:.4f} nats/token | lr {lr:.2e}"
+                    f" | {tokens_per_s:,.0f} tok/s | {rate_text(steps_per_s)} steps/s | ETA {duration(left)}",
                     flush=True,
                 )
-                last["log"] = step
-            if step - last["eval"] >= t.eval_every or done:
-                val_loss = mean_loss(eval_loss, params, val_windows, t.batch_size)
-                record({"val_loss": val_loss, "val_loss_per_byte": val_loss / bytes_per_token})
+            if _crossed(step, k, t.eval_every) or done:
+                state.val_loss = mean_loss(eval_loss, state.params, data.val_windows, t.batch_size)
+                per_byte = state.val_loss / data.bytes_per_token
+                log.record(step, {"val_loss": state.val_loss, "val_loss_per_byte": per_byte})
                 print(
-                    f"step {step}/{t.steps} | val loss {val_loss:.4f} nats/token, "
-                    f"{val_loss / bytes_per_token:.4f} nats/byte",
+                    f"step {step}/{t.steps} | val loss {state.val_loss:.4f} nats/token, {per_byte:.4f} nats/byte",
                     flush=True,
                 )
-                last["eval"] = step
-            if step - last["ckpt"] >= t.checkpoint_every or done:
-                ckpt.save(step, {"params": params, "opt": opt_state}, {**meta, "step": step})
-                last["ckpt"] = step
-        ckpt.wait()
-    finally:
-        ckpt.close()
-        log_file.close()
-    seconds = time.perf_counter() - t0
-    if math.isnan(val_loss):  # resumed at the end: nothing left to train
-        val_loss = mean_loss(eval_loss, params, val_windows, t.batch_size)
-    trained = nnx.merge(graphdef, params)
-    samples = _sample_texts(trained, tokenizer, t.samples, t.sample_tokens, t.temperature, cfg.seed)
+            saved = _crossed(step, k, t.checkpoint_every) or done
+            if saved:
+                save()
+            if stop.requested:
+                if not saved:
+                    save()
+                ckpt.wait()
+                raise Preempted(step, ckpt.directory, stop.requested)
+    ckpt.wait()
+
+
+def _finish(
+    cfg, run_dir: Path, model: TransformerLM, state: _State, data: _Data, n_params: int, seconds: float
+) -> dict:
+    """Print and write samples.txt and metrics.json (each whole or not at all); returns the metrics."""
+    t = cfg.trainer
+    samples = _sample_texts(model, data.tokenizer, t.samples, t.sample_tokens, t.temperature, cfg.seed)
     for i, text in enumerate(samples):
         print(f"--- sample {i} ({'greedy' if i == 0 else f'temperature {t.temperature}'}) ---\n{text}", flush=True)
-    (run_dir / "samples.txt").write_text("".join(f"--- sample {i} ---\n{s}\n" for i, s in enumerate(samples)))
+    write_atomic(run_dir / "samples.txt", "".join(f"--- sample {i} ---\n{s}\n" for i, s in enumerate(samples)).encode())
     metrics = {
-        "val_loss": val_loss,
-        "val_bits_per_token": val_loss / math.log(2),
-        "val_loss_per_byte": val_loss / bytes_per_token,
-        "val_bytes_per_token": bytes_per_token,
-        "train_loss": train_loss,
-        "val_tokens": int(scored.size),
-        "steps": step,
-        "tokens": step * t.batch_size * m.n_ctx,
+        "val_loss": state.val_loss,
+        "val_bits_per_token": state.val_loss / math.log(2),
+        "val_loss_per_byte": state.val_loss / data.bytes_per_token,
+        "val_bytes_per_token": data.bytes_per_token,
+        "train_loss": state.train_loss,
+        "val_tokens": int(data.val_windows[:, 1:].size),
+        "steps": state.step,
+        "tokens": state.step * t.batch_size * cfg.model.n_ctx,
         "parameters": n_params,
         "seconds": seconds,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    tracker.log(step, {"final_val_loss": val_loss})
-    tracker.finish()
-    print(
-        f"lm-train: val loss {val_loss:.4f} nats/token after {step} steps in {seconds:.0f} s; run in '{run_dir}'",
-        flush=True,
-    )
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics

@@ -22,7 +22,7 @@ from sae.checkpoint import Checkpointer
 from sae.data import ROW_SOURCES
 from sae.evals import evaluate, feature_table
 from sae.export import export_sae
-from sae.outputs import replaced_dir, write_atomic
+from sae.outputs import records_up_to, replaced_dir, write_atomic
 from sae.training.geometric_median import geometric_median
 from sae.training.loop import Hooks, scratch_dir
 from sae.training.step import make_optimizer
@@ -40,14 +40,6 @@ def _format_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _step_of(line: str) -> float:
-    """The step of a metrics.jsonl line; infinity (never kept) for a line a killed run left half-written."""
-    try:
-        return json.loads(line)["step"] if line.endswith("\n") else math.inf
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
 class ProgressLog:
     """Console line and metrics.jsonl record per log interval, from metrics already on the host.
 
@@ -56,10 +48,7 @@ class ProgressLog:
     """
 
     def __init__(self, path: Path, n_steps: int, batch_size: int, resume_step: int = 0, history: Path | None = None):
-        kept = []
-        history = history or path
-        if resume_step and history.exists():
-            kept = [line for line in history.read_text().splitlines(keepends=True) if _step_of(line) <= resume_step]
+        kept = records_up_to(history or path, resume_step)
         self.file = path.open("w")
         self.file.writelines(kept)
         self.n_steps, self.batch_size = n_steps, batch_size

@@ -2,10 +2,12 @@
 token context, the `sae-inspect` CLI, and the static browser in a real headless Chromium."""
 
 import base64
+import errno
 import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +19,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, small_config
 
+import sae.inspect.run as inspect_module
+import sae.outputs
+from sae.cli import run_job
 from sae.data.store import StoreWriter
 from sae.data.synthetic import SyntheticBatches
 from sae.export import LoadedSAE, load_sae
@@ -260,6 +265,100 @@ def test_cli_user_mistakes(run, tmp_path):
         assert "Traceback" not in err, (name, err[-2000:])
         assert not (tmp_path / name / "index.html").exists(), name
     assert not (tmp_path / "nope").exists()  # nothing is created for a run that is not there
+
+
+# --- progress, Ctrl-C, read-only and full disks ------------------------------------------------------
+
+
+def test_ctrl_c_during_the_pass_writes_nothing(run, tmp_path, monkeypatch):
+    """SIGINT at the first progress report: Interrupted naming the rows done and that nothing was written."""
+
+    class Signalled(inspect_module.Progress):
+        def update(self, count):
+            if count == 1024:
+                os.kill(os.getpid(), signal.SIGINT)
+            super().update(count)
+
+    monkeypatch.setattr(inspect_module, "Progress", Signalled)
+    out = tmp_path / "out"
+    with pytest.raises(inspect_module.Interrupted) as stopped:
+        inspect_run(run[0], out=str(out), rows=20_000, **KW)
+    assert stopped.value.signum == signal.SIGINT
+    assert str(stopped.value) == (
+        f"stopped by SIGINT (Ctrl-C) after 1,024 of 20,000 rows: nothing written to {out}; "
+        "run the same command again to start over"
+    )
+    assert not out.exists()
+
+
+def test_progress_lines_have_a_rate_and_an_eta(run, tmp_path, capsys):
+    inspect_run(run[0], out=str(tmp_path / "out"), rows=20_480, **KW)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " rows (" in line]
+    assert len(lines) == 20 and lines[-1].startswith("inspect: 20,480/20,480 rows (100%), "), lines
+    assert all(" rows/s, ETA " in line for line in lines), lines
+
+
+def _read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+def test_read_only_out_is_refused_before_any_work(run, tmp_path, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the rows were read")
+
+    monkeypatch.setattr(sae.outputs.tempfile, "TemporaryFile", _read_only)
+    monkeypatch.setattr(inspect_module, "accumulate", no_work)
+    out = tmp_path / "out"
+    assert run_job(lambda: inspect_run(run[0], out=str(out), **KW)) == 2
+    assert capsys.readouterr().err == f"error: out {out} is not writable: the file system is read-only\n"
+    assert not out.exists()
+
+
+def test_full_disk_while_writing_removes_the_partial_outputs(run, tmp_path, monkeypatch, capsys):
+    """ENOSPC in the middle of the browser's files: one line naming out; what this run wrote is removed and
+    a file that was there before is kept."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def full(insp, where, *args):
+        (where / "data").mkdir()
+        (where / "data" / "chunk_00000.js").write_text("SAE_CHUNK(")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(inspect_module, "write_site", full)
+    assert run_job(lambda: inspect_run(run[0], out=str(out), rows=4096, **KW)) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: cannot write {out}: no space left on the device; removed what this run had written to {out}\n"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_cli_ctrl_c_is_one_line(run, tmp_path):
+    """`sae-inspect` sent SIGINT at its first progress line: exit 130, one line, no traceback, no out."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, f"run={run[0]}", f"out={out}", "rows=10000000", "batch_size=1024"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    line = proc.stdout.readline()
+    while " rows (" not in line:
+        line = proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert " rows/s, ETA " in line, line
+    lines = [e for e in err.splitlines() if e.strip()]
+    assert len(lines) == 2 and "Traceback" not in err, err[-2000:]
+    assert lines[1].startswith("stopped by SIGINT (Ctrl-C) after ") and lines[1].endswith(
+        f"rows: nothing written to {out}; run the same command again to start over"
+    ), err
+    assert not out.exists()
 
 
 # --- the browser -------------------------------------------------------------------------------------

@@ -2,10 +2,13 @@
 source=lm and loss recovered; each checked against a NumPy reference or a second code path."""
 
 import dataclasses
+import errno
 import itertools
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,10 @@ import pytest
 from conftest import ROOT
 from flax import nnx
 
+import sae.lm.train as lm_train
+import sae.outputs
+from sae.checkpoint import Preempted
+from sae.cli import run_job
 from sae.config import CacheConfig
 from sae.data import DataError
 from sae.data.lm import LMRowsConfig
@@ -379,6 +386,107 @@ def test_train_writes_outputs_and_resume_is_exact(lm_run, corpus_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _records(run: Path) -> list[dict]:
+    """metrics.jsonl without its timings."""
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def _assert_same_lm_run(a: Path, b: Path) -> None:
+    """Same parameters (bit for bit), log, metrics (but the time) and samples."""
+    drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}
+    assert drop(json.loads((a / "metrics.json").read_text())) == drop(json.loads((b / "metrics.json").read_text()))
+    assert _records(a) == _records(b)
+    assert (a / "samples.txt").read_text() == (b / "samples.txt").read_text()
+    model_a, model_b = load_lm(a)[0], load_lm(b)[0]
+    for x, y in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _signal_before(monkeypatch, first: int, signum: int = signal.SIGINT) -> None:
+    """Deliver `signum` to this process while the batches of the call starting at step `first` are made."""
+    make = lm_train.step_batches
+
+    def batches(tokens, n_ctx, batch_size, seed, start, k):
+        if start == first:
+            os.kill(os.getpid(), signum)
+        return make(tokens, n_ctx, batch_size, seed, start, k)
+
+    monkeypatch.setattr(lm_train, "step_batches", batches)
+
+
+def test_ctrl_c_saves_the_step_reached_and_the_rerun_ends_as_an_uninterrupted_run(
+    corpus_dir, tmp_path, monkeypatch, capsys
+):
+    """SIGINT during steps 11-15: a checkpoint of step 15 (mid log interval: its losses carried in the
+    checkpoint), Preempted; the same call again resumes there and ends bit-identical to an uninterrupted run."""
+    cfg = tiny_train_config(corpus_dir, 20)
+    cfg.trainer = dataclasses.replace(cfg.trainer, log_every=10)
+    train_lm(cfg, tmp_path / "whole")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "train loss" in line]
+    assert len(lines) == 2 and all(" steps/s | ETA " in line for line in lines), lines
+    with monkeypatch.context() as patch, pytest.raises(Preempted) as stop:
+        _signal_before(patch, 10)
+        train_lm(cfg, tmp_path / "cut")
+    assert stop.value.step == 15 and stop.value.signum == signal.SIGINT
+    assert str(stop.value).startswith("stopped by SIGINT (Ctrl-C) at step 15; checkpoint saved in ")
+    assert (tmp_path / "cut" / "checkpoints" / "15").is_dir() and not (tmp_path / "cut" / "metrics.json").exists()
+    train_lm(cfg, tmp_path / "cut")
+    assert "at step 15" in capsys.readouterr().out
+    _assert_same_lm_run(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_stop_in_the_last_call_keeps_the_finished_state(corpus_dir, tmp_path, monkeypatch):
+    """SIGTERM during the last call: its final checkpoint, exit 143's Preempted; the rerun only finishes
+    (samples, metrics.json) with the losses the checkpoint recorded."""
+    cfg = tiny_train_config(corpus_dir, 10)
+    train_lm(cfg, tmp_path / "whole")
+    with monkeypatch.context() as patch, pytest.raises(Preempted) as stop:
+        _signal_before(patch, 5, signal.SIGTERM)
+        train_lm(cfg, tmp_path / "cut")
+    assert (stop.value.step, stop.value.signum) == (10, signal.SIGTERM)
+    assert run_job(lambda: train_lm(cfg, tmp_path / "cut")) == 0
+    _assert_same_lm_run(tmp_path / "whole", tmp_path / "cut")
+
+
+def _read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+def test_read_only_run_dir_is_refused_before_any_work(corpus_dir, tmp_path, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the corpus was read")
+
+    monkeypatch.setattr(sae.outputs.tempfile, "TemporaryFile", _read_only)
+    monkeypatch.setattr(lm_train, "find_corpus", no_work)
+    assert run_job(lambda: train_lm(tiny_train_config(corpus_dir, 10), tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: the run directory {tmp_path / 'r'} is not writable: the file system is read-only\n"
+    assert not (tmp_path / "r").exists()
+
+
+def test_full_disk_at_the_end_is_one_line_naming_the_checkpoint(lm_run, corpus_dir, tmp_path, monkeypatch, capsys):
+    """ENOSPC writing metrics.json: one line naming the run dir and its intact last checkpoint, no metrics.json."""
+    run = tmp_path / "run"
+    shutil.copytree(lm_run, run)
+    (run / "metrics.json").unlink()
+    write = lm_train.write_atomic
+
+    def full(path, data):
+        if Path(path).name == "metrics.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write(path, data)
+
+    monkeypatch.setattr(lm_train, "write_atomic", full)
+    assert run_job(lambda: train_lm(tiny_train_config(corpus_dir, 20), run)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {run}: no space left on the device; the last complete checkpoint, ")
+    assert f"{run / 'checkpoints' / '20'}, is intact" in err and len(err.splitlines()) == 1, err
+    assert not (run / "metrics.json").exists()
+
+
 def test_lm_cache_store_rows_equal_captured_site(lm_run, tmp_path):
     from sae.cache import cache
 
@@ -483,3 +591,67 @@ def test_lm_train_and_cache_from_the_command_line(corpus_dir, tmp_path):
     )
     ids, _ = store.read_tokens(0, 16)
     assert b"".join(tok.token_bytes(int(i)) for i in ids) in b"".join(find_corpus(corpus_cfg(corpus_dir)).read("train"))
+
+
+CLI_TRAIN = [  # a tiny lm-train of 1000 steps, a line every 2: long enough to be stopped at a random step
+    "corpus.tokenizer=bytes",
+    "corpus.val_fraction=0.25",
+    "model.d_model=16",
+    "model.n_heads=2",
+    "model.d_mlp=32",
+    "model.n_ctx=16",
+    "trainer.steps=1000",
+    "trainer.batch_size=4",
+    "trainer.steps_per_call=2",
+    "trainer.log_every=2",
+    "trainer.eval_every=100",
+    "trainer.checkpoint_every=100",
+    "trainer.eval_sequences=4",
+    "trainer.samples=1",
+    "trainer.sample_tokens=8",
+    "logger=none",
+]
+
+
+def _lm_cli(corpus_dir, run: Path) -> list[str]:
+    script = str(Path(ROOT) / "scripts" / "train_lm.py")
+    return [sys.executable, script, f"corpus.path={corpus_dir}", *CLI_TRAIN, f"hydra.run.dir={run}"]
+
+
+def _cli_env() -> dict:
+    return {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    }
+
+
+@pytest.mark.slow
+def test_lm_train_ctrl_c_at_a_random_step_then_rerun_is_bit_identical(corpus_dir, tmp_path):
+    """`lm-train` sent SIGINT once it reports a random step: one line, exit 130, a checkpoint of the step
+    reached; the same command again resumes there and ends as the uninterrupted run does."""
+    env = _cli_env()
+    run = lambda name: subprocess.run(
+        _lm_cli(corpus_dir, tmp_path / name), capture_output=True, text=True, env=env, cwd=tmp_path, check=False
+    )
+    whole = run("whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    progress = [line for line in whole.stdout.splitlines() if "train loss" in line]
+    assert len(progress) == 500 and all(" steps/s | ETA " in line for line in progress)
+    at = random.Random().randint(20, 600)
+    proc = subprocess.Popen(
+        _lm_cli(corpus_dir, tmp_path / "cut"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= at:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGINT, rest[-2000:]
+    assert "Traceback" not in rest, rest[-2000:]
+    stopped = int(rest.split("stopped by SIGINT (Ctrl-C) at step ")[1].split(";")[0])
+    assert at <= stopped < 1000 and (tmp_path / "cut" / "checkpoints" / str(stopped)).is_dir()
+    done = run("cut")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"at step {stopped}" in done.stdout, f"stopped at {stopped}: {done.stdout[:2000]}"
+    _assert_same_lm_run(tmp_path / "whole", tmp_path / "cut")

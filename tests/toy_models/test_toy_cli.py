@@ -3,6 +3,7 @@ over several devices training the same as on one."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+from toy_models.config import ToyConfig, ToyTrainConfig
+from toy_models.experiment import Stopped, run
 from toy_models.train import Task, train
 
 SCRIPT = str(Path(ROOT) / "scripts" / "train_toy.py")
@@ -120,3 +123,88 @@ def test_instances_sharded_over_devices_train_as_on_one(tmp_path):
     np.testing.assert_allclose(sharded["W"], single.params["W"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(sharded["b"], single.params["b"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(sharded["eval_loss"], single.eval_loss, rtol=1e-4)
+
+
+# --- progress, Ctrl-C and SIGTERM -----------------------------------------------------------------------
+
+
+def _stop_at_poll(n: int, signum: int):
+    """A stop() that asks for `signum` from its n-th call on (toy_models.experiment.run polls it once per
+    compiled call, then once after writing the results)."""
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return signum if len(calls) >= n else None
+
+    return stop
+
+
+def test_stop_between_calls_keeps_nothing_and_says_so(tmp_path):
+    cfg = ToyConfig(train=ToyTrainConfig(steps=400, steps_per_call=100, batch_size=128), figures=False)
+    lines = []
+    with pytest.raises(Stopped) as stopped:
+        run(cfg, tmp_path / "r", log=lines.append, stop=_stop_at_poll(2, signal.SIGINT))
+    assert stopped.value.signum == signal.SIGINT
+    assert str(stopped.value) == (
+        "stopped by SIGINT (Ctrl-C) at step 200 of 400: nothing saved for this run; "
+        "run the same command again to start it over"
+    )
+    assert not (tmp_path / "r" / "results.npz").exists() and not (tmp_path / "r" / "metrics.json").exists()
+    progress = [line for line in lines if line.lstrip().startswith("step")]
+    assert [line.split()[1] for line in progress] == ["100/400", "200/400"]
+    assert all(" steps/s  ETA " in line for line in progress), progress
+
+
+def test_stop_in_the_last_call_finishes_the_run(tmp_path):
+    """A stop asked for once the training is done: the run is analysed and written whole (the entry point
+    then reports the stop, saying where the results are)."""
+    cfg = ToyConfig(train=ToyTrainConfig(steps=200, steps_per_call=100, batch_size=128), figures=False)
+    metrics = run(cfg, tmp_path, log=lambda line: None, stop=_stop_at_poll(2, signal.SIGTERM))
+    assert np.load(tmp_path / "results.npz")["W"].shape == (1, 2, 5)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_cli_ctrl_c_is_one_line_and_keeps_the_record(tmp_path):
+    """`toy-train` sent SIGINT once it reports progress: exit 130, one line saying nothing was saved, no
+    traceback; the run's record (.hydra/, cli.log with the console's lines) is kept."""
+    out = tmp_path / "r"
+    args = ["toy=intro", "train.steps=2000000", "train.steps_per_call=1000", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    first = proc.stdout.readline()
+    while not first.lstrip().startswith("step"):
+        first = proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert " steps/s  ETA " in first, first
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[0].startswith("SIGINT (Ctrl-C): stopping toy-train at the next safe point"), err
+    assert len(lines) == 2 and lines[1].startswith("stopped by SIGINT (Ctrl-C) at step "), err
+    assert lines[1].endswith(": nothing saved for this run; run the same command again to start it over"), err
+    assert not (out / "results.npz").exists()
+    assert (out / ".hydra" / "config.yaml").is_file()
+    log = (out / "cli.log").read_text()
+    assert first in log and lines[1] in log
+
+
+def test_plain_runner_reports_a_bad_value_in_one_line(capsys):
+    """toy_models.cli's runner without sae: a ToyConfigError is one line and status 2, no record."""
+    from toy_models.cli import run_plain
+    from toy_models.config import ToyConfigError
+
+    def job(stop=None):
+        raise ToyConfigError("model.n_features=0: expected a positive integer")
+
+    assert run_plain(None, job) == 2
+    assert capsys.readouterr().err == "error: model.n_features=0: expected a positive integer\n"
+    assert run_plain(None, lambda stop=None: None) == 0
