@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import io
 import json
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from sae.data.sources import ROW_SOURCES, Chunk, RowSource, entry_of, open_row_s
 from sae.data.store import StoreError, StoreWriter, check_out, naming, store_bytes
 from sae.interrupts import Interrupted, StopSignals, signal_name
 from sae.outputs import OutputError, check_space, check_writable, describe, write_atomic
+from sae.progress import Progress
 
 GROUND_TRUTH = "ground_truth.npy"
 
@@ -70,30 +70,6 @@ def _rechunk(chunks: Iterator[Chunk], size: int) -> Iterator[Chunk]:
                 buffer, held = [], 0
     if held:
         yield _joined(buffer)
-
-
-class _Progress:
-    """A line per ~5% of the rows: rows, rows/s and ETA."""
-
-    def __init__(self, total: int, done: int):
-        self.total, self.first, self.t0 = total, done, time.perf_counter()
-        self.next = self._after(done)
-
-    def _after(self, rows: int) -> int:
-        return math.ceil((math.floor(rows * 20 / self.total) + 1) * self.total / 20)
-
-    def update(self, rows: int) -> None:
-        if rows < self.next and rows < self.total:
-            return
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        rate = (rows - self.first) / elapsed
-        eta = (self.total - rows) / rate if rate > 0 else float("inf")
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-        print(
-            f"cache: {rows}/{self.total} rows ({100 * rows / self.total:.0f}%)  {rate:,.0f} rows/s  ETA {eta_text}",
-            flush=True,
-        )
-        self.next = self._after(rows)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -185,7 +161,7 @@ def _fill(
         f"({cfg.dtype}, {cfg.shard_rows} rows per shard)",
         flush=True,
     )
-    progress, done = _Progress(source.n_rows, start), start
+    progress, done = Progress(source.n_rows, start, what="cache", unit="rows"), start
     for chunk in _rechunk(source.chunks(start), cfg.chunk_rows):
         if source.with_tokens:
             writer.append(chunk.rows, tokens=chunk.tokens, positions=chunk.positions)

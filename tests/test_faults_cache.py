@@ -401,7 +401,7 @@ def _run_cli(out, cwd, env, **kwargs) -> subprocess.Popen:
     )
 
 
-PROGRESS_LINE = re.compile(r"cache: (\d+)/120000 rows")
+PROGRESS_LINE = re.compile(r"cache: ([\d,]+)/120,000 rows")
 
 
 @pytest.mark.slow
@@ -418,8 +418,8 @@ def test_cli_signal_at_a_random_point_then_resume_is_byte_identical(tmp_path, cl
     seen = 0
     for line in proc.stdout:
         match = PROGRESS_LINE.match(line)
-        if match and int(match[1]) >= at * 1200:
-            seen = int(match[1])
+        if match and int(match[1].replace(",", "")) >= at * 1200:
+            seen = int(match[1].replace(",", ""))
             proc.send_signal(sig)
             break
     rest = proc.communicate(timeout=120)[0]
