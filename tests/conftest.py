@@ -1,6 +1,7 @@
 """Shared test setup: JAX's persistent compilation cache (XLA compiles dominate on 2 cores)."""
 
 import dataclasses
+import errno
 import os
 import tempfile
 
@@ -49,6 +50,18 @@ def small_config(name: str, total_tokens: int = 400_000, lr: float | None = 3e-3
         total_tokens=total_tokens, batch_size=1024, log_every=50, dead_tokens=50_000, geometric_median_samples=1024
     )
     return Config(sae=sae, data=data, optim=OptimConfig(lr=lr), trainer=trainer, seed=0)
+
+
+@pytest.fixture
+def read_only_outputs(monkeypatch):
+    """Every output directory reads as on a read-only file system: the probe of sae.outputs.check_writable
+    fails with EROFS (we run as root here, so chmod would not stop a write)."""
+    import sae.outputs
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(sae.outputs.tempfile, "TemporaryFile", read_only)
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import pytest
 from conftest import ROOT, small_config
 
 import sae.inspect.run as inspect_module
-import sae.outputs
 from sae.cli import run_job
 from sae.data.store import StoreWriter
 from sae.data.synthetic import SyntheticBatches
@@ -298,15 +297,10 @@ def test_progress_lines_have_a_rate_and_an_eta(run, tmp_path, capsys):
     assert all(" rows/s, ETA " in line for line in lines), lines
 
 
-def _read_only(*args, **kwargs):
-    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-
-
-def test_read_only_out_is_refused_before_any_work(run, tmp_path, monkeypatch, capsys):
+def test_read_only_out_is_refused_before_any_work(run, tmp_path, monkeypatch, capsys, read_only_outputs):
     def no_work(*args, **kwargs):
         raise AssertionError("the rows were read")
 
-    monkeypatch.setattr(sae.outputs.tempfile, "TemporaryFile", _read_only)
     monkeypatch.setattr(inspect_module, "accumulate", no_work)
     out = tmp_path / "out"
     assert run_job(lambda: inspect_run(run[0], out=str(out), **KW)) == 2

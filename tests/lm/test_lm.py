@@ -21,7 +21,6 @@ from conftest import ROOT
 from flax import nnx
 
 import sae.lm.train as lm_train
-import sae.outputs
 from sae.checkpoint import Preempted
 from sae.cli import run_job
 from sae.config import CacheConfig
@@ -451,15 +450,10 @@ def test_stop_in_the_last_call_keeps_the_finished_state(corpus_dir, tmp_path, mo
     _assert_same_lm_run(tmp_path / "whole", tmp_path / "cut")
 
 
-def _read_only(*args, **kwargs):
-    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-
-
-def test_read_only_run_dir_is_refused_before_any_work(corpus_dir, tmp_path, monkeypatch, capsys):
+def test_read_only_run_dir_is_refused_before_any_work(corpus_dir, tmp_path, monkeypatch, capsys, read_only_outputs):
     def no_work(*args, **kwargs):
         raise AssertionError("the corpus was read")
 
-    monkeypatch.setattr(sae.outputs.tempfile, "TemporaryFile", _read_only)
     monkeypatch.setattr(lm_train, "find_corpus", no_work)
     assert run_job(lambda: train_lm(tiny_train_config(corpus_dir, 10), tmp_path / "r")) == 2
     err = capsys.readouterr().err

@@ -263,11 +263,7 @@ def test_too_little_room_is_refused_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "r" / CHECKPOINTS).exists() or not any((tmp_path / "r" / CHECKPOINTS).iterdir())
 
 
-def test_read_only_output_is_refused_before_any_work(tmp_path, monkeypatch):
-    def read_only(*args, **kwargs):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-
-    monkeypatch.setattr(sae.outputs.tempfile, "TemporaryFile", read_only)
+def test_read_only_output_is_refused_before_any_work(tmp_path, read_only_outputs):
     with pytest.raises(OutputRefused, match=r"the run directory .*/r is not writable: the file system is read-only"):
         train(_config("topk"), tmp_path / "r")
     assert not (tmp_path / "r").exists()
