@@ -18,8 +18,10 @@ file, and the previous one is used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import time
 import warnings
@@ -271,8 +273,8 @@ class Checkpointer:
         """Bytes this run's checkpoints may still need on disk: `keep` of them, the best, and one being
         written, each the size of `state`, less what its checkpoints already take."""
         per_step = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
-        held = sum(f.stat().st_size for f in self.directory.rglob("*") if f.is_file()) if self.directory.is_dir() else 0
-        return max(per_step * (self.cfg.keep + 2) - held, 0)
+        steps = [p for p in self.directory.glob("*") if p.name.isdigit()] if self.directory.is_dir() else []
+        return max(per_step * (self.cfg.keep + 2) - sum(map(_bytes_under, steps)), 0)
 
     def intact(self) -> str:
         """What survives a failed save, for its error message: the newest committed step, or none."""
@@ -283,6 +285,16 @@ class Checkpointer:
             f"the last complete checkpoint, {self.directory / str(max(steps))}, is intact; "
             "free space and run the same command again to resume"
         )
+
+
+def _bytes_under(directory: Path) -> int:
+    """The size of the files below `directory`, counting none that vanish meanwhile (orbax's clean-up)."""
+    total = 0
+    for root, _, names in os.walk(directory):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
 
 
 def _first_line(err: Exception) -> str:

@@ -106,7 +106,10 @@ def _run(job: Callable[[config_lib.Config, str], object], record: bool) -> Calla
 
     def task(cfg: DictConfig) -> None:
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" at start-up
-        logging.getLogger("absl").setLevel(logging.ERROR)  # no orbax notes ("directory is read only") in the console
+        # orbax's notes ("directory is read only") and, after a failed save, its writer tasks' errors: the job
+        # reports that failure in one line (absl is orbax's logger; asyncio logs its unretrieved futures)
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         logging.getLogger().setLevel(logging.WARNING)  # nor any library's, through Hydra's console handler
         try:
             typed = OmegaConf.to_object(cfg)
@@ -129,6 +132,7 @@ def run_job(job: Callable[[], object]) -> int:
     signal (128 + n, the message saying what was kept), a second Ctrl-C (130)."""
     from sae.interrupts import Interrupted, exit_status
 
+    sys.unraisablehook = _quiet_after_a_failed_write
     try:
         job()
     except OutputRefused as err:  # before any work: as a refused input
@@ -147,6 +151,14 @@ def run_job(job: Callable[[], object]) -> int:
         print("aborted by Ctrl-C: the work since the last save is lost", file=sys.stderr)
         return exit_status(signal.SIGINT)
     return 0
+
+
+def _quiet_after_a_failed_write(unraisable) -> None:
+    """When a checkpoint's write fails (the job reports it in one line), orbax's writer tasks still pending
+    on that save find their event loop closed, and Python would print each as a traceback. Anything else
+    is printed as usual."""
+    if not (unraisable.exc_type is RuntimeError and "Event loop is closed" in str(unraisable.exc_value)):
+        sys.__unraisablehook__(unraisable)
 
 
 def _check_run_dir(config_name: str) -> None:

@@ -12,6 +12,7 @@ above it (./outputs/DATE) when they are left empty.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -29,12 +30,20 @@ class _Tee:
         self.console, self.log = console, log
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        self._to_log("write", text)
         return self.console.write(text)
 
     def flush(self) -> None:
         self.console.flush()
-        self.log.flush()
+        self._to_log("flush")
+
+    def _to_log(self, method: str, *args) -> None:
+        """Write or flush the log; once its disk is full the log stops, and the console still shows all."""
+        if self.log is not None:
+            try:
+                getattr(self.log, method)(*args)
+            except OSError:
+                self.log = None
 
     def __getattr__(self, name: str):  # isatty, fileno, encoding, ...: the console's
         return getattr(self.console, name)
@@ -81,7 +90,8 @@ class RunRecord:
             sys.stdout, sys.stderr = self._streams
             self._streams = None
         if self._log is not None:
-            self._log.close()
+            with contextlib.suppress(OSError):  # a full disk: what it could not take is lost from the log only
+                self._log.close()
             self._log = None
         if refused:
             self._restore()
