@@ -1,5 +1,5 @@
-"""SAELens export: round trip through `load_sae`, the on-disk layout SAELens reads, and (when
-sae_lens and torch are installed) SAELens's own loader reproducing our reconstructions."""
+"""SAELens export: round trip through `load_sae`, the on-disk layout SAELens reads, and SAELens's own
+loader reproducing our reconstructions (sae_lens and torch are test dependencies: the dev extra)."""
 
 from __future__ import annotations
 
@@ -189,8 +189,8 @@ def test_load_errors_name_the_path(tmp_path):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_saelens_loads_export(tmp_path, family):
     """SAELens's own loader reads the export and reproduces our reconstructions (torch, CPU)."""
-    sae_lens = pytest.importorskip("sae_lens")
-    torch = pytest.importorskip("torch")
+    import sae_lens  # imported here: it takes seconds (torch), and only these tests need it
+    import torch
     sae, params, buffers, x = build(family)
     export_sae(tmp_path, sae, params, buffers, input_scale=SCALE, metadata={"hook_name": "h"})
 
