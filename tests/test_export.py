@@ -191,6 +191,7 @@ def test_saelens_loads_export(tmp_path, family):
     """SAELens's own loader reads the export and reproduces our reconstructions (torch, CPU)."""
     import sae_lens  # imported here: it takes seconds (torch), and only these tests need it
     import torch
+
     sae, params, buffers, x = build(family)
     export_sae(tmp_path, sae, params, buffers, input_scale=SCALE, metadata={"hook_name": "h"})
 
