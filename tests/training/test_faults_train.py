@@ -276,6 +276,13 @@ def _mount_tmpfs(where: Path, options: str) -> bool:
     return done.returncode == 0
 
 
+def _fill(path: Path) -> None:
+    """Fill the file system holding `path` with one file (unbuffered: nothing left to fail at its close)."""
+    with contextlib.suppress(OSError), open(path, "wb", buffering=0) as f:
+        while True:
+            f.write(b"\0" * 65536)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 4 MB file system (skips where mounting is not permitted)."""
@@ -299,12 +306,7 @@ def test_real_full_disk_mid_run(small_disk, whole, tmp_path, monkeypatch):
     def fill_at_20(self, batch_size, n_batches, seed, start_batch=0):
         for i, x in enumerate(batches(self, batch_size, n_batches, seed, start_batch), start=start_batch + 1):
             if i == 20:  # step 16's save may still be in flight: then it fails too, and step 8 is the intact one
-                with open(filler, "wb") as f:
-                    try:
-                        while True:
-                            f.write(b"\0" * 65536)
-                    except OSError:
-                        pass
+                _fill(filler)
             yield x
 
     with monkeypatch.context() as patch:
@@ -330,13 +332,14 @@ def test_cli_real_full_disk_mid_run_is_one_line(small_disk):
         env=_env(),
         cwd=ROOT,
     )
-    for line in proc.stdout:
-        if line.startswith("step ") and _committed_checkpoint(run):
-            with open(small_disk / "filler", "wb") as f, contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 65536)
-            break
-    out, err = proc.communicate(timeout=300)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step ") and _committed_checkpoint(run):
+                _fill(small_disk / "filler")
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()  # (when the test fails early) the disk can be unmounted
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in out + err, err[-3000:]
     errors = [line for line in err.splitlines() if line.strip()]
