@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sae.errors import DataError
+from sae.progress import si
 
 _DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
 _ACCESS_ERRORS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
@@ -32,10 +33,8 @@ class OutputRefused(OutputError):
 
 
 def format_bytes(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
+    """A size as error messages give it: "27.6 MB"."""
+    return si(n, "B", " ")
 
 
 def _existing_parent(path: Path) -> Path:

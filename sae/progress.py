@@ -20,6 +20,14 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def si(n: float, unit: str = "", sep: str = "") -> str:
+    """n with an SI prefix: si(4e6) = "4.0M", si(27.6e6, "B", " ") = "27.6 MB", si(512, "B", " ") = "512 B"."""
+    for prefix, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{sep}{prefix}{unit}"
+    return f"{n:.0f}{sep}{unit}"
+
+
 def rate_text(rate: float) -> str:
     """A rate with its thousands separated, or three significant digits below 100."""
     return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"

@@ -23,21 +23,10 @@ from sae.data import ROW_SOURCES
 from sae.evals import evaluate, feature_table
 from sae.export import export_sae
 from sae.outputs import records_up_to, replaced_dir, write_atomic
+from sae.progress import duration, si
 from sae.training.geometric_median import geometric_median
 from sae.training.loop import Hooks, scratch_dir
 from sae.training.step import make_optimizer
-
-
-def _format_count(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def _format_seconds(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class ProgressLog:
@@ -69,9 +58,9 @@ class ProgressLog:
         eta = (self.n_steps - step) * self.batch_size / rate if not math.isnan(rate) and rate > 0 else float("nan")
         print(
             f"step {step}/{self.n_steps}"
-            f" | tokens {_format_count(tokens)}/{_format_count(self.n_steps * self.batch_size)}"
-            f" | {_format_count(rate) if not math.isnan(rate) else '-'} tok/s"
-            f" | ETA {_format_seconds(eta) if not math.isnan(eta) else '-'}"
+            f" | tokens {si(tokens)}/{si(self.n_steps * self.batch_size)}"
+            f" | {si(rate) if not math.isnan(rate) else '-'} tok/s"
+            f" | ETA {duration(eta) if not math.isnan(eta) else '-'}"
             f" | loss {record['loss']:.4g} | L0 {record['l0']:.2f} | FVU {record['fvu']:.4f}"
             f" | dead {100 * record['dead_fraction']:.1f}%",
             flush=True,
