@@ -25,9 +25,8 @@ import numpy as np
 
 from sae import config as config_lib
 from sae.config import CacheConfig
-from sae.data.model_source import check_whole_sequences
 from sae.data.sources import ROW_SOURCES, Chunk, RowSource, entry_of, open_row_source
-from sae.data.store import StoreError, StoreWriter, check_out, naming, store_bytes
+from sae.data.store import StoreError, StoreWriter, check_out, check_whole_sequences, naming, store_bytes
 from sae.interrupts import Interrupted, StopSignals, signal_name
 from sae.outputs import OutputError, check_space, check_writable, describe, write_atomic
 from sae.progress import Progress
@@ -43,33 +42,70 @@ def check(cfg: CacheConfig) -> None:
 
 def open_source(cfg: CacheConfig) -> RowSource:
     """The row source named by cfg.source."""
-    return open_row_source(cfg.source, cfg.chunk_rows, cfg.seed)
+    return open_row_source(cfg.source, cfg.chunk_rows, cfg.seed, cfg.corpus)
+
+
+def targets(source: RowSource, out: Path) -> dict[str | None, tuple[Path, int, dict]]:
+    """{site: (store directory, d_in, provenance)}: out itself for a one-site source (key None for a source
+    without sites), out/<site>/ for each site of a multi-site one (chunks then carry rows by site)."""
+    sites = getattr(source, "sites", None)
+    if sites is None:
+        return {None: (out, source.d_in, dict(source.provenance))}
+    where = (lambda site: out) if len(sites) == 1 else (lambda site: out / site)
+    return {site: (where(site), source.site_dims[site], source.provenance_of(site)) for site in sites}
+
+
+def check_multi_out(out: Path, sites: list[str]) -> None:
+    """A multi-site out may hold only its sites' store directories (each checked by check_out)."""
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in sites)
+        if foreign:
+            raise StoreError(
+                f"out={out} holds files that are not this run's site stores: {', '.join(foreign[:5])}"
+                f"{' …' if len(foreign) > 5 else ''}; choose an empty directory"
+            )
+    elif out.exists():
+        raise StoreError(f"out={out} is a file, not a directory; choose an empty directory")
 
 
 # --- writing -----------------------------------------------------------------------------------------
 
 
-def _joined(parts: list[Chunk]) -> Chunk:
-    if len(parts) == 1:
-        return parts[0]
-    return Chunk(*(None if parts[0][i] is None else np.concatenate([p[i] for p in parts]) for i in range(3)))
+def _cut(a, part: slice):
+    """A chunk field's rows `part`: an array, {site: array}, or None."""
+    if a is None:
+        return None
+    return {k: v[part] for k, v in a.items()} if isinstance(a, dict) else a[part]
+
+
+def _cat(fields: list):
+    if fields[0] is None:
+        return None
+    if isinstance(fields[0], dict):
+        return {k: np.concatenate([f[k] for f in fields]) for k in fields[0]}
+    return np.concatenate(fields)
+
+
+def _length(chunk: Chunk) -> int:
+    return len(next(iter(chunk.rows.values()))) if isinstance(chunk.rows, dict) else len(chunk.rows)
 
 
 def _rechunk(chunks: Iterator[Chunk], size: int) -> Iterator[Chunk]:
-    """The same rows (and token ids, positions) in chunks of exactly `size` rows (the last may be shorter)."""
+    """The same rows (and token ids, positions) in chunks of exactly `size` rows (the last may be shorter);
+    rows may be an array or {site: array}."""
     buffer, held = [], 0
     for chunk in chunks:
-        while len(chunk.rows):
+        while _length(chunk):
             n = size - held
-            take = Chunk(*(None if a is None else a[:n] for a in chunk))
+            take = Chunk(*(_cut(a, slice(None, n)) for a in chunk))
             buffer.append(take)
-            held += len(take.rows)
-            chunk = Chunk(*(None if a is None else a[n:] for a in chunk))
+            held += _length(take)
+            chunk = Chunk(*(_cut(a, slice(n, None)) for a in chunk))
             if held == size:
-                yield _joined(buffer)
+                yield buffer[0] if len(buffer) == 1 else Chunk(*(_cat([p[i] for p in buffer]) for i in range(3)))
                 buffer, held = [], 0
     if held:
-        yield _joined(buffer)
+        yield buffer[0] if len(buffer) == 1 else Chunk(*(_cat([p[i] for p in buffer]) for i in range(3)))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -84,104 +120,127 @@ def _extra_files(source: RowSource) -> dict[str, bytes]:
     return files | {name: text.encode() for name, text in source.files().items()}
 
 
-def check_room(source: RowSource, cfg: CacheConfig, out: Path, files: dict[str, bytes]) -> None:
-    """OutputError when out's disk cannot take the rest of the store (less what an interrupted run left)."""
-    needed = store_bytes(source.n_rows, source.d_in, cfg.dtype, cfg.shard_rows, source.with_tokens)
-    needed += sum(len(data) for data in files.values())
-    if out.is_dir():
-        needed -= sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    check_space(out, max(needed, 0), "out")
+def check_room(source: RowSource, cfg: CacheConfig, stores: dict, files: dict[str, bytes]) -> None:
+    """OutputError when out's disk cannot take the rest of the stores (less what an interrupted run left)."""
+    needed = 0
+    for path, d_in, _ in stores.values():
+        needed += store_bytes(source.n_rows, d_in, cfg.dtype, cfg.shard_rows, source.with_tokens)
+        needed += sum(len(data) for data in files.values())
+        if path.is_dir():
+            needed -= sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    check_space(next(iter(stores.values()))[0], max(needed, 0), "out")
 
 
-def _kept(writer: StoreWriter) -> str:
-    return f"{writer.rows_written} rows in {len(writer.shards)} complete shards kept in '{writer.path}'"
+def _kept(writers: list[StoreWriter]) -> str:
+    where = f"'{writers[0].path}'" if len(writers) == 1 else f"each of the {len(writers)} site stores"
+    rows, shards = min(w.rows_written for w in writers), min(len(w.shards) for w in writers)
+    return f"{rows} rows in {shards} complete shards kept in {where}"
 
 
-def _stopped(signum: int, writer: StoreWriter | None, out: Path) -> Interrupted:
+def _stopped(signum: int, writer: list[StoreWriter] | None, out: Path) -> Interrupted:
     """The clean stop on a signal: what was kept, and how to go on."""
-    if writer is None:
+    if not writer:
         return Interrupted(f"sae-cache stopped by {signal_name(signum)} before writing to '{out}'", signum)
     message = f"sae-cache stopped by {signal_name(signum)}: {_kept(writer)}; run the same command again to resume"
     return Interrupted(message, signum)
 
 
-def _disk_error(err: OSError, writer: StoreWriter | None, out: Path) -> OutputError | None:
+def _disk_error(err: OSError, writer: list[StoreWriter], out: Path) -> OutputError | None:
     """One line for a full or read-only disk mid-run (None for other OSErrors): the path, what is intact."""
     line = describe(err, err.filename or out)
     if line is None:
         return None
     fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else f"make '{out}' writable"
-    if writer is None:
+    if not writer:
         return OutputError(f"{line}; nothing was written: {fix} and run the same command again")
     return OutputError(f"{line}; {_kept(writer)}, intact: {fix} and run the same command again to resume")
 
 
 def write_store(source: RowSource, cfg: CacheConfig, stop: StopSignals | None = None) -> dict:
-    """Stream source.chunks into the store cfg.out, resuming after the complete shards of an interrupted run.
+    """Stream source.chunks into the store cfg.out (one store per site of a multi-site source, filled in
+    lockstep), resuming after the complete shards of an interrupted run. Returns the (first) manifest.
 
     stop: when its `requested` is set (a signal), stop after the last complete shard and raise Interrupted.
     """
     t0 = time.perf_counter()
-    provenance = dict(source.provenance)
-    if source.ground_truth is not None:
-        provenance["ground_truth"] = GROUND_TRUTH
-    provenance = json.loads(json.dumps(provenance))  # as the progress file records it (lists, not tuples)
     if source.resume_unit > 1:
         check_whole_sequences(cfg.shard_rows, source.resume_unit)
     out, files = Path(cfg.out).expanduser().absolute(), _extra_files(source)
-    check_out(out, files)  # before any write: nothing but an interrupted run's own files
-    check_room(source, cfg, out, files)
-    writer = None
+    stores = targets(source, out)
+    if len(stores) > 1:
+        check_multi_out(out, list(stores))
+    for path, _, _ in stores.values():
+        check_out(path, files)  # before any write: nothing but an interrupted run's own files
+    check_room(source, cfg, stores, files)
+    writers: list[StoreWriter] = []
     try:
-        writer = StoreWriter(
-            out, source.d_in, cfg.dtype, cfg.shard_rows, provenance=provenance, with_tokens=source.with_tokens
-        )
-        return _fill(source, cfg, writer, files, stop, t0)
+        for path, d_in, provenance in stores.values():
+            if source.ground_truth is not None:
+                provenance["ground_truth"] = GROUND_TRUTH
+            provenance = json.loads(json.dumps(provenance))  # as the progress file records it (lists, not tuples)
+            writers.append(
+                StoreWriter(
+                    path, d_in, cfg.dtype, cfg.shard_rows, provenance=provenance, with_tokens=source.with_tokens
+                )
+            )
+        return _fill(source, cfg, dict(zip(stores, writers)), files, stop, t0)
     except OSError as err:
-        error = _disk_error(err, writer, out)
+        error = _disk_error(err, writers, out)
         if error is None:
             raise
         raise error from None
 
 
-def _fill(
-    source: RowSource, cfg: CacheConfig, writer: StoreWriter, files: dict, stop: StopSignals | None, t0: float
-) -> dict:
-    """Write the extra files, then the rows after the stored ones, then the manifest (write_store's body)."""
-    start = writer.rows_written
-    if start > source.n_rows:
-        raise StoreError(f"'{writer.path}' already holds {start} rows, more than the source's {source.n_rows}")
-    for name, data in files.items():
-        with naming(writer.path / name):
-            write_atomic(writer.path / name, data)
+def _fill(source: RowSource, cfg: CacheConfig, by_site: dict, files: dict, stop: StopSignals | None, t0: float) -> dict:
+    """Write the extra files, then the rows after the stored ones, then the manifests (write_store's body).
+
+    by_site: {site (None: a source without sites): its writer}. Each store resumes after its own rows (a
+    killed multi-site run may have one more shard in some)."""
+    writers = list(by_site.values())
+    held = [w.rows_written for w in writers]
+    start = min(held)
+    if max(held) > source.n_rows:
+        raise StoreError(f"'{writers[0].path}' already holds {max(held)} rows, more than the source's {source.n_rows}")
+    for writer in writers:
+        for name, data in files.items():
+            with naming(writer.path / name):
+                write_atomic(writer.path / name, data)
+    where = f"'{writers[0].path}'" if len(writers) == 1 else f"{len(writers)} stores in '{writers[0].path.parent}'"
     if start:
-        print(f"cache: resuming '{writer.path}' after its {start} stored rows", flush=True)
+        print(f"cache: resuming {where} after {start} stored rows", flush=True)
+    width = "/".join(str(w.settings["d_in"]) for w in writers)
     print(
-        f"cache: {source.n_rows} rows × {source.d_in} from {source.provenance['source']} into '{writer.path}' "
+        f"cache: {source.n_rows} rows × {width} from {source.provenance['source']} into {where} "
         f"({cfg.dtype}, {cfg.shard_rows} rows per shard)",
         flush=True,
     )
     progress, done = Progress(source.n_rows, start, what="cache", unit="rows"), start
     for chunk in _rechunk(source.chunks(start), cfg.chunk_rows):
-        if source.with_tokens:
-            writer.append(chunk.rows, tokens=chunk.tokens, positions=chunk.positions)
-        else:
-            writer.append(chunk.rows)
+        n = _length(chunk)
+        for (site, writer), had in zip(by_site.items(), held):
+            lo = max(0, had - done)  # rows this store already holds
+            if lo >= n:
+                continue
+            rows = chunk.rows if site is None else chunk.rows[site]
+            if source.with_tokens:
+                writer.append(rows[lo:], tokens=chunk.tokens[lo:], positions=chunk.positions[lo:])
+            else:
+                writer.append(rows[lo:])
         if stop is not None and stop.requested:
-            raise _stopped(stop.requested, writer, writer.path)
-        done += len(chunk.rows)
+            raise _stopped(stop.requested, writers, writers[0].path)
+        done += n
         progress.update(done)
     if done != source.n_rows:
         raise StoreError(f"the source gave {done} rows, expected {source.n_rows}")
-    manifest = writer.close()
-    size = sum((writer.path / s["file"]).stat().st_size for s in manifest["shards"])
+    manifests = [writer.close() for writer in writers]
+    size = sum((w.path / s["file"]).stat().st_size for w, m in zip(writers, manifests) for s in m["shards"])
     print(
-        f"cache: wrote {manifest['n_rows']} rows × {manifest['d_in']} ({manifest['dtype']}) in "
-        f"{len(manifest['shards'])} shards, {size / 2**20:.1f} MiB, to '{writer.path}' "
+        f"cache: wrote {manifests[0]['n_rows']} rows × {width} ({manifests[0]['dtype']}) in "
+        f"{len(manifests[0]['shards'])} shards per store, {size / 2**20:.1f} MiB, to {where} "
         f"in {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
-    return manifest
+    return manifests[0]
 
 
 def cache(cfg: CacheConfig, out_dir_ignored: str | None = None) -> dict:

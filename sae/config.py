@@ -223,9 +223,22 @@ STORE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass
+class CorpusConfig:
+    """Text with no downloads: the Python standard library's own source by default (sae/lm/text.py)."""
+
+    path: str | None = None  # a directory of text files, a .txt (paragraphs) or a .jsonl ("text"); null: stdlib
+    pattern: str = "*.py"  # directory only: file-name glob, matched recursively under path
+    exclude: list[str] = field(
+        default_factory=lambda: ["site-packages", "dist-packages", "test", "tests", "idle_test"]
+    )  # directory only: directory names skipped
+    val_fraction: float = 0.05  # documents (by a hash of their id: path, or file:line) held out for validation
+
+
+@dataclass
 class CacheConfig:
-    source: Any = MISSING  # a row source's schema (sae/data/): arrays | synthetic | toy | lm
-    out: str = MISSING  # the store directory (relative to the current directory)
+    source: Any = MISSING  # a row source's schema (sae/data/): arrays | synthetic | toy | hf
+    out: str = MISSING  # the store directory (relative to the current directory); several sites: one store each inside
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # the text a model source (source=hf) reads
     dtype: str = "float16"  # the store's dtype: float16, bfloat16 or float32
     shard_rows: int = 262144  # rows per shard file
     chunk_rows: int = 65536  # rows read or generated per step

@@ -92,6 +92,7 @@ class RowSourceEntry:
     open: Callable[[Any, int, int], RowSource]  # (cfg, chunk_rows, seed) -> source
     # (store directory, reconstruct: x [n, d_in] -> x̂) -> {"ce_loss_score", "kl_div", ...}, for rows of a model
     loss_recovered: Callable[[Path, Callable[[jax.Array], jax.Array]], dict] | None = None
+    corpus: bool = False  # open() also takes the cache config's `corpus` (a model source reads text)
 
 
 BATCH_SOURCES: Registry[BatchSourceEntry] = Registry("data", ("sae.data",))
@@ -110,9 +111,10 @@ def open_batch_source(cfg, batch_size: int, seed: int) -> BatchSource:
     return entry_of(BATCH_SOURCES, cfg).open(cfg, batch_size, seed)
 
 
-def open_row_source(cfg, chunk_rows: int, seed: int) -> RowSource:
-    """The row source named by the source config."""
-    return entry_of(ROW_SOURCES, cfg).open(cfg, chunk_rows, seed)
+def open_row_source(cfg, chunk_rows: int, seed: int, corpus=None) -> RowSource:
+    """The row source named by the source config (given `corpus`, the text config, if it reads text)."""
+    entry = entry_of(ROW_SOURCES, cfg)
+    return entry.open(cfg, chunk_rows, seed, corpus) if entry.corpus else entry.open(cfg, chunk_rows, seed)
 
 
 def source_keys(fn: Callable, *args):

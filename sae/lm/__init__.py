@@ -1,5 +1,6 @@
-"""A small transformer LM as an activation source: model (model.py), text and tokenizer (text.py),
-`lm-train` (train.py), `sae-cache source=lm` (source.py) and loss recovered (splice.py).
+"""The in-house LM: `lm-train` (train.py) trains a GPT-2-layout model (sae/models/gpt2.py) on text with no
+downloads (text.py: the corpus and its byte-level BPE) and writes it as a Hugging Face gpt2 directory, which
+`sae-cache source=hf` and every outside tool read like any other checkpoint.
 
-Kept import-light (sae.config imports sae.lm.config): import the submodules themselves.
+Kept import-light (sae.config imports nothing here): import the submodules themselves.
 """

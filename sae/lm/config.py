@@ -1,20 +1,19 @@
 """Typed config schemas of `lm-train` (LMTrainConfig); `check_train` rejects impossible values with a
-`ConfigError` naming the field. (`sae-cache source=lm` has its schema beside its code: sae/data/lm.py.)"""
+`ConfigError` naming the field."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sae.config import LoggerConfig
+from sae.config import CorpusConfig, LoggerConfig
 from sae.errors import positive, require
 
-SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
 TOKENIZERS = ("bytes", "bpe")
 
 
 @dataclass
 class LMModelConfig:
-    """A decoder-only transformer (sae/lm/model.py); defaults: Bricken et al. 2023's one-layer model, scaled down."""
+    """A GPT-2-layout decoder (sae/models/gpt2.py, ReLU MLP): Bricken et al. 2023's one-layer model, scaled down."""
 
     n_layers: int = 1
     d_model: int = 128
@@ -24,17 +23,11 @@ class LMModelConfig:
 
 
 @dataclass
-class CorpusConfig:
-    """Text with no downloads: the Python standard library's own source by default (sae/lm/text.py)."""
+class LMCorpusConfig(CorpusConfig):
+    """lm-train's corpus and the tokenizer it trains on it."""
 
-    path: str | None = None  # a directory of text files; null: sysconfig's stdlib directory
-    pattern: str = "*.py"  # file-name glob, matched recursively under path
-    exclude: list[str] = field(
-        default_factory=lambda: ["site-packages", "dist-packages", "test", "tests", "idle_test"]
-    )  # directory names skipped
-    val_fraction: float = 0.05  # files (by a hash of their relative path) held out for validation
-    tokenizer: str = "bpe"  # bpe (byte-level, trained on the training files) | bytes (256 bytes + end-of-file)
-    bpe_vocab_size: int = 1024  # bpe only: 256 bytes + end-of-file + merges
+    tokenizer: str = "bpe"  # bpe (byte-level, trained on the training files) | bytes (256 bytes + end-of-text)
+    bpe_vocab_size: int = 1024  # bpe only: end-of-text + 256 bytes + merges
 
 
 @dataclass
@@ -69,7 +62,7 @@ class LMTrainerConfig:
 @dataclass
 class LMTrainConfig:
     model: LMModelConfig = field(default_factory=LMModelConfig)
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    corpus: LMCorpusConfig = field(default_factory=LMCorpusConfig)
     optim: LMOptimConfig = field(default_factory=LMOptimConfig)
     trainer: LMTrainerConfig = field(default_factory=LMTrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # metrics.jsonl is always written

@@ -6,20 +6,19 @@ every machine with Python. Files are taken in sorted order of their relative pat
 the validation split when the BLAKE2b hash of its relative path, read as a fraction in [0, 1), is below
 val_fraction, so the split is by file, deterministic, and stable when files are added or removed.
 
-Tokenizers. `bytes`: token t < 256 is the byte t, token 256 (EOT) ends each file; nothing to train.
-`bpe` (the default): byte-level BPE with 1024 tokens trained on the training files (about a minute),
-2.55 bytes per token on the stdlib validation files. It pays: the default one-layer LM (1000 steps of
-64 × 128 tokens) ends at 1.065 nats/byte on validation with BPE against 1.400 with bytes, and BPE is
-already at 1.32 after 250 steps; the run costs about 1.6× the CPU time (703 s against 445 s, tokenizer
-included). Its tokens (`self`, ` return`, an indentation run) also read as units in the feature browser.
-Both encode any text and decode exactly.
+Tokenizers (the `tokenizers` library, saved as tokenizer.json beside the model). `bpe` (the default):
+byte-level BPE with 1024 tokens trained on the training files (GPT-2's pre-tokenizer), about 2.5 bytes
+per token on the stdlib validation files; its tokens (`self`, ` return`, an indentation run) read as
+units in the feature browser. `bytes`: the same with no merges (EOT and the 256 bytes). Both encode any
+text and decode exactly. A `.txt` or `.jsonl` corpus (`sae-cache source=hf`) splits into documents the
+same way, by a hash of each document's id.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-import itertools
+import json
 import os
 import re
 import sys
@@ -28,223 +27,115 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from sae.config import CorpusConfig
 from sae.errors import DataError
-from sae.lm.config import CorpusConfig
+from sae.lm.config import LMCorpusConfig
+from sae.models.tokenizer import Tokenizer
 
 
 class CorpusError(DataError):
     """A corpus that cannot be used; the message names the path or field."""
 
 
-class ByteTokenizer:
-    """Bytes as tokens: vocab_size = 257 (256 byte values + EOT = 256, which ends each file)."""
-
-    kind = "bytes"
-    eot = 256
-
-    def __init__(self):
-        self.vocab: list[bytes] = [bytes([i]) for i in range(256)] + [b""]  # token id -> its bytes
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str | bytes) -> np.ndarray:
-        """text -> token ids [n] (uint16): its UTF-8 bytes."""
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        return np.frombuffer(data, np.uint8).astype(np.uint16)
-
-    def token_bytes(self, token: int) -> bytes:
-        """The bytes a token stands for (b'' for EOT)."""
-        return self.vocab[token]
-
-    def token_lengths(self) -> np.ndarray:
-        """Bytes per token id: [vocab_size] int64 (EOT: 0)."""
-        return np.array([len(v) for v in self.vocab], np.int64)
-
-    def token_strings(self) -> list[str]:
-        """A display string per token id (bytes that are not UTF-8 as \\xNN; EOT as '<|eot|>'): the store's
-        vocab.json."""
-        return ["<|eot|>" if i == self.eot else v.decode("utf-8", "backslashreplace") for i, v in enumerate(self.vocab)]
-
-    def decode(self, ids) -> str:
-        """token ids -> text (EOT shown as '\\n<|eot|>\\n'; invalid UTF-8 replaced)."""
-        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-        parts, run = [], []
-        for i in ids:
-            if i == self.eot:
-                parts.append(b"".join(run).decode("utf-8", "replace") + "\n<|eot|>\n")
-                run = []
-            else:
-                run.append(self.vocab[i])
-        return "".join(parts) + b"".join(run).decode("utf-8", "replace")
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "eot": self.eot}
+EOT = "<|endoftext|>"  # ends each document (token 0)
 
 
-# Pre-tokenization (as GPT-2's, in bytes): words with an optional leading space, digit runs, punctuation runs,
-# whitespace runs (the last space of a run before a word goes with the word). BPE merges never cross chunks.
-PRETOKEN = re.compile(rb" ?[A-Za-z_]+| ?[0-9]+| ?[^\sA-Za-z0-9_]+|\s+(?!\S)|\s+")
+def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (Sennrich et al. 2016, as GPT-2: its pre-tokenizer regex and byte alphabet) trained on
+    `texts` with the `tokenizers` library: EOT = 0, the 256 bytes, then vocab_size − 257 merges (fewer when
+    the text runs out of pairs). vocab_size = 257 gives the bytes alone."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return Tokenizer(tok, bos_id=None, eos_id=tok.token_to_id(EOT))
 
 
-class BPETokenizer(ByteTokenizer):
-    """Byte-pair encoding (Sennrich et al. 2016; byte-level as GPT-2) trained on the corpus's training files.
-
-    Tokens: 256 bytes, EOT = 256, then merge i = token 257 + i, the concatenation of the pair merges[i].
-    Encoding splits text into PRETOKEN chunks and applies, in each, the lowest-ranked mergeable pair
-    until none is left (the training order), with a per-chunk cache.
-    """
-
-    kind = "bpe"
-
-    def __init__(self, merges: list[tuple[int, int]]):
-        super().__init__()
-        self.merges = [(int(a), int(b)) for a, b in merges]
-        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
-        for a, b in self.merges:
-            self.vocab.append(self.vocab[a] + self.vocab[b])
-        self._cache: dict[bytes, list[int]] = {}
-
-    @classmethod
-    def train(cls, texts: list[bytes], vocab_size: int) -> BPETokenizer:
-        """Learn vocab_size − 257 merges: repeatedly merge the most frequent adjacent pair (ties: smallest ids)."""
-        counts: dict[bytes, int] = {}
-        for text in texts:
-            for chunk in PRETOKEN.findall(text):
-                counts[chunk] = counts.get(chunk, 0) + 1
-        words = [list(chunk) for chunk in counts]
-        freq = list(counts.values())
-        pair_counts: dict[tuple[int, int], int] = {}
-        where: dict[tuple[int, int], set[int]] = {}
-        for wi, word in enumerate(words):
-            for pair in itertools.pairwise(word):
-                pair_counts[pair] = pair_counts.get(pair, 0) + freq[wi]
-                where.setdefault(pair, set()).add(wi)
-        merges = []
-        for new_id in range(257, vocab_size):
-            if not pair_counts:
-                break
-            best = max(pair_counts, key=lambda p: (pair_counts[p], -p[0], -p[1]))
-            if pair_counts[best] < 2:
-                break
-            merges.append(best)
-            for wi in where.pop(best):
-                word, f = words[wi], freq[wi]
-                for pair in itertools.pairwise(word):
-                    pair_counts[pair] -= f
-                    if not pair_counts[pair]:
-                        del pair_counts[pair]
-                word = _merge(word, best, new_id)
-                for pair in itertools.pairwise(word):
-                    pair_counts[pair] = pair_counts.get(pair, 0) + f
-                    where.setdefault(pair, set()).add(wi)
-                words[wi] = word
-            pair_counts.pop(best, None)
-        return cls(merges)
-
-    def _encode_chunk(self, chunk: bytes) -> list[int]:
-        ids = list(chunk)
-        while len(ids) > 1:
-            rank = min(self.ranks.get(pair, len(self.merges)) for pair in itertools.pairwise(ids))
-            if rank == len(self.merges):
-                break
-            ids = _merge(ids, self.merges[rank], 257 + rank)
-        return ids
-
-    def encode(self, text: str | bytes) -> np.ndarray:
-        """text -> token ids [n] (uint16)."""
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        out: list[int] = []
-        cache = self._cache
-        for chunk in PRETOKEN.findall(data):
-            ids = cache.get(chunk)
-            if ids is None:
-                ids = cache[chunk] = self._encode_chunk(chunk)
-            out += ids
-        return np.array(out, np.uint16)
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "merges": [list(m) for m in self.merges]}
-
-
-def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """ids with every (non-overlapping, left to right) occurrence of `pair` replaced by new_id."""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
-
-def make_tokenizer(spec: dict | str) -> ByteTokenizer:
-    """The tokenizer a `to_dict()` record (or the name 'bytes') describes."""
-    kind = spec if isinstance(spec, str) else spec.get("kind")
-    if kind == "bytes":
-        return ByteTokenizer()
-    if kind == "bpe" and isinstance(spec, dict):
-        return BPETokenizer(spec["merges"])
-    raise CorpusError(f"tokenizer {kind!r} is not one of ['bytes', 'bpe'] (a bpe tokenizer needs its merges)")
-
-
-def build_tokenizer(cfg: CorpusConfig, corpus: Corpus) -> ByteTokenizer:
+def build_tokenizer(cfg: LMCorpusConfig, corpus: Corpus) -> Tokenizer:
     """The tokenizer cfg.tokenizer names: bytes, or a BPE of cfg.bpe_vocab_size trained on the training files."""
     if cfg.tokenizer == "bpe":
-        return BPETokenizer.train(corpus.read("train"), cfg.bpe_vocab_size)
-    return make_tokenizer(cfg.tokenizer)
+        return train_tokenizer(corpus.texts("train"), cfg.bpe_vocab_size)
+    return train_tokenizer([], 257)
 
 
-def is_validation(relative_path: str, val_fraction: float) -> bool:
-    """Whether a file (by its '/'-separated relative path) is held out: BLAKE2b(path) / 2⁶⁴ < val_fraction."""
-    digest = hashlib.blake2b(relative_path.encode("utf-8"), digest_size=8).digest()
+def token_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """Bytes per token id: [vocab_size] int64 (EOT: 0)."""
+    return np.array(
+        [0 if i == tokenizer.eos_id else len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)], np.int64
+    )
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    """Whether a document (by its id: a '/'-separated relative path, or 'file:line') is held out:
+    BLAKE2b(id) / 2⁶⁴ < val_fraction."""
+    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """The files of a corpus: root and sorted relative paths, split into train and validation by path hash."""
+    """The documents of a corpus, split into train and validation by a hash of their ids.
+
+    root: a directory (each matching file is a document, its id the relative path), a `.jsonl` file (each
+    line's "text" is a document, id 'name:line') or a `.txt` file (paragraphs separated by blank lines,
+    id 'name:paragraph'). `inline` holds the texts of a file corpus (a directory's are read when asked).
+    """
 
     root: Path
-    files: tuple[str, ...]
+    docs: tuple[str, ...]
     val_fraction: float
+    inline: tuple[str, ...] | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return self.docs
 
     def split(self, name: str) -> list[str]:
-        """The relative paths of split 'train' or 'val', in sorted order."""
+        """The document ids of split 'train' or 'val', in corpus order."""
         if name not in ("train", "val"):
             raise CorpusError(f"split={name!r} is not one of ['train', 'val']")
-        return [f for f in self.files if is_validation(f, self.val_fraction) == (name == "val")]
+        return [d for d in self.docs if is_validation(d, self.val_fraction) == (name == "val")]
 
-    def read(self, name: str) -> list[bytes]:
-        """The bytes of each file of a split (CorpusError naming a file that is not UTF-8 text)."""
-        return [read_text_file(self.root / f) for f in self.split(name)]
+    def texts(self, name: str) -> list[str]:
+        """The text of each document of a split (CorpusError naming a file that is not UTF-8 text)."""
+        keep = set(self.split(name))
+        if self.inline is not None:
+            return [t for d, t in zip(self.docs, self.inline) if d in keep]
+        return [read_text_file(self.root / d).decode("utf-8") for d in self.docs if d in keep]
 
-    def tokens(self, name: str, tokenizer: ByteTokenizer) -> np.ndarray:
-        """The split as one token stream [n_tokens] (uint16): each file's tokens followed by EOT."""
-        parts = []
-        for data in self.read(name):
-            parts += [tokenizer.encode(data), np.array([tokenizer.eot], np.uint16)]
-        if not parts:
+    def tokens(self, name: str, tokenizer: Tokenizer) -> np.ndarray:
+        """The split as one token stream [n_tokens] (int32): each document's tokens followed by the
+        tokenizer's end-of-text token (its BOS when it has no EOS; nothing when it has neither)."""
+        texts = self.texts(name)
+        if not texts:
             raise CorpusError(
-                f"the {name} split of '{self.root}' holds no files "
-                f"(corpus.val_fraction={self.val_fraction}, {len(self.files)} files)"
+                f"the {name} split of '{self.root}' holds no documents "
+                f"(corpus.val_fraction={self.val_fraction}, {len(self.docs)} documents)"
             )
-        return np.concatenate(parts)
+        sep = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
+        end = np.array([] if sep is None else [sep], np.int32)
+        return np.concatenate([part for ids in tokenizer.encode_batch(texts) for part in (ids, end)])
 
     def describe(self) -> dict:
-        """Provenance: root, file counts, bytes per split, and the Python version (whose stdlib it may be)."""
-        sizes = {s: sum((self.root / f).stat().st_size for f in self.split(s)) for s in ("train", "val")}
+        """Provenance: root, document counts, characters per split, and the Python version (whose stdlib it
+        may be)."""
+        sizes = {s: sum(len(t) for t in self.texts(s)) for s in ("train", "val")}
         return {
             "root": str(self.root),
-            "files": len(self.files),
+            "files": len(self.docs),
             "train_files": len(self.split("train")),
             "val_files": len(self.split("val")),
-            "train_bytes": sizes["train"],
-            "val_bytes": sizes["val"],
+            "train_chars": sizes["train"],
+            "val_chars": sizes["val"],
             "python": sys.version.split()[0],
         }
 
@@ -273,11 +164,40 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def _file_documents(path: Path) -> list[tuple[str, str]]:
+    """(id, text) of each document of a .jsonl or .txt corpus file."""
+    text = read_text_file(path).decode("utf-8")
+    if path.suffix == ".txt":
+        paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", text)]
+        return [(f"{path.name}:{i}", p) for i, p in enumerate(paragraphs) if p.strip()]
+    docs = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise CorpusError(f"corpus.path: {path} line {i} is not JSON ({err})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CorpusError(f'corpus.path: {path} line {i} has no "text" string field')
+        if record["text"].strip():
+            docs.append((f"{path.name}:{i}", record["text"]))
+    return docs
+
+
 def find_corpus(cfg: CorpusConfig) -> Corpus:
-    """The files under cfg.path (or the stdlib) whose name matches cfg.pattern, outside cfg.exclude directories."""
+    """The corpus at cfg.path: a directory's files matching cfg.pattern outside cfg.exclude directories (the
+    stdlib when cfg.path is null), or the documents of a .jsonl / .txt file."""
     root = (Path(cfg.path).expanduser() if cfg.path else stdlib_dir()).absolute()
+    if root.is_file():
+        if root.suffix not in (".txt", ".jsonl"):
+            raise CorpusError(f"corpus.path={str(root)!r} is a file but not .txt or .jsonl (or give a directory)")
+        docs = _file_documents(root)
+        if not docs:
+            raise CorpusError(f"corpus.path={str(root)!r} holds no text")
+        return Corpus(root, tuple(d for d, _ in docs), cfg.val_fraction, tuple(t for _, t in docs))
     if not root.is_dir():
-        raise CorpusError(f"corpus.path={str(root)!r} is not a directory")
+        raise CorpusError(f"corpus.path={str(root)!r} is neither a directory nor a .txt or .jsonl file")
     exclude = set(cfg.exclude)
     files = []
     for dirpath, dirnames, filenames in os.walk(root):

@@ -1,4 +1,4 @@
-"""`lm-train`: train the transformer LM of sae/lm/model.py on a text corpus; `load_lm` reads a run back.
+"""`lm-train`: train a GPT-2-layout LM (sae/models/gpt2.py, ReLU MLP, untied unembedding) on a text corpus.
 
 Next-token cross-entropy (nats/token), AdamW (Loshchilov & Hutter 2019) with linear warm-up and cosine
 decay, global-norm clipping. Parameters and optimizer state are plain pytrees; `steps_per_call` steps
@@ -6,16 +6,17 @@ run as one `lax.scan` inside one `jax.jit` with the state donated. The batch of 
 `random_windows` drawn from np.random.default_rng((seed, s)), so a run resumed from a checkpoint sees
 the batches an uninterrupted run would.
 
-Run directory: lm_config.json (model, tokenizer, corpus: all `load_lm` needs), checkpoints/<step>/
-(orbax, sae/checkpoint.py), metrics.jsonl (train loss per log interval, val loss per evaluation),
-metrics.json (final val/train loss, tokens, time), samples.txt.
+Run directory: hf/ (the model as a Hugging Face `gpt2` directory: config.json, model.safetensors,
+tokenizer.json; rewritten whole at every checkpoint, so it is always the newest one), lm_config.json
+(model, tokenizer, corpus), checkpoints/<step>/ (orbax, sae/checkpoint.py: parameters and optimizer
+state, for resuming), metrics.jsonl (train loss per log interval, val loss per evaluation), metrics.json
+(final val/train loss, tokens, time), samples.txt.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import time
 from functools import partial
@@ -27,25 +28,22 @@ import optax
 from flax import nnx
 
 from sae.checkpoint import CHECKPOINTS, Checkpointer, Preempted
-from sae.config import CheckpointConfig
+from sae.config import CheckpointConfig, CorpusConfig
 from sae.errors import ConfigError
 from sae.interrupts import StopSignals
-from sae.lm.config import CorpusConfig, LMModelConfig, LMOptimConfig, LMTrainConfig, check_train
-from sae.lm.model import TransformerLM, build, generate, token_losses
-from sae.lm.text import (
-    ByteTokenizer,
-    Corpus,
-    build_tokenizer,
-    find_corpus,
-    make_tokenizer,
-    random_windows,
-    tiled_windows,
-)
-from sae.outputs import check_writable, disk_errors, records_up_to, write_atomic
+from sae.lm.config import LMModelConfig, LMOptimConfig, LMTrainConfig, check_train
+from sae.lm.text import Corpus, build_tokenizer, find_corpus, random_windows, tiled_windows, token_lengths
+from sae.models.base import token_losses
+from sae.models.generate import generate
+from sae.models.gpt2 import GPT2, GPT2Config, save_hf
+from sae.models.tokenizer import TOKENIZER, Tokenizer
+from sae.models.weights import RandomWeights
+from sae.outputs import check_writable, disk_errors, records_up_to, replaced_dir, write_atomic
 from sae.progress import Progress, duration, rate_text
 from sae.tracking import make_tracker
 
 LM_CONFIG = "lm_config.json"
+HF_DIR = "hf"  # the model as a transformers gpt2 checkpoint
 SAMPLE_PROMPTS = ("def", "import", "class")  # no trailing space: BPE attaches a space to the next word
 
 
@@ -121,44 +119,36 @@ def corpus_of(lm_config: dict) -> Corpus:
     return find_corpus(CorpusConfig(**{k: v for k, v in lm_config["corpus"].items() if k in fields}))
 
 
-def load_lm(run_dir: str | Path, step: int | None = None) -> tuple[TransformerLM, ByteTokenizer, dict]:
-    """(model with the newest checkpoint's parameters, or those of `step`; tokenizer; lm_config.json) of a run."""
-    run_dir = Path(run_dir).expanduser().absolute()
-    path = run_dir / LM_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"'{run_dir}' is not an lm-train run directory: no {LM_CONFIG}")
-    lm_config = json.loads(path.read_text())
-    tokenizer = make_tokenizer(lm_config["tokenizer"])
-    model = build(LMModelConfig(**lm_config["model"]), tokenizer.vocab_size)
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
-    if not (run_dir / CHECKPOINTS).is_dir():
-        raise FileNotFoundError(
-            f"'{run_dir}' holds no {CHECKPOINTS}/ (was the lm-train run stopped before its first checkpoint?)"
-        )
-    absl = logging.getLogger("absl")
-    level, _ = absl.level, absl.setLevel(logging.ERROR)  # orbax warns that a read-only manager will not save
-    try:
-        ckpt = Checkpointer(run_dir / CHECKPOINTS, CheckpointConfig(best_metric=None, async_save=False), read_only=True)
-    finally:
-        absl.setLevel(level)
-    try:
-        train = lm_config["train"]  # the optimizer state's structure is part of the checkpoint's
-        tx, _ = make_optimizer(LMOptimConfig(**train["optim"]), train["trainer"]["steps"])
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"params": params, "opt": jax.eval_shape(tx.init, params)}
-        )
-        restored = ckpt.restore(abstract, lambda meta, where: None, step=step) if ckpt.steps() else None
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"'{run_dir / CHECKPOINTS}' holds no readable checkpoint")
-    return nnx.merge(graphdef, restored.state["params"]), tokenizer, lm_config
+def gpt2_config(m: LMModelConfig, tokenizer: Tokenizer) -> GPT2Config:
+    """The in-house LM as a GPT-2 config: ReLU MLP of d_mlp, untied unembedding, no BOS, EOT as EOS."""
+    return GPT2Config(
+        model_type="gpt2",
+        n_layers=m.n_layers,
+        d_model=m.d_model,
+        n_heads=m.n_heads,
+        d_mlp=m.d_mlp,
+        vocab_size=tokenizer.vocab_size,
+        n_ctx=m.n_ctx,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_id,
+        activation_function="relu",
+        tie_word_embeddings=False,
+    )
 
 
-def _sample_texts(
-    model: TransformerLM, tokenizer: ByteTokenizer, n: int, n_tokens: int, temperature: float, seed: int
-) -> list[str]:
+def build(m: LMModelConfig, tokenizer: Tokenizer, seed: int = 0) -> GPT2:
+    """A fresh model: N(0, 0.02²) matrices and embeddings, zero biases, unit LayerNorm scales."""
+    return GPT2(gpt2_config(m, tokenizer), RandomWeights(seed))
+
+
+def save_model(model: GPT2, tokenizer: Tokenizer, run_dir: Path) -> None:
+    """Write run_dir/hf/ whole (config.json, model.safetensors, tokenizer.json) or leave the old one."""
+    with replaced_dir(run_dir / HF_DIR) as tmp:
+        save_hf(model, tmp)
+        tokenizer.tokenizer.save(str(tmp / TOKENIZER))
+
+
+def _sample_texts(model: GPT2, tokenizer: Tokenizer, n: int, n_tokens: int, temperature: float, seed: int) -> list[str]:
     """n samples: the first greedy, the others at `temperature`, from prompts cycling over SAMPLE_PROMPTS."""
     out = []
     for i in range(n):
@@ -191,7 +181,7 @@ def _nan_if_none(value: float | None) -> float:
 @dataclasses.dataclass
 class _Data:
     corpus: Corpus
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
     train_tokens: np.ndarray
     val_windows: np.ndarray  # [n, n_ctx]: the fixed validation set
     bytes_per_token: float  # of the tokens the validation loss predicts
@@ -208,11 +198,11 @@ def _prepare_data(cfg: LMTrainConfig) -> _Data:
     if len(val_windows) == 0:
         raise ConfigError(f"the validation split ({len(val_tokens)} tokens) is shorter than model.n_ctx={m.n_ctx}")
     scored = val_windows[:, 1:]  # the tokens the validation loss predicts, and their bytes
-    bytes_per_token = float(tokenizer.token_lengths()[scored].sum() / scored.size)
+    bytes_per_token = float(token_lengths(tokenizer)[scored].sum() / scored.size)
     print(
         f"lm-train: corpus '{corpus.root}': {corpus.describe()['train_files']} train files ({len(train_tokens):,} "
         f"tokens), {corpus.describe()['val_files']} val files ({len(val_tokens):,} tokens); tokenizer "
-        f"{tokenizer.kind} (vocab {tokenizer.vocab_size}, {bytes_per_token:.2f} bytes/token on validation); "
+        f"{cfg.corpus.tokenizer} (vocab {tokenizer.vocab_size}, {bytes_per_token:.2f} bytes/token on validation); "
         f"{time.perf_counter() - t0:.1f} s",
         flush=True,
     )
@@ -282,7 +272,7 @@ def train_lm(cfg: LMTrainConfig, run_dir: str | Path) -> dict:
             "train": config_dict,
         }
         write_atomic(run_dir / LM_CONFIG, json.dumps(lm_config, indent=1).encode())
-        graphdef, params = nnx.split(build(cfg.model, data.tokenizer.vocab_size, cfg.seed), nnx.Param)
+        graphdef, params = nnx.split(build(cfg.model, data.tokenizer, cfg.seed), nnx.Param)
         params = nnx.to_pure_dict(params)
         tx, schedule = make_optimizer(cfg.optim, cfg.trainer.steps)
         state = _State(params, tx.init(params))
@@ -301,9 +291,8 @@ def train_lm(cfg: LMTrainConfig, run_dir: str | Path) -> dict:
                 flush=True,
             )
             try:
-                _train_loop(
-                    cfg, state, data, ckpt, log, make_train_steps(graphdef, tx), make_eval_loss(graphdef), schedule
-                )
+                steps, eval_loss = make_train_steps(graphdef, tx), make_eval_loss(graphdef)
+                _train_loop(cfg, run_dir, graphdef, state, data, ckpt, log, steps, eval_loss, schedule)
             finally:
                 log.file.close()
         seconds = time.perf_counter() - t0
@@ -350,7 +339,16 @@ def _resume(ckpt: Checkpointer, state: _State, config_dict: dict) -> _State:
 
 
 def _train_loop(
-    cfg, state: _State, data: _Data, ckpt: Checkpointer, log: _MetricsLog, train_steps, eval_loss, schedule
+    cfg,
+    run_dir: Path,
+    graphdef: nnx.GraphDef,
+    state: _State,
+    data: _Data,
+    ckpt: Checkpointer,
+    log: _MetricsLog,
+    train_steps,
+    eval_loss,
+    schedule,
 ):
     """Train `state` in place up to trainer.steps: log, evaluate and checkpoint at multiples of their intervals
     (rounded up to whole calls); on Ctrl-C or SIGTERM save the step reached and raise Preempted."""
@@ -361,6 +359,7 @@ def _train_loop(
     def save() -> None:
         arrays = {"params": state.params, "opt": state.opt_state}
         ckpt.save(state.step, arrays, {**meta, "step": state.step, **state.meta()})
+        save_model(nnx.merge(graphdef, state.params), data.tokenizer, run_dir)
 
     with StopSignals(what="training") as stop:
         while state.step < t.steps:
@@ -402,9 +401,7 @@ def _train_loop(
     ckpt.wait()
 
 
-def _finish(
-    cfg, run_dir: Path, model: TransformerLM, state: _State, data: _Data, n_params: int, seconds: float
-) -> dict:
+def _finish(cfg, run_dir: Path, model: GPT2, state: _State, data: _Data, n_params: int, seconds: float) -> dict:
     """Print and write samples.txt and metrics.json (each whole or not at all); returns the metrics."""
     t = cfg.trainer
     samples = _sample_texts(model, data.tokenizer, t.samples, t.sample_tokens, t.temperature, cfg.seed)

@@ -62,9 +62,10 @@ def site_layer(site: str) -> int:
     return int(site.split(".")[1])
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The sizes every family has, read from config.json by the family's `from_hf`."""
+    """The sizes every family has, read from config.json by the family's `from_hf` (frozen: hashable, as a
+    module's static data must be; subclasses are frozen dataclasses too)."""
 
     model_type: str
     n_layers: int

@@ -29,7 +29,7 @@ from sae.models.base import FAMILIES, Family, Hooks, Model, ModelConfig, ModelEr
 from sae.models.layers import LayerNorm, Linear, activation, attention
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class GPT2Config(ModelConfig):
     layer_norm_eps: float = 1e-5
     activation_function: str = "gelu_new"

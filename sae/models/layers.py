@@ -63,7 +63,8 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """x / √(mean(x²) + eps) · (offset + γ): offset 0 for Llama, 1 for Gemma (which stores γ − 1)."""
+    """x / √(mean(x²) + eps) · (offset + γ): offset 0 for Llama, 1 for Gemma (which stores γ − 1).
+    As transformers: Llama casts the normalised x back to x's dtype before scaling, Gemma scales in float32."""
 
     def __init__(self, weights, name: str, d: int, eps: float, offset: float = 0.0):
         self.eps, self.offset = eps, offset
@@ -72,6 +73,8 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.square(h).mean(-1, keepdims=True) + self.eps)
+        if not self.offset:
+            return h.astype(x.dtype) * self.scale[...]
         return (h * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
@@ -79,10 +82,15 @@ def rope_frequencies(config: dict, d_rot: int) -> jax.Array:
     """Rotary inverse frequencies θ^(−2i/d_rot), i < d_rot/2 (Su et al. 2021), with config.json's scaling:
     'linear' divides them by the factor; 'llama3' (Llama 3.1) divides the low-frequency band by the factor,
     keeps the high one and interpolates between (transformers' `_compute_llama3_parameters`)."""
-    params = dict(config.get("rope_parameters") or {})
-    scaling = dict(config.get("rope_scaling") or {})
+    params = dict(config.get("rope_parameters") or {})  # transformers 5 writes this (rope_theta inside)
+    scaling = dict(config.get("rope_scaling") or {})  # older config.json files: rope_scaling + rope_theta
     theta = float(params.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", 10000.0))))
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    where = (
+        ("rope_parameters", params, "rope_type"),
+        ("rope_scaling", scaling, "rope_type"),
+        ("rope_scaling", scaling, "type"),
+    )
+    kind, field = next(((d[k], f"{name}.{k}") for name, d, k in where if d.get(k)), ("default", "rope_type"))
     scaling = {**scaling, **params}
     inv = 1.0 / theta ** (jnp.arange(0, d_rot, 2, dtype=jnp.float32) / d_rot)
     if kind == "default":
@@ -98,7 +106,7 @@ def rope_frequencies(config: dict, d_rot: int) -> jax.Array:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / high) & (wavelen <= old / low)
         return jnp.where(medium, smoothed, scaled)
-    raise ModelError(f"config.json: rope type {kind!r} is not one of ['default', 'linear', 'llama3']")
+    raise ModelError(f"config.json: {field}={kind!r} is not one of ['default', 'linear', 'llama3']")
 
 
 def apply_rope(x: jax.Array, inv_freq: jax.Array) -> jax.Array:

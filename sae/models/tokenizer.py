@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,10 @@ class Tokenizer:
     """text <-> token ids. bos_id / eos_id: from the model's config.json (None when it has none)."""
 
     def __init__(self, tokenizer: HFTokenizer, bos_id: int | None = None, eos_id: int | None = None):
+        # A tokenizer.json may carry padding and truncation (all-MiniLM-L6-v2's: pad and cut to 128); as
+        # transformers does by default, encode whole texts without either, so no [PAD] ids join the tokens.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.tokenizer, self.bos_id, self.eos_id = tokenizer, bos_id, eos_id
 
     @classmethod
@@ -42,10 +48,40 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
 
+    @functools.cached_property
+    def byte_level(self) -> bool:
+        """Whether tokens are strings over GPT-2's byte alphabet (byte-level BPE: GPT-2, Llama 3, Qwen2, ours)."""
+        decoder = json.loads(self.tokenizer.to_str()).get("decoder") or {}
+        return decoder.get("type") == "ByteLevel"
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (a special token: its text)."""
+        piece = self.tokenizer.id_to_token(token)
+        if piece is None:
+            return b""
+        if self.byte_level and all(c in BYTE_OF for c in piece):
+            return bytes(BYTE_OF[c] for c in piece)
+        return self.tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
+
     def token_strings(self) -> list[str]:
-        """A display string per token id (its decoded text; a piece that is not whole UTF-8 shows as
-        replacement characters): the store's vocab.json, for sae-inspect."""
-        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
+        """A display string per token id (bytes that are not whole UTF-8 as \\xNN): the store's vocab.json."""
+        return [self.token_bytes(i).decode("utf-8", "backslashreplace") for i in range(self.vocab_size)]
 
     def to_dict(self) -> dict:
         return {"kind": "tokenizers", "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's reversible map of bytes to printable characters (`bytes_to_unicode`), inverted: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_OF = _byte_alphabet()

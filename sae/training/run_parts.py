@@ -229,6 +229,7 @@ SUMMARY = (
     "recovered_fraction",
     "ce_loss_score",
     "kl_div",
+    "embedding_cosine",
 )
 
 
@@ -247,10 +248,7 @@ def loss_recovered(sae: SAE, params: dict, buffers: dict, input_scale: float, so
     def reconstruct(x: jax.Array) -> jax.Array:
         return sae.decode(params, sae.encode(params, x.astype(jnp.float32) * input_scale, buffers)) / input_scale
 
-    scores = score(store.path, reconstruct)
-    return {
-        key: scores[key] for key in ("ce_loss_score", "kl_div", "ce_loss_clean", "ce_loss_zero_ablation", "ce_loss_sae")
-    }
+    return {k: v for k, v in score(store.path, reconstruct).items() if k not in ("n_tokens", "n_texts")}
 
 
 def finish(

@@ -1,0 +1,127 @@
+"""A dictionary spliced into a model at a site: loss recovered (causal LMs) and embedding cosine (encoders).
+
+With L(·) the mean next-token cross-entropy (nats/token) on held-out text,
+
+    ce_loss_score = (L_zero − L_sae) / (L_zero − L_clean)          (Bricken et al. 2023, "loss recovered")
+    kl_div        = mean over positions of KL(p_clean ‖ p_sae) = Σ_v p_clean(v) (log p_clean(v) − log p_sae(v))
+
+where L_clean is the unmodified model's loss, L_zero the loss with the site's activation replaced by zeros
+(zero ablation) and L_sae the loss with it replaced by the reconstruction x̂ = reconstruct(x). Losses and
+KL are taken at the positions that have a next token (0 … seq − 2). For an encoder,
+
+    embedding_cosine = mean over texts of cos(e_clean, e_sae),  e = normalised mean of the last hidden states
+
+(the sentence-transformers pooling of all-MiniLM-L6-v2). `spliced` (a [seq] bool mask) limits the
+replacement to the positions the dictionary was trained on (a store without BOS positions: not the BOS);
+elsewhere the site keeps its activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sae.models.base import Model, token_losses
+from sae.models.bert import mean_pooled
+
+Reconstruct = Callable[[jax.Array], jax.Array]
+
+
+def _splice(reconstruct: Reconstruct, where: jax.Array | None):
+    """fn(acts [batch, seq, d]) -> acts with reconstruct applied to the [batch·seq, d] rows at `where`."""
+
+    def fn(acts: jax.Array) -> jax.Array:
+        new = jnp.asarray(reconstruct(acts.reshape(-1, acts.shape[-1]))).reshape(acts.shape).astype(acts.dtype)
+        return new if where is None else jnp.where(where[None, :, None], new, acts)
+
+    return fn
+
+
+def _batches(token_batches: Iterable[np.ndarray]):
+    for batch in token_batches:
+        tokens = jnp.asarray(np.asarray(batch), jnp.int32)
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"token batches must be [batch, seq ≥ 2] arrays; got shape {tuple(tokens.shape)}")
+        yield tokens
+
+
+def loss_recovered(
+    model: Model,
+    site: str,
+    reconstruct: Reconstruct,
+    token_batches: Iterable[np.ndarray],
+    spliced: np.ndarray | None = None,
+) -> dict[str, float]:
+    """CE losses clean / zero-ablated / spliced, the CE-loss score and the KL to the clean model.
+
+    model: a causal LM; site: a hook name; reconstruct: a JAX-traceable map x [n, d] -> x̂ [n, d];
+    token_batches: held-out [batch, seq] integer arrays; spliced: [seq] bool, the positions replaced (all
+    when None; zero ablation replaces the same ones). Returns ce_loss_clean, ce_loss_zero_ablation,
+    ce_loss_sae (nats/token), ce_loss_score, kl_div and kl_div_zero_ablation (nats/token), n_tokens.
+    """
+    graphdef, state = nnx.split(model)
+    where = None if spliced is None else jnp.asarray(spliced, bool)
+
+    @jax.jit
+    def sums(state: nnx.State, tokens: jax.Array) -> dict[str, jax.Array]:
+        m = nnx.merge(graphdef, state)
+        logits = {
+            "clean": m(tokens),
+            "zero_ablation": m(tokens, replace={site: _splice(jnp.zeros_like, where)}),
+            "sae": m(tokens, replace={site: _splice(reconstruct, where)}),
+        }
+        logp = {k: jax.nn.log_softmax(v[:, :-1].astype(jnp.float32), axis=-1) for k, v in logits.items()}
+        p_clean = jnp.exp(logp["clean"])
+        out = {f"ce_loss_{k}": token_losses(v, tokens).sum() for k, v in logits.items()}
+        out["kl_div"] = (p_clean * (logp["clean"] - logp["sae"])).sum()
+        out["kl_div_zero_ablation"] = (p_clean * (logp["clean"] - logp["zero_ablation"])).sum()
+        return out
+
+    totals: dict[str, float] = {}
+    n_tokens = 0
+    for tokens in _batches(token_batches):
+        for k, v in sums(state, tokens).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        n_tokens += tokens.shape[0] * (tokens.shape[1] - 1)
+    if not n_tokens:
+        raise ValueError("loss_recovered needs at least one token batch")
+    out = {k: v / n_tokens for k, v in totals.items()}
+    out["ce_loss_score"] = (out["ce_loss_zero_ablation"] - out["ce_loss_sae"]) / (
+        out["ce_loss_zero_ablation"] - out["ce_loss_clean"]
+    )
+    out["n_tokens"] = n_tokens
+    return out
+
+
+def embedding_cosine(
+    model: Model,
+    site: str,
+    reconstruct: Reconstruct,
+    token_batches: Iterable[np.ndarray],
+    spliced: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Mean cosine between an encoder's pooled embeddings with and without the splice (and with zero
+    ablation, for scale): {"embedding_cosine", "embedding_cosine_zero_ablation", "n_texts"}."""
+    graphdef, state = nnx.split(model)
+    where = None if spliced is None else jnp.asarray(spliced, bool)
+
+    @jax.jit
+    def sums(state: nnx.State, tokens: jax.Array) -> dict[str, jax.Array]:
+        m, mask = nnx.merge(graphdef, state), jnp.ones(tokens.shape)
+        clean = mean_pooled(m(tokens), mask)
+        sae = mean_pooled(m(tokens, replace={site: _splice(reconstruct, where)}), mask)
+        zero = mean_pooled(m(tokens, replace={site: _splice(jnp.zeros_like, where)}), mask)
+        return {"embedding_cosine": (clean * sae).sum(), "embedding_cosine_zero_ablation": (clean * zero).sum()}
+
+    totals, n = {}, 0
+    for tokens in _batches(token_batches):
+        for k, v in sums(state, tokens).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        n += tokens.shape[0]
+    if not n:
+        raise ValueError("embedding_cosine needs at least one token batch")
+    return {**{k: v / n for k, v in totals.items()}, "n_texts": n}
