@@ -43,7 +43,9 @@ def module(model: torch.nn.Module, path: str) -> torch.nn.Module:
     return model.get_submodule(path)
 
 
-def hf_sites(model: torch.nn.Module, tokens: np.ndarray, spec: dict, n_layers: int, **kwargs) -> tuple[np.ndarray, dict]:
+def hf_sites(
+    model: torch.nn.Module, tokens: np.ndarray, spec: dict, n_layers: int, **kwargs
+) -> tuple[np.ndarray, dict]:
     """(transformers' output [batch, seq, …], {site: activation}) for `tokens`.
 
     spec: {bare site name: (module path with {l}, "in" | "out")}: the site is that module's first input
