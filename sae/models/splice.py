@@ -90,9 +90,8 @@ def loss_recovered(
     if not n_tokens:
         raise ValueError("loss_recovered needs at least one token batch")
     out = {k: v / n_tokens for k, v in totals.items()}
-    out["ce_loss_score"] = (out["ce_loss_zero_ablation"] - out["ce_loss_sae"]) / (
-        out["ce_loss_zero_ablation"] - out["ce_loss_clean"]
-    )
+    gap = out["ce_loss_zero_ablation"] - out["ce_loss_clean"]  # 0 when ablating the site changes nothing
+    out["ce_loss_score"] = (out["ce_loss_zero_ablation"] - out["ce_loss_sae"]) / gap if gap else float("nan")
     out["n_tokens"] = n_tokens
     return out
 

@@ -1,9 +1,9 @@
-"""The language-model workflow: transformer sites and splicing, corpus and tokenizer, lm-train, sae-cache
-source=lm and loss recovered; each checked against a NumPy reference or a second code path."""
+"""The in-house LM workflow: corpus and tokenizer, lm-train (which writes a transformers gpt2 directory),
+`sae-cache source=hf` on it and loss recovered from the store; each checked against transformers, a
+reference or a second code path."""
 
 import dataclasses
 import errno
-import itertools
 import json
 import os
 import random
@@ -17,46 +17,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from conftest import ROOT
 from flax import nnx
 
 import sae.lm.train as lm_train
 from sae.checkpoint import Preempted
 from sae.cli import run_job
-from sae.config import CacheConfig
+from sae.config import CacheConfig, CorpusConfig
 from sae.data import DataError
-from sae.data.lm import LMRowsConfig
-from sae.data.model_source import capture_site
+from sae.data.hf import HFRowsConfig, store_loss_recovered
 from sae.data.store import Store
-from sae.lm.config import SITES, CorpusConfig, LMModelConfig, LMTrainConfig, LMTrainerConfig
-from sae.lm.model import build, forward, resolve_site, site_names, token_losses
-from sae.lm.splice import lm_eval_data, loss_recovered, store_loss_recovered
+from sae.lm.config import LMCorpusConfig, LMModelConfig, LMTrainConfig, LMTrainerConfig
 from sae.lm.text import (
-    PRETOKEN,
-    BPETokenizer,
-    ByteTokenizer,
     CorpusError,
     find_corpus,
     is_validation,
-    make_tokenizer,
     random_windows,
     tiled_windows,
+    token_lengths,
+    train_tokenizer,
 )
-from sae.lm.train import load_lm, train_lm
+from sae.lm.train import train_lm
+from sae.models import load, token_losses
 from sae.tracking import LoggerConfig
-
-TINY = LMModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, n_ctx=16)
-VOCAB = 257
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build(TINY, VOCAB, seed=1)
-
-
-@pytest.fixture(scope="module")
-def tokens():
-    return np.random.default_rng(0).integers(0, VOCAB, (3, TINY.n_ctx)).astype(np.int32)
 
 
 @pytest.fixture(scope="module")
@@ -94,199 +79,46 @@ def corpus_dir(tmp_path_factory):
     return root
 
 
-def corpus_cfg(path, tokenizer: str = "bytes") -> CorpusConfig:
-    return CorpusConfig(path=str(path), val_fraction=0.25, tokenizer=tokenizer)
-
-
-# --- model: a NumPy reference forward --------------------------------------------------------------
-
-
-def _np(v) -> np.ndarray:
-    return np.asarray(v[...], np.float64)
-
-
-def _layer_norm(x, ln):
-    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + ln.epsilon) * _np(ln.scale) + _np(ln.bias)
-
-
-def reference_forward(model, toks, zero_mlp_post_layer: int | None = None) -> tuple[np.ndarray, dict]:
-    """Logits and all sites, in float64 NumPy from the parameters, optionally with one layer's mlp_post zeroed."""
-    x = _np(model.embed.embedding)[toks] + _np(model.pos_embed)[: toks.shape[1]]
-    sites = {}
-    s, h = toks.shape[1], TINY.n_heads
-    for layer, block in enumerate(model.blocks):
-        sites[f"blocks/{layer}/resid_pre"] = x
-        qkv = _layer_norm(x, block.ln1) @ _np(block.attn.qkv.kernel) + _np(block.attn.qkv.bias)
-        q, k, v = np.split(qkv.reshape(len(toks), s, 3 * h, -1), 3, axis=2)
-        scores = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(q.shape[-1])
-        scores = np.where(np.tril(np.ones((s, s), bool)), scores, -np.inf)
-        p = np.exp(scores - scores.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        z = np.einsum("bhqk,bkhe->bqhe", p, v).reshape(len(toks), s, -1)
-        attn_out = z @ _np(block.attn.out.kernel) + _np(block.attn.out.bias)
-        x = x + attn_out
-        pre = _layer_norm(x, block.ln2) @ _np(block.w_in.kernel) + _np(block.w_in.bias)
-        post = np.maximum(pre, 0) * (0.0 if layer == zero_mlp_post_layer else 1.0)
-        mlp_out = post @ _np(block.w_out.kernel) + _np(block.w_out.bias)
-        sites.update(
-            {
-                f"blocks/{layer}/attn_out": attn_out,
-                f"blocks/{layer}/resid_mid": x,
-                f"blocks/{layer}/mlp_pre": pre,
-                f"blocks/{layer}/mlp_post": post,
-                f"blocks/{layer}/mlp_out": mlp_out,
-            }
-        )
-        x = x + mlp_out
-        sites[f"blocks/{layer}/resid_post"] = x
-    logits = _layer_norm(x, model.ln_f) @ _np(model.unembed.kernel) + _np(model.unembed.bias)
-    return logits, sites
-
-
-def reference_loss(logits, toks) -> float:
-    logits = logits[:, :-1]
-    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    return float((logz - np.take_along_axis(logits, toks[:, 1:, None], -1)[..., 0]).mean())
-
-
-def test_forward_and_every_site_match_numpy_reference(model, tokens):
-    logits, sites = reference_forward(model, tokens)
-    np.testing.assert_allclose(np.asarray(forward(model)(tokens)), logits, rtol=1e-4, atol=1e-5)
-    for site in site_names(TINY.n_layers):
-        np.testing.assert_allclose(
-            np.asarray(capture_site(model, site)(tokens)), sites[site], rtol=1e-4, atol=1e-5, err_msg=site
-        )
-    loss = float(token_losses(forward(model)(tokens), jnp.asarray(tokens)).mean())
-    assert loss == pytest.approx(reference_loss(logits, tokens), rel=1e-5)
-
-
-def test_identity_splice_gives_exactly_the_clean_loss(model, tokens):
-    clean = loss_recovered(model, "blocks/1/mlp_post", lambda x: x, [tokens])
-    assert clean["ce_loss_sae"] == clean["ce_loss_clean"]
-    assert clean["kl_div"] == 0.0
-    assert clean["ce_loss_score"] == 1.0
-    logits, _ = reference_forward(model, tokens)
-    assert clean["ce_loss_clean"] == pytest.approx(reference_loss(logits, tokens), rel=1e-5)
-    assert clean["n_tokens"] == tokens.shape[0] * (tokens.shape[1] - 1)
-
-
-@pytest.mark.parametrize("layer", [0, 1])
-def test_zero_ablation_matches_reference_forward_with_zeros(model, tokens, layer):
-    out = loss_recovered(model, f"blocks/{layer}/mlp_post", jnp.zeros_like, [tokens[:2], tokens[2:]])
-    zero_logits, _ = reference_forward(model, tokens, zero_mlp_post_layer=layer)
-    assert out["ce_loss_zero_ablation"] == pytest.approx(reference_loss(zero_logits, tokens), rel=1e-5)
-    assert out["ce_loss_sae"] == pytest.approx(out["ce_loss_zero_ablation"], rel=1e-6)
-    assert out["ce_loss_score"] == pytest.approx(0.0, abs=1e-5)
-    assert out["kl_div"] == pytest.approx(out["kl_div_zero_ablation"], rel=1e-5)
-
-
-def test_kl_and_score_match_a_second_path(model, tokens):
-    """A perturbed reconstruction: CE losses and KL from the spliced forward's logits in NumPy."""
-
-    def reconstruct(x):
-        return 0.5 * x + 0.1
-
-    out = loss_recovered(model, "blocks/0/mlp_post", reconstruct, [tokens])
-    clean = np.asarray(forward(model)(tokens), np.float64)[:, :-1]
-    spliced = np.asarray(forward(model, {"blocks/0/mlp_post": reconstruct})(tokens), np.float64)[:, :-1]
-    zero_logits, _ = reference_forward(model, tokens, zero_mlp_post_layer=0)
-
-    def log_softmax(a):
-        a = a - a.max(-1, keepdims=True)
-        return a - np.log(np.exp(a).sum(-1, keepdims=True))
-
-    lp, lq = log_softmax(clean), log_softmax(spliced)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1).mean()
-    l_clean = reference_loss(np.pad(clean, ((0, 0), (0, 1), (0, 0))), tokens)  # pad: the last position is unused
-    l_sae = reference_loss(np.pad(spliced, ((0, 0), (0, 1), (0, 0))), tokens)
-    l_zero = reference_loss(zero_logits, tokens)
-    assert out["kl_div"] == pytest.approx(kl, rel=1e-4)
-    assert out["ce_loss_sae"] == pytest.approx(l_sae, rel=1e-5)
-    assert out["ce_loss_score"] == pytest.approx((l_zero - l_sae) / (l_zero - l_clean), rel=1e-3)
-
-
-def test_splice_changes_only_the_chosen_site_and_what_follows(model, tokens):
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def all_sites(state, toks):
-        _, inter = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(
-            toks, {"blocks/0/mlp_post": lambda a: 2 * a + 1}
-        )
-        return {"/".join(map(str, p)): v.get_value()[0] for p, v in nnx.to_flat_state(inter)}
-
-    spliced = {k: np.asarray(v) for k, v in all_sites(state, tokens).items()}
-    clean = {s: np.asarray(capture_site(model, s)(tokens)) for s in site_names(TINY.n_layers)}
-    order = site_names(TINY.n_layers)
-    at = order.index("blocks/0/mlp_post")
-    assert sorted(spliced) == sorted(order)
-    for site in order[:at]:
-        np.testing.assert_array_equal(spliced[site], clean[site], err_msg=site)
-    np.testing.assert_allclose(spliced[order[at]], 2 * clean[order[at]] + 1, rtol=1e-6)
-    for site in order[at + 1 :]:
-        assert not np.allclose(spliced[site], clean[site]), site
-
-
-def test_site_names_and_errors(model, tokens):
-    assert resolve_site("blocks/1/mlp_out", 2) == "blocks/1/mlp_out"
-    assert resolve_site("mlp_post", 1) == "blocks/0/mlp_post"
-    with pytest.raises(ValueError, match="ambiguous"):
-        resolve_site("mlp_post", 2)
-    with pytest.raises(ValueError, match="'mlp_postt' is not a site"):
-        resolve_site("mlp_postt", 1)
-    assert len(site_names(2)) == 2 * len(SITES)
-    with pytest.raises(ValueError, match="shape"):
-        forward(model, {"blocks/0/mlp_post": lambda a: a[..., :3]})(tokens)
+def corpus_cfg(path, tokenizer: str = "bytes") -> LMCorpusConfig:
+    return LMCorpusConfig(path=str(path), val_fraction=0.25, tokenizer=tokenizer)
 
 
 # --- text -------------------------------------------------------------------------------------------
 
 
+TEXT = "def f(x):\n    return 'héllo' + \"\\t\" # ünïcode ✓\n"
+
+
 def test_byte_tokenizer_round_trips():
-    tok = ByteTokenizer()
-    text = "def f(x):\n    return 'héllo' + \"\\t\" # ünïcode ✓\n"
-    ids = tok.encode(text)
-    assert ids.dtype == np.uint16 and len(ids) == len(text.encode())
-    assert tok.decode(ids) == text
-    assert tok.decode(list(tok.encode("a")) + [tok.eot] + list(tok.encode("b"))) == "a\n<|eot|>\nb"
-    assert b"".join(tok.token_bytes(int(i)) for i in ids) == text.encode()
+    tok = train_tokenizer([], 257)
+    ids = tok.encode(TEXT)
+    assert tok.vocab_size == 257 and len(ids) == len(TEXT.encode())
+    assert [tok.token_bytes(int(i)) for i in ids] == [bytes([b]) for b in TEXT.encode()]
+    assert tok.decode(ids) == TEXT
+    assert tok.decode([*tok.encode("a"), tok.eos_id, *tok.encode("b")]) == "a<|endoftext|>b"
+    assert token_lengths(tok)[tok.eos_id] == 0 and token_lengths(tok).sum() == 256
 
 
-def test_bpe_matches_a_naive_reference(corpus_dir):
-    """Trained merges: the first is the most frequent within-chunk pair; encoding equals applying every merge
-    in order to each chunk; decoding round-trips; the tokenizer rebuilt from its record encodes the same."""
-    texts = find_corpus(corpus_cfg(corpus_dir)).read("train")
-    tok = BPETokenizer.train(texts, 300)
-    assert tok.vocab_size == 300 and len(tok.merges) == 43
+def test_bpe_merges_counts_and_round_trip(corpus_dir, tmp_path):
+    """The first merge is the most frequent within-chunk byte pair; encoding round-trips and its tokens' bytes
+    add up; transformers' fast tokenizer reading the saved tokenizer.json gives the same ids."""
+    texts = find_corpus(corpus_cfg(corpus_dir)).texts("train")
+    tok = train_tokenizer(texts, 300)
+    assert tok.vocab_size == 300
     pairs: dict = {}
     for text in texts:
-        for chunk in PRETOKEN.findall(text):
-            for pair in itertools.pairwise(chunk):
-                pairs[pair] = pairs.get(pair, 0) + 1
-    assert pairs[tok.merges[0]] == max(pairs.values())
-    text = texts[0].decode() + "\n    return 'ünïcode' ✓ 1234\n"
-
-    def naive(chunk: bytes) -> list[int]:
-        ids = list(chunk)
-        for rank, (a, b) in enumerate(tok.merges):
-            out, i = [], 0
-            while i < len(ids):
-                if i + 1 < len(ids) and (ids[i], ids[i + 1]) == (a, b):
-                    out.append(257 + rank)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
-        return ids
-
+        for chunk, _ in tok.tokenizer.pre_tokenizer.pre_tokenize_str(text):
+            for a, b in zip(chunk, chunk[1:]):
+                pairs[a, b] = pairs.get((a, b), 0) + 1
+    first = json.loads(tok.tokenizer.to_str())["model"]["merges"][0]
+    assert pairs[tuple(first)] == max(pairs.values())
+    text = texts[0] + TEXT
     ids = tok.encode(text)
-    assert list(ids) == [t for chunk in PRETOKEN.findall(text.encode()) for t in naive(chunk)]
     assert len(ids) < len(text.encode()) and tok.decode(ids) == text
-    assert tok.token_lengths()[ids].sum() == len(text.encode())
-    again = make_tokenizer(json.loads(json.dumps(tok.to_dict())))
-    np.testing.assert_array_equal(again.encode(text), ids)
+    assert token_lengths(tok)[ids].sum() == len(text.encode())
+    tok.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert fast(text)["input_ids"] == ids.tolist()
 
 
 def test_split_is_by_file_deterministic_and_complete(corpus_dir):
@@ -298,15 +130,38 @@ def test_split_is_by_file_deterministic_and_complete(corpus_dir):
     assert 0 < len(val) < 40
     assert val == [f for f in corpus.files if is_validation(f, 0.25)]
     assert find_corpus(corpus_cfg(corpus_dir)).split("val") == val  # deterministic
-    tok = ByteTokenizer()
-    expected = b"".join((corpus_dir / f).read_bytes() + b"\0" for f in val)  # EOT stands where each \0 is
+    tok = train_tokenizer([], 257)
     stream = corpus.tokens("val", tok)
-    np.testing.assert_array_equal(np.where(stream == tok.eot, 0, stream), np.frombuffer(expected, np.uint8))
-    assert (stream == tok.eot).sum() == len(val)
+    expected = [t for f in val for t in [*(corpus_dir / f).read_bytes(), None]]  # EOT after each file
+    assert [tok.token_bytes(int(t))[0] if t != tok.eos_id else None for t in stream] == expected
     with pytest.raises(CorpusError, match="corpus.path"):
         find_corpus(CorpusConfig(path=str(corpus_dir / "missing")))
     with pytest.raises(CorpusError, match="corpus.pattern"):
         find_corpus(CorpusConfig(path=str(corpus_dir), pattern="*.rs"))
+
+
+def test_txt_and_jsonl_corpora(tmp_path):
+    """A .txt is split into paragraphs, a .jsonl into its lines' "text"; bad lines and empty files name the file."""
+    paragraphs = [f"paragraph {i}\nline two" for i in range(30)]
+    (tmp_path / "a.txt").write_text("\n\n\n".join(paragraphs) + "\n")
+    corpus = find_corpus(CorpusConfig(path=str(tmp_path / "a.txt"), val_fraction=0.3))
+    assert corpus.docs == tuple(f"a.txt:{i}" for i in range(30))
+    assert sorted(corpus.texts("train") + corpus.texts("val")) == sorted(paragraphs)
+    assert corpus.split("val") == [d for d in corpus.docs if is_validation(d, 0.3)]
+    lines = [json.dumps({"text": f"doc {i}", "id": i}) for i in range(10)]
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[:5] + [""] + lines[5:]) + "\n")
+    corpus = find_corpus(CorpusConfig(path=str(tmp_path / "b.jsonl"), val_fraction=0.3))
+    assert len(corpus.docs) == 10 and corpus.docs[5] == "b.jsonl:7"
+    assert sorted(corpus.texts("train") + corpus.texts("val")) == sorted(f"doc {i}" for i in range(10))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(CorpusError, match=r"bad.jsonl line 2 has no \"text\" string field"):
+        find_corpus(CorpusConfig(path=str(tmp_path / "bad.jsonl")))
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(CorpusError, match="empty.txt' holds no text"):
+        find_corpus(CorpusConfig(path=str(tmp_path / "empty.txt")))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(CorpusError, match="not .txt or .jsonl"):
+        find_corpus(CorpusConfig(path=str(tmp_path / "x.csv")))
 
 
 def test_windows():
@@ -322,7 +177,7 @@ def test_windows():
         tiled_windows(stream, 16, 63)
 
 
-# --- lm-train, sae-cache source=lm, loss recovered from the store -------------------------------------
+# --- lm-train, sae-cache source=hf on its checkpoint, loss recovered from the store -------------------
 
 
 def tiny_train_config(corpus_dir, steps: int) -> LMTrainConfig:
@@ -360,13 +215,19 @@ def test_train_writes_outputs_and_resume_is_exact(lm_run, corpus_dir, tmp_path):
     assert lines[-1]["val_loss"] == metrics["val_loss"] and metrics["steps"] == 20
     assert lines[0]["train_loss"] > lines[-2]["train_loss"]  # it learns
     assert (lm_run / "samples.txt").read_text().startswith("--- sample 0 ---\ndef")
-    model, tok, lm_config = load_lm(lm_run)
-    assert lm_config["corpus"]["path"] == str(corpus_dir) and lm_config["tokenizer"]["kind"] == "bytes"
-    # a second path to the validation loss: the loaded checkpoint on the same windows
+    lm_config = json.loads((lm_run / "lm_config.json").read_text())
+    assert lm_config["corpus"]["path"] == str(corpus_dir) and lm_config["corpus"]["tokenizer"] == "bytes"
+    model, tok = load(lm_run / "hf")
+    # second paths to the validation loss: the saved checkpoint on the same windows, here and in transformers
     val = find_corpus(corpus_cfg(corpus_dir)).tokens("val", tok)
     windows = tiled_windows(val, 16, 8, seed=0)
-    loss = float(token_losses(forward(model)(windows), jnp.asarray(windows)).mean())
+    logits = np.asarray(model(windows))
+    loss = float(token_losses(jnp.asarray(logits), jnp.asarray(windows)).mean())
     assert loss == pytest.approx(metrics["val_loss"], rel=1e-5)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(lm_run / "hf").eval()
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(windows, dtype=torch.long)).logits.numpy()
+    assert np.abs(theirs - logits).max() <= 1e-4
     # a run stopped after its step-10 checkpoint and resumed ends with the uninterrupted run's parameters
     split = tmp_path / "split"
     shutil.copytree(lm_run, split)
@@ -380,7 +241,7 @@ def test_train_writes_outputs_and_resume_is_exact(lm_run, corpus_dir, tmp_path):
         ]
 
     assert records(split) == records(lm_run)
-    resumed, _, _ = load_lm(split)
+    resumed, _ = load(split / "hf")
     for a, b in zip(jax.tree.leaves(nnx.state(resumed)), jax.tree.leaves(nnx.state(model))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -399,7 +260,7 @@ def _assert_same_lm_run(a: Path, b: Path) -> None:
     assert drop(json.loads((a / "metrics.json").read_text())) == drop(json.loads((b / "metrics.json").read_text()))
     assert _records(a) == _records(b)
     assert (a / "samples.txt").read_text() == (b / "samples.txt").read_text()
-    model_a, model_b = load_lm(a)[0], load_lm(b)[0]
+    model_a, model_b = load(a / "hf")[0], load(b / "hf")[0]
     for x, y in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -481,13 +342,17 @@ def test_full_disk_at_the_end_is_one_line_naming_the_checkpoint(lm_run, corpus_d
     assert not (run / "metrics.json").exists()
 
 
-def test_lm_cache_store_rows_equal_captured_site(lm_run, tmp_path):
+def test_hf_cache_of_the_lm_equals_transformers_rows(lm_run, corpus_dir, tmp_path):
+    """`sae-cache source=hf` on lm-train's checkpoint: the training text's token stream in order, cut into
+    n_ctx windows (the LM has no BOS), rows equal to transformers' hooked activations; two sites in one pass
+    give two stores in the same row order; the store finds its model, site and held-out text again."""
     from sae.cache import cache
 
     out = tmp_path / "store"
     cfg = CacheConfig(
-        source=LMRowsConfig(checkpoint=str(lm_run), site="mlp_post", n_rows=200, batch_size=3),
+        source=HFRowsConfig(path=str(lm_run / "hf"), sites=["blocks.0.mlp.hook_post"], n_rows=200, batch_size=3),
         out=str(out),
+        corpus=CorpusConfig(path=str(corpus_dir), val_fraction=0.25),
         dtype="float32",
         shard_rows=64,
     )
@@ -495,29 +360,47 @@ def test_lm_cache_store_rows_equal_captured_site(lm_run, tmp_path):
     store = Store(out)
     assert store.with_tokens and store.n_rows == 208 and store.d_in == 32  # 13 sequences of 16
     prov = store.provenance
-    assert prov["model"] == str(lm_run) and prov["site"] == "blocks/0/mlp_post"
-    assert prov["tokenizer"]["kind"] == "bytes" and prov["context_length"] == 16 and prov["model_step"] == 20
+    assert prov["model"] == str(lm_run / "hf") and prov["hook_name"] == "blocks.0.mlp.hook_post"
+    assert prov["model_type"] == "gpt2" and prov["context_length"] == 16 and prov["template"]["prefix"] == []
+    assert prov["dataset"]["path"] == str(corpus_dir) and prov["dataset"]["split"] == "train"
+    model, tok = load(lm_run / "hf")
     vocab = json.loads((out / "vocab.json").read_text())
-    assert len(vocab) == 257 and vocab[ord("a")] == "a" and vocab[0x80] == "\\x80" and vocab[256] == "<|eot|>"
+    assert len(vocab) == 257 and vocab[tok.eos_id] == "<|endoftext|>" and "\\x80" in vocab
     ids, positions = store.read_tokens(0, store.n_rows)
     np.testing.assert_array_equal(positions, np.tile(np.arange(16), 13))
-    model, _, _ = load_lm(lm_run)
-    seqs = ids.reshape(13, 16)
-    expected = np.asarray(capture_site(model, "mlp_post")(seqs)).reshape(-1, 32)
-    np.testing.assert_allclose(store.read_rows(0, store.n_rows), expected, rtol=1e-6, atol=1e-6)
-    # evaluation finds the LM, site and validation text from the store
-    _, site, batches = lm_eval_data(out, n_sequences=8, batch_size=4)
-    assert site == "blocks/0/mlp_post" and [b.shape for b in batches] == [(4, 16), (4, 16)]
+    stream = find_corpus(corpus_cfg(corpus_dir)).tokens("train", tok)
+    np.testing.assert_array_equal(ids, stream[:208])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(lm_run / "hf").eval()
+    got = []
+    hook = hf.transformer.h[0].mlp.c_proj.register_forward_pre_hook(lambda m, args: got.append(args[0]))
+    with torch.no_grad():
+        hf(torch.as_tensor(ids.reshape(13, 16), dtype=torch.long))
+    hook.remove()
+    expected = got[0].numpy().reshape(-1, 32)
+    np.testing.assert_allclose(store.read_rows(0, store.n_rows), expected, rtol=1e-5, atol=1e-5)
+    # two sites, one pass: out/<site>/ each, rows in the same order
+    pair = dataclasses.replace(cfg, out=str(tmp_path / "pair"))
+    pair.source = dataclasses.replace(cfg.source, sites=["blocks.0.ln2.hook_normalized", "blocks.0.mlp.hook_post"])
+    cache(pair)
+    post = Store(tmp_path / "pair" / "blocks.0.mlp.hook_post")
+    np.testing.assert_array_equal(post.read_rows(0, 208), store.read_rows(0, 208))
+    x = Store(tmp_path / "pair" / "blocks.0.ln2.hook_normalized")
+    assert x.d_in == 16 and x.provenance["hook_name"] == "blocks.0.ln2.hook_normalized"
+    np.testing.assert_array_equal(x.read_tokens(0, 208)[0], ids)
+    # the store finds its model, site and held-out text: identity gives the clean loss, which transformers
+    # computes the same on those windows
     scores = store_loss_recovered(out, lambda x: x, n_sequences=8, batch_size=4)
-    assert scores["ce_loss_score"] == 1.0 and scores["kl_div"] == 0.0
-    with pytest.raises(DataError, match="source.site='nope'"):
-        cache(dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, site="nope"), out=str(tmp_path / "b")))
-    with pytest.raises(DataError, match="source.checkpoint="):
-        cache(
-            dataclasses.replace(
-                cfg, source=dataclasses.replace(cfg.source, checkpoint=str(tmp_path)), out=str(tmp_path / "c")
-            )
-        )
+    assert scores["ce_loss_score"] == 1.0 and scores["kl_div"] == 0.0 and scores["n_tokens"] == 8 * 15
+    val = find_corpus(corpus_cfg(corpus_dir)).tokens("val", tok)[: 8 * 16].reshape(8, 16)
+    with torch.no_grad():
+        clean = hf(torch.as_tensor(val, dtype=torch.long), labels=torch.as_tensor(val, dtype=torch.long)).loss
+    assert scores["ce_loss_clean"] == pytest.approx(float(clean), rel=1e-5)
+    with pytest.raises(DataError, match="'blocks.0.nope' is not a site of this model"):
+        bad = dataclasses.replace(cfg.source, sites=["blocks.0.nope"])
+        cache(dataclasses.replace(cfg, source=bad, out=str(tmp_path / "b")))
+    with pytest.raises(DataError, match="has no config.json"):
+        bad = dataclasses.replace(cfg.source, path=str(tmp_path))
+        cache(dataclasses.replace(cfg, source=bad, out=str(tmp_path / "c")))
 
 
 def run_script(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
@@ -561,30 +444,30 @@ def test_lm_train_and_cache_from_the_command_line(corpus_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "val loss" in proc.stdout
-    for name in ("lm_config.json", "metrics.json", "metrics.jsonl", "checkpoints/10"):
+    for name in ("lm_config.json", "metrics.json", "metrics.jsonl", "checkpoints/10", "hf/config.json"):
         assert (run / name).exists(), name
     bad = run_script("train_lm.py", "model.n_heads=3", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
     assert bad.returncode == 2 and "model.d_model=128 must divide by model.n_heads=3" in bad.stderr
     proc = run_script(
         "cache_activations.py",
-        "source=lm",
-        f"source.checkpoint={run}",
-        "source.site=resid_mid",
+        "source=hf",
+        f"source.path={run / 'hf'}",
+        "source.sites=[blocks.0.hook_resid_mid]",
         "source.n_rows=64",
+        f"corpus.path={corpus_dir}",
+        "corpus.val_fraction=0.25",
         f"out={tmp_path / 'store'}",
         "shard_rows=32",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     store = Store(tmp_path / "store")
-    assert store.n_rows == 64 and store.d_in == 16 and store.provenance["site"] == "blocks/0/resid_mid"
-    # the default tokenizer is a BPE trained on the training files; the stored ids are its windows of them
-    tok = make_tokenizer(store.provenance["tokenizer"])
-    assert tok.kind == "bpe" and tok.vocab_size == 300 == len(
-        json.loads((tmp_path / "store" / "vocab.json").read_text())
-    )
+    assert store.n_rows == 64 and store.d_in == 16 and store.provenance["hook_name"] == "blocks.0.hook_resid_mid"
+    # the default tokenizer is a BPE trained on the training files; the stored ids are its tokens of them
+    _, tok = load(run / "hf")
+    assert tok.vocab_size == 300 == len(json.loads((tmp_path / "store" / "vocab.json").read_text()))
     ids, _ = store.read_tokens(0, 16)
-    assert b"".join(tok.token_bytes(int(i)) for i in ids) in b"".join(find_corpus(corpus_cfg(corpus_dir)).read("train"))
+    assert tok.decode(ids) in "<|endoftext|>".join(find_corpus(corpus_cfg(corpus_dir)).texts("train"))
 
 
 CLI_TRAIN = [  # a tiny lm-train of 1000 steps, a line every 2: long enough to be stopped at a random step
