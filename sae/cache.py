@@ -207,7 +207,9 @@ def _fill(source: RowSource, cfg: CacheConfig, by_site: dict, files: dict, stop:
                 write_atomic(writer.path / name, data)
     where = f"'{writers[0].path}'" if len(writers) == 1 else f"{len(writers)} stores in '{writers[0].path.parent}'"
     if start:
-        print(f"cache: resuming {where} after {start} stored rows", flush=True)
+        print(
+            f"cache: resuming {where} after {'its' if len(writers) == 1 else 'their'} {start} stored rows", flush=True
+        )
     width = "/".join(str(w.settings["d_in"]) for w in writers)
     print(
         f"cache: {source.n_rows} rows × {width} from {source.provenance['source']} into {where} "
@@ -236,7 +238,7 @@ def _fill(source: RowSource, cfg: CacheConfig, by_site: dict, files: dict, stop:
     size = sum((w.path / s["file"]).stat().st_size for w, m in zip(writers, manifests) for s in m["shards"])
     print(
         f"cache: wrote {manifests[0]['n_rows']} rows × {width} ({manifests[0]['dtype']}) in "
-        f"{len(manifests[0]['shards'])} shards per store, {size / 2**20:.1f} MiB, to {where} "
+        f"{len(manifests[0]['shards'])} shards{' per store' if len(writers) > 1 else ''}, {size / 2**20:.1f} MiB, to {where} "
         f"in {time.perf_counter() - t0:.1f} s",
         flush=True,
     )

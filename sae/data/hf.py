@@ -104,6 +104,11 @@ def sequences(
     return np.concatenate([wrap[0], body_ids, wrap[1]], axis=1).astype(np.int32)
 
 
+def model_name(path: Path) -> str:
+    """What SAELens calls the model: the checkpoint folder's name (an lm-train run's `<run>/hf`: the run's)."""
+    return path.parent.name if path.name == "hf" and (path.parent / "lm_config.json").is_file() else path.name
+
+
 def _checked_sites(sites: list[str], n_layers: int) -> list[str]:
     valid = site_names(n_layers)
     for site in sites:
@@ -145,7 +150,7 @@ class HFRows:
         self.base_provenance = {
             "source": "hf",
             "model": str(path),
-            "model_name": path.name,
+            "model_name": model_name(path),
             "model_type": c.model_type,
             "causal": c.causal,
             "sites": self.sites,

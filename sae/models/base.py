@@ -189,17 +189,24 @@ def token_losses(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def shard(model: Model, mesh: Mesh, axis: str = "model") -> Model:
-    """The model with each weight matrix split over the mesh's `axis` (its widest dimension that divides;
-    vectors and what does not divide are replicated). The compiler partitions the forward to match."""
+    """The model with each weight matrix split over the mesh's `axis`: kernels [in, out] by output features
+    (column-parallel), embeddings and the other matrices [vocab or positions, d] by their first dimension;
+    the next dimension that divides when that one does not; vectors replicated. The compiler partitions the
+    forward to match."""
+    if axis not in mesh.shape:
+        raise ModelError(f"the mesh has no axis {axis!r} (axes: {list(mesh.shape)})")
     size = mesh.shape[axis]
 
-    def spec(x: jax.Array) -> NamedSharding:
-        dims = [d for d in sorted(range(x.ndim), key=lambda d: -x.shape[d]) if x.shape[d] % size == 0]
+    def spec(path, x: jax.Array) -> NamedSharding:
         parts = [None] * x.ndim
-        if x.ndim >= 2 and dims:
-            parts[dims[0]] = axis
+        if x.ndim >= 2:
+            kernel = any(getattr(k, "key", None) == "kernel" for k in path)
+            order = (x.ndim - 1, *range(x.ndim - 1)) if kernel else range(x.ndim)
+            dims = [d for d in order if x.shape[d] % size == 0]
+            if dims:
+                parts[dims[0]] = axis
         return NamedSharding(mesh, PartitionSpec(*parts))
 
     graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x: jax.device_put(x, spec(x)), state)
+    state = jax.tree_util.tree_map_with_path(lambda path, x: jax.device_put(x, spec(path, x)), state)
     return nnx.merge(graphdef, state)

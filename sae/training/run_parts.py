@@ -251,6 +251,22 @@ def loss_recovered(sae: SAE, params: dict, buffers: dict, input_scale: float, so
     return {k: v for k, v in score(store.path, reconstruct).items() if k not in ("n_tokens", "n_texts")}
 
 
+def saelens_model_fields(source) -> dict:
+    """SAELens's cfg metadata about the model, for rows cached from one (source=hf): model_name, hook_name,
+    context_size, prepend_bos, dataset_path; {} otherwise."""
+    store = getattr(source, "store", None)
+    provenance = store.provenance if store is not None else {}
+    if provenance.get("source") != "hf":
+        return {}
+    return {
+        "model_name": provenance["model_name"],
+        "hook_name": provenance["hook_name"],
+        "context_size": provenance["context_length"],
+        "prepend_bos": bool(provenance["template"]["prefix"]),
+        "dataset_path": provenance["dataset"]["path"],
+    }
+
+
 def finish(
     sae, cfg: config_lib.Config, state, buffers: dict, source, out_dir: Path, tracker: tracking.Tracker | None = None
 ) -> dict:
@@ -270,7 +286,7 @@ def finish(
             results["wandb_run_id"] = tracker.run_id  # where sae-inspect logs its plots
     write_atomic(out_dir / "metrics.json", json.dumps(results, indent=2).encode())
     with replaced_dir(out_dir / "sae") as export_dir:
-        metadata = {"config": config_lib.to_dict(cfg)}
+        metadata = {"config": config_lib.to_dict(cfg), **saelens_model_fields(source)}
         export_sae(export_dir, sae, state.params, buffers, float(state.input_scale), metadata=metadata)
     print(
         f"final (held-out) {out_dir.name}: " + " | ".join(f"{k} {results[k]:.4g}" for k in SUMMARY if k in results),

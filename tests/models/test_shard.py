@@ -67,6 +67,6 @@ def test_sharded_gpt2_matches_unsharded(tmp_path):
         got = out[mesh]
         # every matrix (wte, wpe, 4 kernels per block) has a dimension that divides 8 or 4: all are split
         assert got["split"] == 2 + 4 * 2, (mesh, got)
-        assert got["wte_shard"] == [320 // n_model, 64], (mesh, got)  # split on its widest dimension, the vocab
+        assert got["wte_shard"] == [320 // n_model, 64], (mesh, got)  # an embedding: split by vocabulary
         assert got["logits"] <= 1e-5, (mesh, got)
         assert got["site"] <= 1e-5, (mesh, got)
