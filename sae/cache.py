@@ -238,7 +238,8 @@ def _fill(source: RowSource, cfg: CacheConfig, by_site: dict, files: dict, stop:
     size = sum((w.path / s["file"]).stat().st_size for w, m in zip(writers, manifests) for s in m["shards"])
     print(
         f"cache: wrote {manifests[0]['n_rows']} rows × {width} ({manifests[0]['dtype']}) in "
-        f"{len(manifests[0]['shards'])} shards{' per store' if len(writers) > 1 else ''}, {size / 2**20:.1f} MiB, to {where} "
+        f"{len(manifests[0]['shards'])} shards{' per store' if len(writers) > 1 else ''}, "
+        f"{size / 2**20:.1f} MiB, to {where} "
         f"in {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
