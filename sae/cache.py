@@ -14,6 +14,7 @@ disk mid-run is one OutputError line; either way the complete shards stay intact
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
@@ -26,7 +27,7 @@ import numpy as np
 from sae import config as config_lib
 from sae.config import CacheConfig
 from sae.data.sources import ROW_SOURCES, Chunk, RowSource, entry_of, open_row_source
-from sae.data.store import StoreError, StoreWriter, check_out, check_whole_sequences, naming, store_bytes
+from sae.data.store import MANIFEST, PROGRESS, StoreError, StoreWriter, check_out, naming, store_bytes
 from sae.interrupts import Interrupted, StopSignals, signal_name
 from sae.outputs import OutputError, check_space, check_writable, describe, write_atomic
 from sae.progress import Progress
@@ -53,6 +54,12 @@ def targets(source: RowSource, out: Path) -> dict[str | None, tuple[Path, int, d
         return {None: (out, source.d_in, dict(source.provenance))}
     where = (lambda site: out) if len(sites) == 1 else (lambda site: out / site)
     return {site: (where(site), source.site_dims[site], source.provenance_of(site)) for site in sites}
+
+
+def _site_stores(out: Path) -> bool:
+    """Whether out holds only store directories (complete or interrupted): a multi-site run's."""
+    entries = list(out.iterdir()) if out.is_dir() else []
+    return bool(entries) and all(p.is_dir() and ((p / MANIFEST).exists() or (p / PROGRESS).exists()) for p in entries)
 
 
 def check_multi_out(out: Path, sites: list[str]) -> None:
@@ -163,8 +170,11 @@ def write_store(source: RowSource, cfg: CacheConfig, stop: StopSignals | None = 
     stop: when its `requested` is set (a signal), stop after the last complete shard and raise Interrupted.
     """
     t0 = time.perf_counter()
-    if source.resume_unit > 1:
-        check_whole_sequences(cfg.shard_rows, source.resume_unit)
+    unit = source.resume_unit
+    if cfg.shard_rows % unit:  # shards hold whole sequences, so that an interrupted run resumes on one
+        whole = max(unit, cfg.shard_rows // unit * unit)
+        print(f"cache: shard_rows={cfg.shard_rows} rounded to {whole}, a whole number of {unit}-row sequences")
+        cfg = dataclasses.replace(cfg, shard_rows=whole)
     out, files = Path(cfg.out).expanduser().absolute(), _extra_files(source)
     stores = targets(source, out)
     if len(stores) > 1:
@@ -253,7 +263,8 @@ def cache(cfg: CacheConfig, out_dir_ignored: str | None = None) -> dict:
     """
     check(cfg)
     out = Path(cfg.out).expanduser().absolute()
-    check_out(out, extra_files=None)  # before opening (and scanning) the source: a complete store, others' files
+    if not _site_stores(out):  # (a multi-site out is checked per store once the sites are known)
+        check_out(out, extra_files=None)  # before opening (and scanning) the source: a complete store, others' files
     check_writable(out, "out")
     with StopSignals(what="sae-cache") as stop:
         source = open_source(cfg)

@@ -3,7 +3,7 @@
 Stages (each a command of its own, run here as subprocesses and timed; a stage whose output already
 exists is skipped, so a rerun after an interruption continues):
   1. lm-train            DIR/lm            the one-layer transformer on the Python stdlib (BPE tokens)
-  2. sae-cache source=lm DIR/store         its mlp_post activations with token ids
+  2. sae-cache source=hf DIR/store         its blocks.0.mlp.hook_post activations (DIR/lm/hf) with token ids
   3. sae-train           DIR/<family>      one SAE per family at d_sae = 8 × d_mlp, data=cached
   4. loss recovered      DIR/<family>/metrics.json gets ce_loss_score and kl_div (if sae-train did not add them)
   5. sae-inspect         DIR/<family>/inspect/index.html
@@ -105,22 +105,26 @@ def main(argv: list[str]) -> None:
         )
         save_timings()
     store = out / "store"
+    corpus = json.loads((lm / "lm_config.json").read_text())["corpus"]  # the LM's own text and split
     if not (store / "manifest.json").exists():
         run(
             "sae-cache",
             "cache_activations.py",
-            "source=lm",
-            f"source.checkpoint={lm}",
-            "source.site=mlp_post",
+            "source=hf",
+            f"source.path={lm / 'hf'}",
+            "source.sites=[blocks.0.mlp.hook_post]",
             f"source.n_rows={args['rows']}",
+            f"corpus.path={corpus['path']}",
+            f"corpus.pattern='{corpus['pattern']}'",
+            f"corpus.val_fraction={corpus['val_fraction']}",
             f"out={store}",
             timings=timings,
             log=logs / "sae_cache.log",
         )
         save_timings()
 
+    from sae.data.hf import store_loss_recovered
     from sae.export import load_sae
-    from sae.lm.splice import store_loss_recovered
 
     results = {"lm": json.loads((lm / "metrics.json").read_text()), "saes": {}}
     for family in args["families"].split(","):

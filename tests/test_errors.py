@@ -16,10 +16,10 @@ from conftest import ROOT
 
 from sae import cli
 from sae.architectures import FAMILIES, make_sae
-from sae.config import LoggerConfig
+from sae.config import CorpusConfig, LoggerConfig
 from sae.export import WEIGHTS_FILENAME, export_sae
 from sae.help import TOOLS, keys_with_notes
-from sae.lm.config import CorpusConfig, LMTrainConfig
+from sae.lm.config import LMCorpusConfig, LMTrainConfig
 from sae.lm.text import CorpusError, find_corpus
 from sae.lm.train import train_lm
 from sae.overrides import compose_tool, hydra_context
@@ -199,7 +199,7 @@ def test_corpus_rejects_a_binary_file_naming_it(corpus, name, data, expected):
 
 def test_lm_train_names_a_binary_file_in_one_line(corpus, tmp_path, capsys):
     (corpus / "b.bin").write_bytes(np.arange(300, dtype=np.uint16).tobytes())
-    cfg = LMTrainConfig(corpus=CorpusConfig(path=str(corpus), pattern="*"), logger=LoggerConfig(name="none"))
+    cfg = LMTrainConfig(corpus=LMCorpusConfig(path=str(corpus), pattern="*"), logger=LoggerConfig(name="none"))
     code = cli.run_job(lambda: train_lm(cfg, tmp_path / "run"))
     assert_one_line(
         code, capsys.readouterr().err, f"corpus.path: {corpus / 'b.bin'} is binary, not text (a NUL byte at offset 0)"

@@ -417,14 +417,3 @@ class Store:
         """Check every shard's checksum and scan it for NaN/Inf rows (reads the whole store)."""
         for i in range(len(self.shards)):
             self.read_shard(i, verify=True, check_finite=True)
-
-
-def check_whole_sequences(shard_rows: int, per_seq: int, first_position_skipped: bool = False) -> None:
-    """Shards must hold whole sequences, so that an interrupted run resumes on a sequence boundary."""
-    if shard_rows % per_seq:
-        raise StoreError(
-            f"shard_rows={shard_rows} is not a multiple of the {per_seq} rows per sequence "
-            f"(seq={per_seq + first_position_skipped}{', first position skipped' if first_position_skipped else ''}): "
-            f"shards must hold whole sequences so that an interrupted run can resume; use e.g. shard_rows="
-            f"{max(1, shard_rows // per_seq) * per_seq}"
-        )

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf import assert_sites_match, hf_sites, save_checkpoint
+from hf_oracle import assert_sites_match, hf_sites, save_checkpoint
 
 from sae.models import FAMILIES, ModelError, load, site_names
 

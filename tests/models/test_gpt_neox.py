@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf import assert_sites_match, hf_sites, save_checkpoint
+from hf_oracle import assert_sites_match, hf_sites, save_checkpoint
 from safetensors.numpy import load_file, save_file
 
 from sae.models import ModelError, load, site_names

@@ -9,7 +9,7 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
-from hf import assert_sites_match, hf_sites, save_checkpoint
+from hf_oracle import assert_sites_match, hf_sites, save_checkpoint
 
 from sae.models import FAMILIES, ModelError, load, site_names
 from sae.models.layers import rope_frequencies

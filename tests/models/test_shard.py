@@ -11,7 +11,7 @@ import sys
 import torch
 import transformers
 from conftest import ROOT
-from hf import save_checkpoint
+from hf_oracle import save_checkpoint
 
 DRIVER = r"""
 import json

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf import save_checkpoint
+from hf_oracle import save_checkpoint
 
 from sae.models import ModelError, jitted, load, site_names
 from sae.models.splice import embedding_cosine, loss_recovered
