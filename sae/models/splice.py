@@ -41,12 +41,23 @@ def _splice(reconstruct: Reconstruct, where: jax.Array | None):
     return fn
 
 
-def _batches(token_batches: Iterable[np.ndarray]):
+def _totals(model: Model, batch_sums, token_batches: Iterable[np.ndarray]) -> tuple[dict[str, float], int, int]:
+    """(Σ over batches of batch_sums(model, tokens), one jitted call each; texts; positions with a next token)."""
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, tokens: batch_sums(nnx.merge(graphdef, state), tokens))
+    totals: dict[str, float] = {}
+    n_texts = n_tokens = 0
     for batch in token_batches:
         tokens = jnp.asarray(np.asarray(batch), jnp.int32)
         if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(f"token batches must be [batch, seq ≥ 2] arrays; got shape {tuple(tokens.shape)}")
-        yield tokens
+        for k, v in run(state, tokens).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        n_texts += tokens.shape[0]
+        n_tokens += tokens.shape[0] * (tokens.shape[1] - 1)
+    if not n_texts:
+        raise ValueError("splicing needs at least one token batch")
+    return totals, n_texts, n_tokens
 
 
 def loss_recovered(
@@ -63,12 +74,9 @@ def loss_recovered(
     when None; zero ablation replaces the same ones). Returns ce_loss_clean, ce_loss_zero_ablation,
     ce_loss_sae (nats/token), ce_loss_score, kl_div and kl_div_zero_ablation (nats/token), n_tokens.
     """
-    graphdef, state = nnx.split(model)
     where = None if spliced is None else jnp.asarray(spliced, bool)
 
-    @jax.jit
-    def sums(state: nnx.State, tokens: jax.Array) -> dict[str, jax.Array]:
-        m = nnx.merge(graphdef, state)
+    def sums(m: Model, tokens: jax.Array) -> dict[str, jax.Array]:
         logits = {
             "clean": m(tokens),
             "zero_ablation": m(tokens, replace={site: _splice(jnp.zeros_like, where)}),
@@ -81,14 +89,7 @@ def loss_recovered(
         out["kl_div_zero_ablation"] = (p_clean * (logp["clean"] - logp["zero_ablation"])).sum()
         return out
 
-    totals: dict[str, float] = {}
-    n_tokens = 0
-    for tokens in _batches(token_batches):
-        for k, v in sums(state, tokens).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-        n_tokens += tokens.shape[0] * (tokens.shape[1] - 1)
-    if not n_tokens:
-        raise ValueError("loss_recovered needs at least one token batch")
+    totals, _, n_tokens = _totals(model, sums, token_batches)
     out = {k: v / n_tokens for k, v in totals.items()}
     gap = out["ce_loss_zero_ablation"] - out["ce_loss_clean"]  # 0 when ablating the site changes nothing
     out["ce_loss_score"] = (out["ce_loss_zero_ablation"] - out["ce_loss_sae"]) / gap if gap else float("nan")
@@ -105,22 +106,14 @@ def embedding_cosine(
 ) -> dict[str, float]:
     """Mean cosine between an encoder's pooled embeddings with and without the splice (and with zero
     ablation, for scale): {"embedding_cosine", "embedding_cosine_zero_ablation", "n_texts"}."""
-    graphdef, state = nnx.split(model)
     where = None if spliced is None else jnp.asarray(spliced, bool)
 
-    @jax.jit
-    def sums(state: nnx.State, tokens: jax.Array) -> dict[str, jax.Array]:
-        m, mask = nnx.merge(graphdef, state), jnp.ones(tokens.shape)
+    def sums(m: Model, tokens: jax.Array) -> dict[str, jax.Array]:
+        mask = jnp.ones(tokens.shape)
         clean = mean_pooled(m(tokens), mask)
         sae = mean_pooled(m(tokens, replace={site: _splice(reconstruct, where)}), mask)
         zero = mean_pooled(m(tokens, replace={site: _splice(jnp.zeros_like, where)}), mask)
         return {"embedding_cosine": (clean * sae).sum(), "embedding_cosine_zero_ablation": (clean * zero).sum()}
 
-    totals, n = {}, 0
-    for tokens in _batches(token_batches):
-        for k, v in sums(state, tokens).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-        n += tokens.shape[0]
-    if not n:
-        raise ValueError("embedding_cosine needs at least one token batch")
-    return {**{k: v / n for k, v in totals.items()}, "n_texts": n}
+    totals, n_texts, _ = _totals(model, sums, token_batches)
+    return {**{k: v / n_texts for k, v in totals.items()}, "n_texts": n_texts}
