@@ -1,8 +1,9 @@
 """`sae-cache source=hf`: activations of a Hugging Face checkpoint (sae/models/) at one or more sites.
 
 Text comes from `corpus` (a directory of text files, by default the Python standard library; a .txt; a
-.jsonl), tokenized by the checkpoint's tokenizer.json into one stream, each document followed by the
-model's end-of-text token. The stream is cut in order into sequences of n_ctx tokens, each wrapped in the
+.jsonl): its documents in an order shuffled by the cache's `seed`, tokenized by the checkpoint's
+tokenizer.json into one stream, each followed by the model's end-of-text token. The stream is cut in
+order into sequences of n_ctx tokens, each wrapped in the
 tokenizer's own template (BERT: [CLS] … [SEP]; Llama: BOS …) or, when it has none, led by the model's
 BOS when its config names one (GPT-2: <|endoftext|>, as TransformerLens does); the in-house LM has
 neither. The template's positions are left out of the store unless keep_bos=true (their norms are
@@ -77,16 +78,31 @@ def template(tokenizer: Tokenizer, bos_id: int | None) -> tuple[list[int], list[
     return prefix, suffix
 
 
+def document_order(n: int, seed: int) -> np.ndarray:
+    """The order documents are read in: a permutation of range(n) by `seed` (a corpus sorted by path, such as
+    the stdlib, is clustered by package: a store of its first rows would be too)."""
+    return np.random.default_rng(seed).permutation(n)
+
+
 def sequences(
-    corpus: Corpus, split: str, tokenizer: Tokenizer, prefix: list[int], suffix: list[int], n_ctx: int, n: int
+    corpus: Corpus,
+    split: str,
+    tokenizer: Tokenizer,
+    prefix: list[int],
+    suffix: list[int],
+    n_ctx: int,
+    n: int,
+    seed: int = 0,
 ) -> np.ndarray:
-    """The first n sequences [n, n_ctx] int32: the split's token stream cut in order into n_ctx − |prefix|
-    − |suffix| tokens, each wrapped in prefix … suffix. Documents are tokenized only as far as needed."""
+    """The first n sequences [n, n_ctx] int32: the split's documents in `document_order(…, seed)`, tokenized
+    into one stream, cut in order into n_ctx − |prefix| − |suffix| tokens, each wrapped in prefix … suffix.
+    Documents are tokenized only as far as needed."""
     body = n_ctx - len(prefix) - len(suffix)
     if body < 1:
         raise DataError(f"source.n_ctx={n_ctx} leaves no room for text inside the template {prefix} … {suffix}")
     sep = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
     texts, parts, have = corpus.texts(split), [], 0
+    texts = [texts[i] for i in document_order(len(texts), seed)]
     for i in range(0, len(texts), 256):
         for ids in tokenizer.encode_batch(texts[i : i + 256]):
             parts += [ids] if sep is None else [ids, np.array([sep], np.int32)]
@@ -142,7 +158,7 @@ class HFRows:
         per_seq = len(range(n_ctx)[self.keep])
         self.n_sequences = math.ceil(cfg.n_rows / per_seq)
         self.windows = sequences(
-            self.corpus, cfg.split, self.tokenizer, self.prefix, self.suffix, n_ctx, self.n_sequences
+            self.corpus, cfg.split, self.tokenizer, self.prefix, self.suffix, n_ctx, self.n_sequences, seed
         )
         self.batch_size, self.n_rows, self.resume_unit = cfg.batch_size, self.n_sequences * per_seq, per_seq
         self.site_dims = {site: self.model.site_dim(site) for site in self.sites}
@@ -223,7 +239,7 @@ def eval_windows(provenance: dict, model, tokenizer: Tokenizer, n_sequences: int
     n = min(n_sequences, available // body)
     if n == 0:
         raise CorpusError(f"the corpus '{corpus.root}' has no held-out text for one sequence of {n_ctx} tokens")
-    return sequences(corpus, "val", tokenizer, t["prefix"], t["suffix"], n_ctx, n)
+    return sequences(corpus, "val", tokenizer, t["prefix"], t["suffix"], n_ctx, n, provenance.get("seed", 0))
 
 
 def store_loss_recovered(store, reconstruct, n_sequences: int = 256, batch_size: int = 32) -> dict:

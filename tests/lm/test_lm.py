@@ -27,7 +27,7 @@ from sae.checkpoint import Preempted
 from sae.cli import run_job
 from sae.config import CacheConfig, CorpusConfig
 from sae.data import DataError
-from sae.data.hf import HFRowsConfig, store_loss_recovered
+from sae.data.hf import HFRowsConfig, document_order, store_loss_recovered
 from sae.data.store import Store
 from sae.lm.config import LMCorpusConfig, LMModelConfig, LMTrainConfig, LMTrainerConfig
 from sae.lm.text import (
@@ -342,8 +342,14 @@ def test_full_disk_at_the_end_is_one_line_naming_the_checkpoint(lm_run, corpus_d
     assert not (run / "metrics.json").exists()
 
 
+def shuffled_stream(corpus_dir, split: str, tok) -> np.ndarray:
+    """The split's documents in the order sae-cache reads them (a seed-0 permutation), each then EOT."""
+    texts = find_corpus(corpus_cfg(corpus_dir)).texts(split)
+    return np.concatenate([np.append(tok.encode(texts[i]), tok.eos_id) for i in document_order(len(texts), 0)])
+
+
 def test_hf_cache_of_the_lm_equals_transformers_rows(lm_run, corpus_dir, tmp_path):
-    """`sae-cache source=hf` on lm-train's checkpoint: the training text's token stream in order, cut into
+    """`sae-cache source=hf` on lm-train's checkpoint: the training documents' token stream, cut into
     n_ctx windows (the LM has no BOS), rows equal to transformers' hooked activations; two sites in one pass
     give two stores in the same row order; the store finds its model, site and held-out text again."""
     from sae.cache import cache
@@ -368,8 +374,7 @@ def test_hf_cache_of_the_lm_equals_transformers_rows(lm_run, corpus_dir, tmp_pat
     assert len(vocab) == 257 and vocab[tok.eos_id] == "<|endoftext|>" and "\\x80" in vocab
     ids, positions = store.read_tokens(0, store.n_rows)
     np.testing.assert_array_equal(positions, np.tile(np.arange(16), 13))
-    stream = find_corpus(corpus_cfg(corpus_dir)).tokens("train", tok)
-    np.testing.assert_array_equal(ids, stream[:208])
+    np.testing.assert_array_equal(ids, shuffled_stream(corpus_dir, "train", tok)[:208])
     hf = transformers.AutoModelForCausalLM.from_pretrained(lm_run / "hf").eval()
     got = []
     hook = hf.transformer.h[0].mlp.c_proj.register_forward_pre_hook(lambda m, args: got.append(args[0]))
@@ -391,7 +396,7 @@ def test_hf_cache_of_the_lm_equals_transformers_rows(lm_run, corpus_dir, tmp_pat
     # computes the same on those windows
     scores = store_loss_recovered(out, lambda x: x, n_sequences=8, batch_size=4)
     assert scores["ce_loss_score"] == 1.0 and scores["kl_div"] == 0.0 and scores["n_tokens"] == 8 * 15
-    val = find_corpus(corpus_cfg(corpus_dir)).tokens("val", tok)[: 8 * 16].reshape(8, 16)
+    val = shuffled_stream(corpus_dir, "val", tok)[: 8 * 16].reshape(8, 16)
     with torch.no_grad():
         clean = hf(torch.as_tensor(val, dtype=torch.long), labels=torch.as_tensor(val, dtype=torch.long)).loss
     assert scores["ce_loss_clean"] == pytest.approx(float(clean), rel=1e-5)
