@@ -18,12 +18,14 @@ l0_coefficient (JumpReLU); eval_sequences (validation windows for loss recovered
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from walkthrough import parse, run
+
+USAGE = "python scripts/monosemanticity.py out=DIR"
+
 DEFAULTS = {
     "out": None,
     "lm": None,
@@ -39,38 +41,6 @@ DEFAULTS = {
 }
 
 
-def parse(argv: list[str]) -> dict[str, str]:
-    args = dict(DEFAULTS)
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in DEFAULTS:
-            sys.exit(f"error: {item!r} is not key=value with a key in {sorted(DEFAULTS)}")
-        args[key] = value
-    if not args["out"]:
-        sys.exit("error: out is required: python scripts/monosemanticity.py out=DIR")
-    return args
-
-
-def run(stage: str, script: str, *overrides: str, timings: dict, log: Path) -> None:
-    """Run scripts/<script> with Hydra overrides, its output to log; exit with its tail on failure."""
-    print(f"[{stage}] {script} {' '.join(overrides)}", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / script), *overrides],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    timings[stage] = time.perf_counter() - t0
-    if proc.returncode:
-        sys.exit(
-            f"error: stage {stage} failed (exit {proc.returncode}); the end of {log}:\n"
-            + "\n".join(log.read_text().splitlines()[-20:])
-        )
-    print(f"[{stage}] done in {timings[stage]:.0f} s", flush=True)
-
-
 def sae_overrides(family: str, args: dict[str, str]) -> list[str]:
     extra = {
         "topk": [f"sae.k={args['k']}"],
@@ -82,7 +52,7 @@ def sae_overrides(family: str, args: dict[str, str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    args = parse(argv)
+    args = parse(argv, DEFAULTS, USAGE)
     out = Path(args["out"]).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"

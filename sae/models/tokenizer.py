@@ -49,18 +49,31 @@ class Tokenizer:
         return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
 
     @functools.cached_property
+    def decoder(self) -> dict:
+        """tokenizer.json's decoder: {"type": "ByteLevel"} for byte-level BPE (GPT-2, Llama 3, Qwen2, ours),
+        {"type": "WordPiece", "prefix": "##"} for BERT, …"""
+        return json.loads(self.tokenizer.to_str()).get("decoder") or {}
+
+    @property
     def byte_level(self) -> bool:
-        """Whether tokens are strings over GPT-2's byte alphabet (byte-level BPE: GPT-2, Llama 3, Qwen2, ours)."""
-        decoder = json.loads(self.tokenizer.to_str()).get("decoder") or {}
-        return decoder.get("type") == "ByteLevel"
+        """Whether tokens are strings over GPT-2's byte alphabet."""
+        return self.decoder.get("type") == "ByteLevel"
+
+    @functools.cached_property
+    def special(self) -> set[int]:
+        return {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
 
     def token_bytes(self, token: int) -> bytes:
-        """The bytes a token stands for (a special token: its text)."""
+        """The bytes a token stands for in running text (a special token: its text). WordPiece pieces read
+        as byte-level ones do: a word-initial piece with its leading space, a `##` continuation without."""
         piece = self.tokenizer.id_to_token(token)
         if piece is None:
             return b""
         if self.byte_level and all(c in BYTE_OF for c in piece):
             return bytes(BYTE_OF[c] for c in piece)
+        if self.decoder.get("type") == "WordPiece" and token not in self.special:
+            prefix = self.decoder.get("prefix", "##")
+            return (piece[len(prefix) :] if piece.startswith(prefix) else " " + piece).encode("utf-8")
         return self.tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
 
     def token_strings(self) -> list[str]:

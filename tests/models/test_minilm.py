@@ -98,3 +98,11 @@ def test_minilm_sentence_embeddings_match_transformers(minilm):
     assert diff <= 1e-4, f"max |ours − transformers| = {diff:.3g}"
     # Sanity of the embeddings themselves: paraphrases are nearer than unrelated sentences.
     assert ours[0] @ ours[1] > ours[0] @ ours[9]
+
+
+def test_wordpiece_tokens_read_as_running_text(minilm):
+    """vocab.json's strings (the browser's tokens): word-initial pieces lead with a space, ## pieces join."""
+    _, tokenizer = load(minilm)
+    ids = tokenizer.encode("The thread blocks until shutdown, numeric loglevel.", special=True)
+    strings = tokenizer.token_strings()
+    assert "".join(strings[i] for i in ids) == "[CLS] the thread blocks until shutdown , numeric loglevel .[SEP]"

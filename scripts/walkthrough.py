@@ -1,0 +1,44 @@
+"""What the walkthrough scripts share (monosemanticity.py, minilm.py): key=value arguments and stages run as
+subprocesses of the other scripts, each logged and timed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse(argv: list[str], defaults: dict, usage: str) -> dict[str, str]:
+    """key=value arguments over `defaults`; exits with one line naming a bad item or a missing out."""
+    args = dict(defaults)
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            sys.exit(f"error: {item!r} is not key=value with a key in {sorted(defaults)}")
+        args[key] = value
+    if not args["out"]:
+        sys.exit(f"error: out is required: {usage}")
+    return args
+
+
+def run(stage: str, script: str, *overrides: str, timings: dict, log: Path) -> None:
+    """Run scripts/<script> with Hydra overrides, its output to log; exit with its tail on failure."""
+    print(f"[{stage}] {script} {' '.join(overrides)}", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / script), *overrides],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    timings[stage] = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(
+            f"error: stage {stage} failed (exit {proc.returncode}); the end of {log}:\n"
+            + "\n".join(log.read_text().splitlines()[-20:])
+        )
+    print(f"[{stage}] done in {timings[stage]:.0f} s", flush=True)
