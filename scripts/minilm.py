@@ -41,7 +41,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from walkthrough import parse, run
+from walkthrough import parse, run, workspace
 
 USAGE = "python scripts/minilm.py out=DIR"
 
@@ -142,15 +142,7 @@ def build_text(path: Path, min_chars: int) -> dict:
 
 def main(argv: list[str]) -> None:
     args = parse(argv, DEFAULTS, USAGE)
-    out = Path(args["out"]).expanduser().absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-
-    def save_timings() -> None:
-        timings_path.write_text(json.dumps(timings, indent=1))
+    out, logs, timings, save_timings = workspace(args)
 
     model = out / "model"
     if not all((model / name).is_file() for name in MODEL_FILES):

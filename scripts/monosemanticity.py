@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from walkthrough import parse, run
+from walkthrough import parse, run, workspace
 
 USAGE = "python scripts/monosemanticity.py out=DIR"
 
@@ -53,15 +53,7 @@ def sae_overrides(family: str, args: dict[str, str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     args = parse(argv, DEFAULTS, USAGE)
-    out = Path(args["out"]).expanduser().absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-
-    def save_timings() -> None:
-        timings_path.write_text(json.dumps(timings, indent=1))
+    out, logs, timings, save_timings = workspace(args)
 
     lm = Path(args["lm"]).expanduser().absolute() if args["lm"] else out / "lm"
     if not (lm / "metrics.json").exists():

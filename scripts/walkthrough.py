@@ -3,9 +3,11 @@ subprocesses of the other scripts, each logged and timed."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,3 +44,12 @@ def run(stage: str, script: str, *overrides: str, timings: dict, log: Path) -> N
             + "\n".join(log.read_text().splitlines()[-20:])
         )
     print(f"[{stage}] done in {timings[stage]:.0f} s", flush=True)
+
+
+def workspace(args: dict[str, str]) -> tuple[Path, Path, dict, Callable[[], None]]:
+    """(out, out/logs, the stage timings so far, a function saving them to out/timings.json), made if absent."""
+    out = Path(args["out"]).expanduser().absolute()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    path = out / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    return out, out / "logs", timings, lambda: path.write_text(json.dumps(timings, indent=1))
