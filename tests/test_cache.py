@@ -276,7 +276,7 @@ def test_command_line(tmp_path):
     }
     bad = {  # overrides -> text the error must contain
         "missing_npy": (["source=arrays", "source.path=missing.npy", "out=x"], "missing.npy': no such file"),
-        "unknown_source": (["source=nope", "out=x"], "source=nope is not one of arrays, lm, synthetic, toy"),
+        "unknown_source": (["source=nope", "out=x"], "source=nope is not one of arrays, hf, synthetic, toy"),
         "two_tensors": (["source=arrays", "source.path=two.safetensors", "out=x"], "pick one with source.tensor"),
         "int8": (["dtype=int8", "out=x"], "dtype='int8' is not one of"),
         "no_rows": (["source.n_rows=0", "out=x"], "source.n_rows=0 must be > 0"),
