@@ -95,10 +95,6 @@ class Corpus:
     val_fraction: float
     inline: tuple[str, ...] | None = None
 
-    @property
-    def files(self) -> tuple[str, ...]:
-        return self.docs
-
     def split(self, name: str) -> list[str]:
         """The document ids of split 'train' or 'val', in corpus order."""
         if name not in ("train", "val"):

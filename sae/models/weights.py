@@ -69,9 +69,6 @@ class Weights:
         except Exception as err:  # safetensors raises its own error types for a damaged header
             raise ModelError(f"{self.path / file} is not a readable safetensors file ({err})") from None
 
-    def __contains__(self, name: str) -> bool:
-        return self.prefix + name in self.files
-
     def __call__(self, name: str, shape: tuple[int, ...], init: str = "normal") -> jax.Array:
         """The tensor `name` (without the checkpoint's prefix), which must have `shape`. (`init` is for
         RandomWeights: the stored values are used here.)"""
@@ -100,10 +97,6 @@ class RandomWeights:
 
     def __init__(self, seed: int = 0, std: float = 0.02, dtype: jnp.dtype = jnp.float32):
         self.rng, self.std, self.dtype = np.random.default_rng(seed), std, dtype
-        self.path = None
-
-    def __contains__(self, name: str) -> bool:
-        return True
 
     def unprefixed(self, key: str, shape: tuple[int, ...], init: str = "normal") -> jax.Array:
         return self(key, shape, init)

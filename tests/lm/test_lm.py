@@ -123,12 +123,12 @@ def test_bpe_merges_counts_and_round_trip(corpus_dir, tmp_path):
 
 def test_split_is_by_file_deterministic_and_complete(corpus_dir):
     corpus = find_corpus(corpus_cfg(corpus_dir))
-    assert len(corpus.files) == 40 and all(f.endswith(".py") and not f.startswith("tests/") for f in corpus.files)
-    assert list(corpus.files) == sorted(corpus.files)
+    assert len(corpus.docs) == 40 and all(f.endswith(".py") and not f.startswith("tests/") for f in corpus.docs)
+    assert list(corpus.docs) == sorted(corpus.docs)
     train, val = corpus.split("train"), corpus.split("val")
-    assert set(train).isdisjoint(val) and sorted(train + val) == list(corpus.files)
+    assert set(train).isdisjoint(val) and sorted(train + val) == list(corpus.docs)
     assert 0 < len(val) < 40
-    assert val == [f for f in corpus.files if is_validation(f, 0.25)]
+    assert val == [f for f in corpus.docs if is_validation(f, 0.25)]
     assert find_corpus(corpus_cfg(corpus_dir)).split("val") == val  # deterministic
     tok = train_tokenizer([], 257)
     stream = corpus.tokens("val", tok)
