@@ -28,14 +28,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sae.config import CorpusConfig
+from sae.config import CorpusConfig, MeshConfig
 from sae.data.sources import ROW_SOURCES, Chunk, RowSourceEntry
 from sae.errors import DataError, require
 from sae.lm.text import Corpus, CorpusError, find_corpus
-from sae.models.base import ModelError, site_names
+from sae.models.base import ModelError, shard, site_names
 from sae.models.loading import DTYPES, load
 from sae.models.splice import embedding_cosine, loss_recovered
 from sae.models.tokenizer import Tokenizer
+from sae.parallel import make_mesh
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class HFRowsConfig:
     batch_size: int = 32  # sequences per forward pass
     keep_bos: bool = False  # keep the template's positions (BOS; BERT's [CLS] and [SEP]) in the store
     dtype: str = "float32"  # the model's weights and compute: float32 | bfloat16 | float16
+    model_shards: int = 1  # devices the weights are split over (a model that does not fit one device)
     split: str = "train"  # train | val: which of the corpus's documents
 
     def check(self) -> None:
@@ -60,6 +62,7 @@ class HFRowsConfig:
         require(self.n_ctx is None or self.n_ctx >= 2, f"source.n_ctx={self.n_ctx} must be ≥ 2")
         require(self.batch_size > 0, f"source.batch_size={self.batch_size} must be > 0")
         require(self.dtype in DTYPES, f"source.dtype={self.dtype!r} is not one of {list(DTYPES)}")
+        require(self.model_shards >= 1, f"source.model_shards={self.model_shards} must be ≥ 1")
         require(self.split in ("train", "val"), f"source.split={self.split!r} is not one of ['train', 'val']")
 
 
@@ -146,6 +149,10 @@ class HFRows:
     def __init__(self, cfg: HFRowsConfig, chunk_rows: int = 0, seed: int = 0, corpus: CorpusConfig | None = None):
         path = Path(cfg.path).expanduser().absolute()
         self.model, self.tokenizer = load(path, cfg.dtype)
+        if cfg.model_shards > 1:
+            if cfg.model_shards > jax.device_count():
+                raise DataError(f"source.model_shards={cfg.model_shards} exceeds the {jax.device_count()} devices")
+            self.model = shard(self.model, make_mesh(MeshConfig(data=1, model=cfg.model_shards)))
         c = self.model.config
         self.sites = _checked_sites(list(cfg.sites), c.n_layers)
         n_ctx = cfg.n_ctx if cfg.n_ctx is not None else min(c.n_ctx, 1024)
@@ -154,12 +161,22 @@ class HFRows:
         corpus_cfg = corpus or CorpusConfig()
         self.corpus = find_corpus(corpus_cfg)
         self.prefix, self.suffix = template(self.tokenizer, c.bos_token_id)
+        if any(t >= c.vocab_size for t in self.prefix + self.suffix):
+            raise DataError(
+                f"{path / 'config.json'}: the sequences' special tokens {self.prefix + self.suffix} (bos_token_id, "
+                f"the tokenizer's template) must be below vocab_size={c.vocab_size}"
+            )
         self.keep = slice(0, n_ctx) if cfg.keep_bos else slice(len(self.prefix), n_ctx - len(self.suffix))
         per_seq = len(range(n_ctx)[self.keep])
         self.n_sequences = math.ceil(cfg.n_rows / per_seq)
         self.windows = sequences(
             self.corpus, cfg.split, self.tokenizer, self.prefix, self.suffix, n_ctx, self.n_sequences, seed
         )
+        if self.windows.max() >= c.vocab_size:
+            raise DataError(
+                f"{path / 'tokenizer.json'} gives token id {int(self.windows.max())}, beyond the model's "
+                f"vocab_size={c.vocab_size} ({path / 'config.json'}): the tokenizer is not this model's"
+            )
         self.batch_size, self.n_rows, self.resume_unit = cfg.batch_size, self.n_sequences * per_seq, per_seq
         self.site_dims = {site: self.model.site_dim(site) for site in self.sites}
         self.d_in = self.site_dims[self.sites[0]]

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -149,6 +150,9 @@ def broken(kind: str, model, corpus, tmp_path) -> tuple[CacheConfig, str]:
     elif kind == "n_ctx":
         args["n_ctx"] = 64
         expected = "source.n_ctx=64 exceeds the model's 32 positions"
+    elif kind == "shards":
+        args["model_shards"] = 64
+        expected = f"source.model_shards=64 exceeds the {jax.device_count()} devices"
     elif kind == "no_text":
         (tmp_path / "empty.txt").write_text("\n\n")
         args["corpus"] = tmp_path / "empty.txt"
@@ -156,12 +160,20 @@ def broken(kind: str, model, corpus, tmp_path) -> tuple[CacheConfig, str]:
     else:
         (copy / "tokenizer.json").unlink()
         expected = f"'{copy}' has no tokenizer.json"
-    cfg = config(args["path"], args["corpus"], tmp_path / "out", sites=args["sites"], n_ctx=args["n_ctx"])
+    cfg = config(
+        args["path"],
+        args["corpus"],
+        tmp_path / "out",
+        sites=args["sites"],
+        n_ctx=args["n_ctx"],
+        model_shards=args.get("model_shards", 1),
+    )
     return cfg, expected
 
 
 @pytest.mark.parametrize(
-    "kind", ["no_config", "model_type", "missing_tensor", "wrong_shape", "site", "n_ctx", "no_text", "tokenizer"]
+    "kind",
+    ["no_config", "model_type", "missing_tensor", "wrong_shape", "site", "n_ctx", "shards", "no_text", "tokenizer"],
 )
 def test_bad_input_is_one_line_and_writes_nothing(kind, llama, corpus, tmp_path, capsys):
     cfg, expected = broken(kind, llama[0], corpus, tmp_path)
