@@ -32,7 +32,7 @@ from sae.config import CorpusConfig, MeshConfig
 from sae.data.sources import ROW_SOURCES, Chunk, RowSourceEntry
 from sae.errors import DataError, require
 from sae.lm.text import Corpus, CorpusError, find_corpus
-from sae.models.base import ModelError, shard, site_names
+from sae.models.base import SITE_NAMES, ModelError, shard, site_names
 from sae.models.loading import DTYPES, load
 from sae.models.splice import embedding_cosine, loss_recovered
 from sae.models.tokenizer import Tokenizer
@@ -134,8 +134,7 @@ def _checked_sites(sites: list[str], n_layers: int) -> list[str]:
         if site not in valid:
             raise DataError(
                 f"source.sites: {site!r} is not a site of this model; its sites are blocks.<0..{n_layers - 1}>."
-                "{hook_resid_pre, hook_attn_out, hook_resid_mid, ln2.hook_normalized, mlp.hook_pre, "
-                "mlp.hook_post, hook_mlp_out, hook_resid_post}"
+                f"{{{', '.join(SITE_NAMES)}}}"
             )
     return list(sites)
 

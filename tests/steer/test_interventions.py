@@ -2,7 +2,6 @@
 clean model exactly, ablation moves the site by −f_i d_i, adding α·v equals a hand-written splice, and
 strengths are arguments (a sweep compiles once), in the forward and in generation."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -93,4 +92,3 @@ def test_bad_interventions_name_the_problem(model, sae):
         steered(model, [Feature("blocks.0.mlp.hook_post", sae, 1)])
     with pytest.raises(ModelError, match="expected \\(1,\\)"):
         steered(model, [Add(SITE, np.ones(32))])(TOKENS, [1.0, 2.0])
-    assert jax.devices()  # the fixtures ran on the default device
