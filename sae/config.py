@@ -230,8 +230,9 @@ class CorpusConfig:
     pattern: str = "*.py"  # directory only: file-name glob, matched recursively under path
     exclude: list[str] = field(
         default_factory=lambda: ["site-packages", "dist-packages", "test", "tests", "idle_test"]
-    )  # directory only: directory names skipped
+    )  # directory only: names (globs) of the folders and files skipped
     val_fraction: float = 0.05  # documents (by a hash of their id: path, or file:line) held out for validation
+    header: str = ""  # a first line put before each document, {id} its id: '# Lib/{id}' gives '# Lib/json/decoder.py'
 
 
 @dataclass

@@ -27,16 +27,17 @@ def parse(argv: list[str], defaults: dict, usage: str) -> dict[str, str]:
 
 
 def run(stage: str, script: str, *overrides: str, timings: dict, log: Path) -> None:
-    """Run scripts/<script> with Hydra overrides, its output to log; exit with its tail on failure."""
-    print(f"[{stage}] {script} {' '.join(overrides)}", flush=True)
+    """Run scripts/<script> with Hydra overrides (see `command`)."""
+    command(stage, [sys.executable, str(ROOT / "scripts" / script), *overrides], timings=timings, log=log)
+
+
+def command(stage: str, argv: list[str], timings: dict, log: Path) -> None:
+    """Run argv, its output to log, timed into timings[stage]; exit with its tail on failure."""
+    shown = [Path(argv[1]).name, *argv[2:]] if argv[0] == sys.executable else argv
+    print(f"[{stage}] {' '.join(shown)}", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / script), *overrides],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
+        proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False)
     timings[stage] = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(

@@ -88,12 +88,14 @@ class Corpus:
     root: a directory (each matching file is a document, its id the relative path), a `.jsonl` file (each
     line's "text" is a document, id 'name:line') or a `.txt` file (paragraphs separated by blank lines,
     id 'name:paragraph'). `inline` holds the texts of a file corpus (a directory's are read when asked).
+    header: a first line put before each text, `{id}` replaced by the document's id ('# Lib/{id}': its path).
     """
 
     root: Path
     docs: tuple[str, ...]
     val_fraction: float
     inline: tuple[str, ...] | None = None
+    header: str = ""
 
     def split(self, name: str) -> list[str]:
         """The document ids of split 'train' or 'val', in corpus order."""
@@ -105,8 +107,10 @@ class Corpus:
         """The text of each document of a split (CorpusError naming a file that is not UTF-8 text)."""
         keep = set(self.split(name))
         if self.inline is not None:
-            return [t for d, t in zip(self.docs, self.inline) if d in keep]
-        return [read_text_file(self.root / d).decode("utf-8") for d in self.docs if d in keep]
+            texts = [(d, t) for d, t in zip(self.docs, self.inline) if d in keep]
+        else:
+            texts = [(d, read_text_file(self.root / d).decode("utf-8")) for d in self.docs if d in keep]
+        return [self.header.replace("{id}", d) + "\n" + t for d, t in texts] if self.header else [t for _, t in texts]
 
     def tokens(self, name: str, tokenizer: Tokenizer) -> np.ndarray:
         """The split as one token stream [n_tokens] (int32): each document's tokens followed by the
@@ -191,15 +195,16 @@ def find_corpus(cfg: CorpusConfig) -> Corpus:
         docs = _file_documents(root)
         if not docs:
             raise CorpusError(f"corpus.path={str(root)!r} holds no text")
-        return Corpus(root, tuple(d for d, _ in docs), cfg.val_fraction, tuple(t for _, t in docs))
+        return Corpus(root, tuple(d for d, _ in docs), cfg.val_fraction, tuple(t for _, t in docs), cfg.header)
     if not root.is_dir():
         raise CorpusError(f"corpus.path={str(root)!r} is neither a directory nor a .txt or .jsonl file")
     exclude = set(cfg.exclude)
+    skipped = lambda name: any(fnmatch.fnmatch(name, glob) for glob in exclude)
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in exclude]
+        dirnames[:] = [d for d in dirnames if not skipped(d)]
         for name in filenames:
-            if fnmatch.fnmatch(name, cfg.pattern):
+            if fnmatch.fnmatch(name, cfg.pattern) and not skipped(name):
                 path = Path(dirpath) / name
                 if path.is_file():
                     files.append(path.relative_to(root).as_posix())
@@ -210,7 +215,7 @@ def find_corpus(cfg: CorpusConfig) -> Corpus:
         )
     for file in files:  # before any tokenizer training: every file must be text
         read_text_file(root / file)
-    return Corpus(root, tuple(sorted(files)), cfg.val_fraction)
+    return Corpus(root, tuple(sorted(files)), cfg.val_fraction, header=cfg.header)
 
 
 def random_windows(tokens: np.ndarray, n_ctx: int, batch: int, rng: np.random.Generator) -> np.ndarray:

@@ -26,7 +26,7 @@ from flax import nnx
 
 from sae.export import LoadedSAE
 from sae.models.base import Model, ModelError, Replace
-from sae.models.generate import generate as sample
+from sae.models.generate import sampler as plain_sampler
 
 OPS = ("clamp", "scale", "ablate")
 
@@ -128,6 +128,42 @@ def steered(model: Model, interventions: Sequence[Intervention], capture: Sequen
     return call
 
 
+def positions(kind: str | Sequence[int], n_prompt: int, n_ctx: int) -> np.ndarray | None:
+    """The [n_ctx] mask of a generation's positions: "all" (None), "prompt" (its first n_prompt), "generated"
+    (the rest), or a list of indices. Masks index the n_ctx window, which slides once the text outgrows it."""
+    if isinstance(kind, str):
+        if kind == "all":
+            return None
+        if kind not in ("prompt", "generated"):
+            raise ModelError(f"positions={kind!r}: expected 'all', 'prompt', 'generated' or a list of indices")
+        mask = np.arange(n_ctx) < n_prompt
+        return mask if kind == "prompt" else ~mask
+    index = np.asarray(list(kind), int)
+    if index.size and not (0 <= index.min() and index.max() < n_ctx):
+        raise ModelError(f"positions {index.tolist()} fall outside the model's context 0..{n_ctx - 1}")
+    mask = np.zeros(n_ctx, bool)
+    mask[index] = True
+    return mask
+
+
+def sampler(model: Model, interventions: Sequence[Intervention] = ()):
+    """fn(prompt, n_tokens, strengths=None, temperature=0.0, seed=0) -> token ids: `sae.models.generate`'s
+    sampler with the interventions applied at every step, compiled once for all strengths, temperatures and
+    seeds (keep it to generate repeatedly)."""
+    interventions = list(interventions)
+    replacements(interventions, jnp.zeros(len(interventions)), model)  # bad sites and widths fail here
+    run = plain_sampler(model, lambda a: replacements(interventions, a))
+
+    def call(prompt, n_tokens, strengths=None, temperature: float = 0.0, seed: int = 0) -> list[int]:
+        s = jnp.zeros(len(interventions)) if strengths is None else jnp.asarray(strengths, jnp.float32)
+        if s.shape != (len(interventions),):
+            raise ModelError(f"strengths have shape {tuple(s.shape)}; expected ({len(interventions)},)")
+        return run(prompt, n_tokens, temperature, seed, s)
+
+    call.jitted = run.jitted
+    return call
+
+
 def generate(
     model: Model,
     prompt: list[int],
@@ -137,9 +173,5 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> list[int]:
-    """`sae.models.generate.generate` with the interventions applied at every step (positions masks index
-    the n_ctx window); strengths [n] are traced, so a sweep compiles once."""
-    interventions = list(interventions)
-    replacements(interventions, jnp.zeros(len(interventions)), model)
-    s = jnp.zeros(len(interventions)) if strengths is None else jnp.asarray(strengths, jnp.float32)
-    return sample(model, prompt, n_tokens, temperature, seed, lambda a: replacements(interventions, a), s)
+    """n_tokens continuing `prompt` with the interventions applied at every step (one `sampler`)."""
+    return sampler(model, interventions)(prompt, n_tokens, strengths, temperature, seed)
