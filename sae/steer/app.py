@@ -23,6 +23,7 @@ import errno
 import json
 import math
 import mimetypes
+import signal
 import sys
 import threading
 import traceback
@@ -498,6 +499,7 @@ def serve(run, lm=None, port: int = 8765) -> None:
     server = make_server(probe, port, inspect_dir if inspect_dir.is_dir() else None, run, model)
     url = f"http://{HOST}:{server.server_address[1]}/"
     print(f"sae-probe: {url} (site {probe.site}, d_sae {probe.sae.d_sae}); Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as Ctrl-C does
     try:
         server.serve_forever()
     except KeyboardInterrupt:

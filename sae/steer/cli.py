@@ -41,13 +41,21 @@ def _port(value: str) -> int:
     return int(value)
 
 
+def _help(items: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in items):
+        print(__doc__.strip())
+        sys.exit(0)
+
+
 def probe(argv: list[str] | None = None) -> None:
     """sae-probe: serve the probe app for an SAE run on 127.0.0.1."""
+    items = sys.argv[1:] if argv is None else argv
+    _help(items)
 
     def job():
         from sae.steer.app import serve
 
-        args = key_values(sys.argv[1:] if argv is None else argv, {"run": None, "lm": "", "port": "8765"}, PROBE_USAGE)
+        args = key_values(items, {"run": None, "lm": "", "port": "8765"}, PROBE_USAGE)
         serve(args["run"], args["lm"] or None, _port(args["port"]))
 
     sys.exit(run_job(job))
@@ -219,9 +227,10 @@ def _plot(report: dict, path: Path) -> None:
 
 def steer(argv: list[str] | None = None) -> None:
     """sae-steer extract | sweep."""
+    items = sys.argv[1:] if argv is None else argv
+    _help(items)
 
     def job():
-        items = sys.argv[1:] if argv is None else argv
         if not items or items[0] not in ("extract", "sweep"):
             raise ConfigError(f"the first word must be extract or sweep: {STEER_USAGE}")
         spec = EXTRACT if items[0] == "extract" else SWEEP

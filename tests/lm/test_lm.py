@@ -134,6 +134,10 @@ def test_split_is_by_file_deterministic_and_complete(corpus_dir):
     stream = corpus.tokens("val", tok)
     expected = [t for f in val for t in [*(corpus_dir / f).read_bytes(), None]]  # EOT after each file
     assert [tok.token_bytes(int(t))[0] if t != tok.eos_id else None for t in stream] == expected
+    skip = corpus.docs[0].rsplit("/", 1)[-1]
+    headed = find_corpus(dataclasses.replace(corpus_cfg(corpus_dir), header="# Lib/{id}", exclude=["tests", skip]))
+    assert skip not in [d.rsplit("/", 1)[-1] for d in headed.docs] and len(headed.docs) == 40 - 1
+    assert headed.texts("val") == [f"# Lib/{d}\n" + (corpus_dir / d).read_text() for d in headed.split("val")]
     with pytest.raises(CorpusError, match="corpus.path"):
         find_corpus(CorpusConfig(path=str(corpus_dir / "missing")))
     with pytest.raises(CorpusError, match="corpus.pattern"):
