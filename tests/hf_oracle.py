@@ -91,3 +91,48 @@ def assert_sites_match(ours: dict, theirs: dict, atol: float = 1e-4) -> None:
     for site, ref in theirs.items():
         diff = float(np.abs(np.asarray(ours[site], np.float32) - ref).max())
         assert diff <= atol, f"{site}: max |ours − transformers| = {diff:.3g} > {atol}"
+
+
+def tiny_gpt2(path: Path, n_layer: int = 2, n_positions: int = 32, **config) -> Path:
+    """A random GPT-2 (vocab 320, d_model 32, 4 heads; torch.manual_seed(0)) saved with a tokenizer at path."""
+    import transformers
+
+    torch.manual_seed(0)
+    c = transformers.GPT2Config(vocab_size=320, n_positions=n_positions, n_embd=32, n_layer=n_layer, n_head=4, **config)
+    return save_checkpoint(transformers.GPT2LMHeadModel(c).eval(), path)
+
+
+def tiny_llama(n_positions: int = 32, **config) -> torch.nn.Module:
+    """A random Llama with a BOS (vocab 320, d_model 32, 2 layers, GQA 4/2 heads; torch.manual_seed(0))."""
+    import transformers
+
+    torch.manual_seed(0)
+    fields = dict(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=n_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **config})).eval()
+
+
+def relu_sae(d_in: int = 32, d_sae: int = 64, seed: int = 1):
+    """A random ReLU SAE (SAELens 'standard', no pre-bias) as `sae.export.load_sae` would give it."""
+    import jax.numpy as jnp
+
+    from sae.export import LoadedSAE
+
+    rng = np.random.default_rng(seed)
+    params = {
+        "W_enc": jnp.asarray(rng.normal(0, 0.3, (d_in, d_sae)), jnp.float32),
+        "b_enc": jnp.asarray(rng.normal(0, 0.1, d_sae), jnp.float32),
+        "W_dec": jnp.asarray(rng.normal(0, 0.3, (d_sae, d_in)), jnp.float32),
+        "b_dec": jnp.zeros(d_in, jnp.float32),
+    }
+    cfg = {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": False}
+    return LoadedSAE("relu", params, cfg)

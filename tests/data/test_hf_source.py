@@ -9,8 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
-from hf_oracle import TEXT, save_checkpoint
+from hf_oracle import TEXT, save_checkpoint, tiny_llama
 from safetensors.numpy import load_file, save_file
 
 import sae.cache as cache_lib
@@ -25,20 +24,7 @@ N_CTX = 16
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation="eager",
-    )
-    hf = transformers.LlamaForCausalLM(config).eval()
+    hf = tiny_llama(attn_implementation="eager")
     return save_checkpoint(hf, tmp_path_factory.mktemp("llama")), hf
 
 

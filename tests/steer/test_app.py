@@ -10,17 +10,13 @@ import tempfile
 import threading
 import time
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from chromium import Chromium, _chromium
-from hf_oracle import save_checkpoint
+from hf_oracle import relu_sae, tiny_gpt2
 
 import sae.steer.app as app_module
 from sae.errors import DataError
-from sae.export import LoadedSAE
 from sae.models import load
 from sae.steer.app import make_server, serve
 from sae.steer.directions import Direction
@@ -38,22 +34,10 @@ N_NEW = 8
 def env(tmp_path_factory):
     """The model, SAE, probe, a saved direction, a run with a fake feature browser, and the server's port."""
     root = tmp_path_factory.mktemp("probe_app")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=320, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
-    )
-    checkpoint = save_checkpoint(transformers.GPT2LMHeadModel(config).eval(), root / "model")
+    checkpoint = tiny_gpt2(root / "model", bos_token_id=0, eos_token_id=0)
     model, tokenizer = load(checkpoint)
     rng = np.random.default_rng(1)
-    params = {
-        "W_enc": jnp.asarray(rng.normal(0, 0.3, (32, 64)), jnp.float32),
-        "b_enc": jnp.asarray(rng.normal(0, 0.1, 64), jnp.float32),
-        "W_dec": jnp.asarray(rng.normal(0, 0.3, (64, 32)), jnp.float32),
-        "b_dec": jnp.zeros(32, jnp.float32),
-    }
-    sae = LoadedSAE(
-        "relu", params, {"architecture": "standard", "d_in": 32, "d_sae": 64, "apply_b_dec_to_input": False}
-    )
+    sae = relu_sae()
     probe = Probe(model, tokenizer, sae, SITE)
     direction = root / "direction"
     Direction(["blocks.1.hook_resid_post", SITE], rng.normal(size=(2, 32)).astype(np.float32), "mean", "x").save(
@@ -182,7 +166,8 @@ def test_drivers_equal_the_probe(env):
 
 def test_generate_equals_the_probe_and_zero_strengths_change_nothing(env):
     probe, sae = env["probe"], env["sae"]
-    decode, vocab = probe.tokenizer.decode, probe.vocab
+    decode = probe.tokenizer.decode
+    vocab = {t: probe.vocab[t] if t < len(probe.vocab) else f"<{t}>" for t in range(320)}  # 320 ids, 300 strings
     body = {"text": PROMPT, "max_new_tokens": N_NEW, "interventions": [{"feature": 3, "op": "clamp", "value": 5.0}]}
     got = post(env, "/api/generate", body)
     want = probe.generate(PROMPT, [Feature(SITE, sae, 3, "clamp")], [5.0], N_NEW)

@@ -3,9 +3,7 @@ pca_diff's sign and axis; save / load; monitoring projections; bad inputs."""
 
 import numpy as np
 import pytest
-import torch
-import transformers
-from hf_oracle import save_checkpoint
+from hf_oracle import tiny_gpt2
 
 from sae.errors import DataError
 from sae.models import load
@@ -16,9 +14,7 @@ SITES = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_mid"]
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=320, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    return load(save_checkpoint(transformers.GPT2LMHeadModel(config).eval(), tmp_path_factory.mktemp("m")))[0]
+    return load(tiny_gpt2(tmp_path_factory.mktemp("m")))[0]
 
 
 def examples(seed: int, n: int) -> list[Example]:

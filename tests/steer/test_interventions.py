@@ -5,11 +5,8 @@ strengths are arguments (a sweep compiles once), in the forward and in generatio
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
-from hf_oracle import save_checkpoint
+from hf_oracle import relu_sae, tiny_gpt2
 
-from sae.export import LoadedSAE
 from sae.models import ModelError, load
 from sae.models.generate import generate as plain_generate
 from sae.steer.interventions import Add, Feature, generate, steered
@@ -20,24 +17,13 @@ TOKENS = np.random.default_rng(0).integers(0, 320, (2, 10))
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=320, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    return load(save_checkpoint(transformers.GPT2LMHeadModel(config).eval(), tmp_path_factory.mktemp("m")))[0]
+    return load(tiny_gpt2(tmp_path_factory.mktemp("m")))[0]
 
 
 @pytest.fixture(scope="module")
 def sae():
     """A ReLU SAE with 64 features on the 32-wide residual stream (SAELens 'standard')."""
-    rng = np.random.default_rng(1)
-    params = {
-        "W_enc": jnp.asarray(rng.normal(0, 0.3, (32, 64)), jnp.float32),
-        "b_enc": jnp.asarray(rng.normal(0, 0.1, 64), jnp.float32),
-        "W_dec": jnp.asarray(rng.normal(0, 0.3, (64, 32)), jnp.float32),
-        "b_dec": jnp.zeros(32, jnp.float32),
-    }
-    return LoadedSAE(
-        "relu", params, {"architecture": "standard", "d_in": 32, "d_sae": 64, "apply_b_dec_to_input": False}
-    )
+    return relu_sae()
 
 
 def test_zero_strength_and_an_unchanged_feature_are_the_clean_model(model, sae):

@@ -10,9 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
-from hf_oracle import TEXT, save_checkpoint
+from hf_oracle import TEXT, save_checkpoint, tiny_llama
 
 from sae.architectures import FAMILIES, make_sae
 from sae.cache import cache
@@ -32,19 +30,7 @@ N_CTX = 24
 def run(tmp_path_factory):
     """(run dir, store dir, model dir): a store of SITE and a TopK SAE exported with sae-train's metadata."""
     root = tmp_path_factory.mktemp("probe")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=N_CTX,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = save_checkpoint(transformers.LlamaForCausalLM(config).eval(), root / "model")
+    model = save_checkpoint(tiny_llama(N_CTX), root / "model")
     (root / "text").mkdir()
     for i in range(12):
         (root / "text" / f"d{i}.txt").write_text("".join(TEXT[i % 4 :: 2]))

@@ -8,9 +8,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
-from hf_oracle import save_checkpoint
+from hf_oracle import tiny_gpt2
 
 from sae.data.hf import template
 from sae.models import load
@@ -26,9 +24,7 @@ SITES = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post"]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=320, n_positions=48, n_embd=32, n_layer=1, n_head=4)
-    return save_checkpoint(transformers.GPT2LMHeadModel(config).eval(), tmp_path_factory.mktemp("m"))
+    return tiny_gpt2(tmp_path_factory.mktemp("m"), n_layer=1, n_positions=48)
 
 
 @pytest.fixture(scope="module")
