@@ -20,9 +20,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
-from walkthrough import parse, run, workspace
+from walkthrough import lm_stage, parse, run, workspace
 
 USAGE = "python scripts/monosemanticity.py out=DIR"
 
@@ -55,17 +54,7 @@ def main(argv: list[str]) -> None:
     args = parse(argv, DEFAULTS, USAGE)
     out, logs, timings, save_timings = workspace(args)
 
-    lm = Path(args["lm"]).expanduser().absolute() if args["lm"] else out / "lm"
-    if not (lm / "metrics.json").exists():
-        run(
-            "lm-train",
-            "train_lm.py",
-            f"trainer.steps={args['lm_steps']}",
-            f"hydra.run.dir={lm}",
-            timings=timings,
-            log=logs / "lm_train.log",
-        )
-        save_timings()
+    lm = lm_stage(args, out, logs, timings, save_timings)
     store = out / "store"
     corpus = json.loads((lm / "lm_config.json").read_text())["corpus"]  # the LM's own text and split
     if not (store / "manifest.json").exists():

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from walkthrough import command, parse, run, workspace
+from walkthrough import command, lm_stage, parse, workspace
 
 USAGE = "python scripts/steer_test_code.py out=DIR"
 HEADER = "# Lib/{id}"
@@ -86,19 +86,7 @@ def write_texts(lm: Path, out: Path, n_examples: int, n_prompts: int) -> dict:
 def main(argv: list[str]) -> None:
     args = parse(argv, DEFAULTS, USAGE)
     out, logs, timings, save_timings = workspace(args)
-    lm = Path(args["lm"]).expanduser().absolute() if args["lm"] else out / "lm"
-    if not (lm / "metrics.json").exists():
-        run(
-            "lm-train",
-            "train_lm.py",
-            f"trainer.steps={args['lm_steps']}",
-            f"corpus.exclude={EXCLUDE}",
-            f"corpus.header='{HEADER}'",
-            f"hydra.run.dir={lm}",
-            timings=timings,
-            log=logs / "lm_train.log",
-        )
-        save_timings()
+    lm = lm_stage(args, out, logs, timings, save_timings, f"corpus.exclude={EXCLUDE}", f"corpus.header='{HEADER}'")
     texts = out / "texts"
     if not (texts / "prompts.txt").exists():
         print(f"[texts] {write_texts(lm, texts, int(args['n_examples']), int(args['n_prompts']))}", flush=True)

@@ -47,6 +47,17 @@ def command(stage: str, argv: list[str], timings: dict, log: Path) -> None:
     print(f"[{stage}] done in {timings[stage]:.0f} s", flush=True)
 
 
+def lm_stage(args: dict[str, str], out: Path, logs: Path, timings: dict, save_timings, *overrides: str) -> Path:
+    """The LM of a walkthrough: args["lm"] (an lm-train run) or out/lm, trained for args["lm_steps"] steps
+    with `overrides` unless it is there already. Returns its run directory."""
+    lm = Path(args["lm"]).expanduser().absolute() if args["lm"] else out / "lm"
+    if not (lm / "metrics.json").exists():
+        steps, where = f"trainer.steps={args['lm_steps']}", f"hydra.run.dir={lm}"
+        run("lm-train", "train_lm.py", steps, *overrides, where, timings=timings, log=logs / "lm_train.log")
+        save_timings()
+    return lm
+
+
 def workspace(args: dict[str, str]) -> tuple[Path, Path, dict, Callable[[], None]]:
     """(out, out/logs, the stage timings so far, a function saving them to out/timings.json), made if absent."""
     out = Path(args["out"]).expanduser().absolute()

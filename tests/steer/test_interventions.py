@@ -9,7 +9,7 @@ from hf_oracle import relu_sae, tiny_gpt2
 
 from sae.models import ModelError, load
 from sae.models.generate import generate as plain_generate
-from sae.steer.interventions import Add, Feature, generate, steered
+from sae.steer.interventions import Add, Feature, generate, positions, steered
 
 SITE = "blocks.0.hook_resid_post"
 TOKENS = np.random.default_rng(0).integers(0, 320, (2, 10))
@@ -78,3 +78,14 @@ def test_bad_interventions_name_the_problem(model, sae):
         steered(model, [Feature("blocks.0.mlp.hook_post", sae, 1)])
     with pytest.raises(ModelError, match="expected \\(1,\\)"):
         steered(model, [Add(SITE, np.ones(32))])(TOKENS, [1.0, 2.0])
+
+
+def test_positions_name_the_prompt_the_generated_tokens_or_a_list():
+    assert positions("all", 3, 6) is None
+    assert positions("prompt", 3, 6).tolist() == [True, True, True, False, False, False]
+    assert positions("generated", 3, 6).tolist() == [False, False, False, True, True, True]
+    assert positions([0, 5], 3, 6).tolist() == [True, False, False, False, False, True]
+    with pytest.raises(ModelError, match="positions='middle'"):
+        positions("middle", 3, 6)
+    with pytest.raises(ModelError, match=r"positions \[6\] fall outside the model's context 0..5"):
+        positions([6], 3, 6)
