@@ -499,10 +499,13 @@ def serve(run, lm=None, port: int = 8765) -> None:
     server = make_server(probe, port, inspect_dir if inspect_dir.is_dir() else None, run, model)
     url = f"http://{HOST}:{server.server_address[1]}/"
     print(f"sae-probe: {url} (site {probe.site}, d_sae {probe.sae.d_sae}); Ctrl-C stops", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as Ctrl-C does
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None  # `kill` stops it too
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("sae-probe: stopped", file=sys.stderr)
     finally:
         server.server_close()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
