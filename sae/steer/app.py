@@ -119,12 +119,6 @@ def _feature(probe: Probe, value, key: str) -> int:
     return value
 
 
-def _token(probe: Probe, t) -> str:
-    """A token id's string (a model's vocabulary may be padded past its tokenizer's: those read <id>)."""
-    t = int(t)
-    return probe.vocab[t] if 0 <= t < len(probe.vocab) else f"<{t}>"
-
-
 def _num(x) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
@@ -219,7 +213,7 @@ class App:
             ids, _ = self.probe.tokens(text)
         body_ids = ids[len(self.probe.prefix) :][: position + 1]
         return {
-            "tokens": [_token(self.probe, t) for t in body_ids],
+            "tokens": [self.probe.string(int(t)) for t in body_ids],
             "value": _num(got.value),
             "leave_one_out": [_num(v) for v in got.leave_one_out],
             "grad_x_input": [_num(v) for v in got.grad_x_input],
@@ -297,12 +291,12 @@ class App:
             strengths = np.asarray([s for _, s in parsed], np.float32)
             got = self.probe.generate(text, steer, strengths, max_new, temperature, seed)
         decode = self.probe.tokenizer.decode
-        pairs = lambda dist: [[_token(self.probe, t), _num(q)] for t, q in zip(*dist)]
+        pairs = lambda dist: [[self.probe.string(int(t)), _num(q)] for t, q in zip(*dist)]
         return {
             "default": decode(got.default),
             "steered": decode(got.steered),
-            "default_tokens": [_token(self.probe, t) for t in got.default],
-            "steered_tokens": [_token(self.probe, t) for t in got.steered],
+            "default_tokens": [self.probe.string(int(t)) for t in got.default],
+            "steered_tokens": [self.probe.string(int(t)) for t in got.steered],
             "next_before": pairs(got.next_before),
             "next_after": pairs(got.next_after),
         }

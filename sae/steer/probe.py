@@ -174,6 +174,10 @@ class Probe:
             tokens[i, : len(s)], lengths[i] = s, len(s)
         return tokens, lengths
 
+    def string(self, token: int) -> str:
+        """A token id's text (a model's vocabulary may be padded past its tokenizer's: those read <id>)."""
+        return self.vocab[token] if 0 <= token < len(self.vocab) else f"<{token}>"
+
     def _check_feature(self, feature: int) -> int:
         if not isinstance(feature, (int, np.integer)) or not 0 <= feature < self.sae.d_sae:
             raise DataError(f"feature {feature!r} is out of range: the SAE has features 0..{self.sae.d_sae - 1}")
@@ -187,7 +191,7 @@ class Probe:
         tokens, lengths = self._batch([ids])
         f = np.asarray(self._codes(self._state, tokens, lengths)[0, len(self.prefix) : len(ids)])
         body = ids[len(self.prefix) :]
-        return Reading(body, [self.vocab[t] for t in body], f, cut)
+        return Reading(body, [self.string(t) for t in body], f, cut)
 
     def diff(self, before: str | Sequence[int], after: str | Sequence[int]) -> Diff:
         """`after`'s features against `before`'s, token by token (one batched forward)."""
@@ -201,7 +205,7 @@ class Probe:
         for block in blocks:
             match[block.b : block.b + block.size] = np.arange(block.a, block.a + block.size)
         delta = np.where(match[:, None] >= 0, fb - fa[np.maximum(match, 0)], fb)
-        strings = lambda ids: [self.vocab[t] for t in ids]
+        strings = lambda ids: [self.string(t) for t in ids]
         return Diff(Reading(a[p:], strings(a[p:]), fa, cut_a), Reading(b[p:], strings(b[p:]), fb, cut_b), match, delta)
 
     def drivers(self, text: str | Sequence[int], feature: int, position: int) -> Drivers:

@@ -41,7 +41,7 @@ def read_records(path: str | Path, key: str) -> list[dict]:
             records.append({"prompt": item.get("prompt", ""), "response": item.get("response", item.get("text", ""))})
     else:
         lines = text.split("\n")
-        parts = "\n".join(lines).split("\n---\n") if "---" in lines else lines
+        parts = text.split("\n---\n") if "---" in lines else lines
         records = [{"prompt": "", "response": p.strip("\n")} for p in parts if p.strip()]
     if not records:
         raise DataError(f"{key}='{path}' holds no examples")
