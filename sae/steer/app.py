@@ -5,7 +5,9 @@ into JSON; every request goes through the probe one at a time (a lock).
     GET  /                 the page
     GET  /api/info         {site, d_sae, d_in, n_ctx, architecture, model, run, has_browser}
     GET  /inspect/PATH     the run's feature browser (RUN/inspect/, sae-inspect's output), when there is one
-    POST /api/activations  {text, features?, top?}            -> tokens, ids, top, features, truncated[, warning]
+    POST /api/activations  {text, features?, top?, direction?, direction_site?}
+                                                              -> tokens, ids, top, features, truncated[, warning]
+                                                                 [, projection: {site, values, mean}]
     POST /api/diff         {before, after, top?}              -> tokens, before_tokens, match, changes, changed, removed
     POST /api/drivers      {text, feature, position}          -> tokens, value, leave_one_out, grad_x_input
     POST /api/generate     {text, interventions, max_new_tokens?, seed?, temperature?}
@@ -163,8 +165,14 @@ class App:
         if not isinstance(chosen, list):
             raise BadRequest(f"features={_show(chosen)}: expected a list of feature ids")
         chosen = [_feature(self.probe, f, f"features[{j}]") for j, f in enumerate(chosen)]
+        monitor = None
+        if body.get("direction"):
+            monitor = self._direction({"direction": body["direction"], "site": body.get("direction_site")})
         with self.lock:
             reading = self.probe.activations(text)
+            if monitor is not None:
+                direction, site = monitor
+                along = self.probe.projection(text, direction.vector(site), site)
         idx, values = reading.top(top)
         out = {
             "tokens": list(reading.strings),
@@ -173,6 +181,8 @@ class App:
             "features": {str(f): [_num(v) for v in reading.codes[:, f]] for f in chosen},
             "truncated": int(reading.truncated),
         }
+        if monitor is not None:
+            out["projection"] = {"site": site, "values": [_num(v) for v in along], "mean": _num(along.mean())}
         if reading.truncated:
             out["warning"] = (
                 f"the text is {reading.truncated} tokens longer than the model's context of {self.probe.n_ctx} "
@@ -241,25 +251,31 @@ class App:
                 return iv.Add(p.site, vector, mask), value
             return iv.Feature(p.site, p.sae, feature, op, mask), value
         if "direction" in item:
-            path = item["direction"]
-            if not isinstance(path, str) or not path.strip():
-                raise BadRequest(f"{where}direction={_show(path)}: expected a direction directory (a string)")
-            try:
-                direction = Direction.load(path)
-            except DataError as err:
-                raise BadRequest(f"{where}direction={path!r}: {err}") from None
-            except Exception as err:  # a damaged direction.json / .safetensors
-                raise BadRequest(f"{where}direction={path!r} cannot be loaded ({type(err).__name__}: {err})") from None
-            site = item.get("site")
-            if site is None:
-                site = p.site if p.site in direction.sites else direction.sites[0]
-            if not isinstance(site, str) or site not in direction.sites:
-                raise BadRequest(f"{where}site={_show(site)}: the direction has the sites {direction.sites}")
-            if site not in p.model.sites:
-                raise BadRequest(f"{where}site={site!r} is not a site of this model")
+            direction, site = self._direction(item, where)
             strength = _number(item, "strength", where=where)
             return iv.Add(site, np.asarray(direction.vector(site), np.float32), mask), strength
         raise BadRequest(f"interventions[{j}]: expected a 'feature' or a 'direction' key")
+
+    def _direction(self, item: dict, where: str = "") -> tuple[Direction, str]:
+        """The direction saved at item["direction"] and its site (item["site"], else the SAE's when the
+        direction has it, else its first)."""
+        p, path = self.probe, item["direction"]
+        if not isinstance(path, str) or not path.strip():
+            raise BadRequest(f"{where}direction={_show(path)}: expected a direction directory (a string)")
+        try:
+            direction = Direction.load(path)
+        except DataError as err:
+            raise BadRequest(f"{where}direction={path!r}: {err}") from None
+        except Exception as err:  # a damaged direction.json / .safetensors
+            raise BadRequest(f"{where}direction={path!r} cannot be loaded ({type(err).__name__}: {err})") from None
+        site = item.get("site")
+        if site is None:
+            site = p.site if p.site in direction.sites else direction.sites[0]
+        if not isinstance(site, str) or site not in direction.sites:
+            raise BadRequest(f"{where}site={_show(site)}: the direction has the sites {direction.sites}")
+        if site not in p.model.sites:
+            raise BadRequest(f"{where}site={site!r} is not a site of this model")
+        return direction, site
 
     def _positions(self, kind, key: str, n_prompt: int) -> np.ndarray | None:
         if isinstance(kind, str):

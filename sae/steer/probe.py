@@ -7,6 +7,7 @@ cut to the model's context; template positions are not shown, as the store has n
 a fixed [batch, n_ctx] buffer (batches rounded up to powers of two), so a new text never recompiles.
 
     activations(text)             f [n, d_sae] = encode(x_site) per token                    (`Reading`)
+    projection(text, v, site)     monitoring: h_site · v / ‖v‖ per token
     diff(before, after)           after's tokens aligned to before's (difflib on token ids); Δf = f_after −
                                   f_before at matched tokens (a causal model: exactly 0 before an edit)
     drivers(text, i, p)           leave-one-out: f_i(p) − f_i(p − 1 in the text with token j deleted), j < p;
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -41,6 +43,7 @@ from sae.export import LoadedSAE, load_sae
 from sae.models import load
 from sae.models.base import Model, ModelError
 from sae.models.tokenizer import Tokenizer
+from sae.steer.directions import projection
 from sae.steer.interventions import Intervention, sampler, steered
 
 INPUT_SITE = "blocks.0.hook_resid_pre"  # gradient × input is taken on the embeddings the blocks read
@@ -146,6 +149,12 @@ class Probe:
             return jnp.sum(g[0] * (h - base[INPUT_SITE][0]).astype(jnp.float32), axis=-1)
 
         self._codes, self._at, self._gxi = codes, at, grad_x_input
+
+        @partial(jax.jit, static_argnums=3)
+        def site_acts(state, tokens, lengths, where):  # [b, n_ctx, d] at any site
+            return forward(state, tokens, lengths, None, (where,))[where]
+
+        self._site_acts = site_acts
         self._samplers: dict[tuple, object] = {}
 
     # --- text in, tokens out ---------------------------------------------------------------------------
@@ -192,6 +201,16 @@ class Probe:
         f = np.asarray(self._codes(self._state, tokens, lengths)[0, len(self.prefix) : len(ids)])
         body = ids[len(self.prefix) :]
         return Reading(body, [self.string(t) for t in body], f, cut)
+
+    def projection(self, text: str | Sequence[int], vector: np.ndarray, site: str) -> np.ndarray:
+        """Monitoring along a text: each token's activation at `site` projected on the unit direction
+        `vector` (`directions.projection`), template dropped: [n]."""
+        if site not in self.model.sites or self.model.site_dim(site) != len(vector):
+            raise DataError(f"a direction of width {len(vector)} does not fit site {site!r} of this model")
+        ids, _ = self.tokens(text)
+        tokens, lengths = self._batch([ids])
+        acts = np.asarray(self._site_acts(self._state, tokens, lengths, site)[0, len(self.prefix) : len(ids)])
+        return projection(acts, vector)
 
     def diff(self, before: str | Sequence[int], after: str | Sequence[int]) -> Diff:
         """`after`'s features against `before`'s, token by token (one batched forward)."""

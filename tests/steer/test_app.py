@@ -131,6 +131,12 @@ def test_activations_equal_the_probe(env):
     assert got["features"] == {"3": reading.codes[:, 3].tolist(), "17": reading.codes[:, 17].tolist()}
     assert got["truncated"] == 0 and "warning" not in got
     assert len(post(env, "/api/activations", {"text": TEXT})["top"][0]) == 8  # the default
+    # Monitoring: the projection on a saved direction at its site, per token and pooled.
+    watched = post(env, "/api/activations", {"text": TEXT, "direction": str(env["direction"])})["projection"]
+    v = Direction.load(env["direction"]).vector(SITE)
+    acts = np.asarray(probe.model(np.asarray([probe.tokens(TEXT)[0]]), [SITE])[1][SITE][0])
+    np.testing.assert_allclose(watched["values"], acts[len(probe.prefix) :] @ v / np.linalg.norm(v), atol=1e-5)
+    assert watched["site"] == SITE and watched["mean"] == pytest.approx(np.mean(watched["values"]), abs=1e-6)
     long = post(env, "/api/activations", {"text": TEXT * 6})
     assert long["truncated"] == probe.activations(TEXT * 6).truncated > 0
     assert len(long["tokens"]) == 31 and "cut off" in long["warning"]
@@ -213,6 +219,14 @@ def bad_requests(env) -> list:
         ("POST", "/api/activations", {"text": "  \n"}, 400, "text: the text is empty"),
         ("POST", "/api/activations", {"text": TEXT, "features": [64]}, 400, "features[0]=64 is out of range"),
         ("POST", "/api/activations", {"text": TEXT, "features": [-1]}, 400, "features[0]=-1 is out of range"),
+        ("POST", "/api/activations", {"text": TEXT, "direction": "/nowhere"}, 400, "direction='/nowhere'"),
+        (
+            "POST",
+            "/api/activations",
+            {"text": TEXT, "direction": str(env["direction"]), "direction_site": "x"},
+            400,
+            'site="x": the direction has the sites',
+        ),
         ("POST", "/api/activations", {"text": TEXT, "features": "3"}, 400, 'features="3": expected a list'),
         ("POST", "/api/activations", {"text": TEXT, "top": 0}, 400, "top=0 is out of range"),
         ("POST", "/api/activations", {"text": TEXT, "top": "8"}, 400, 'top="8": expected an integer'),
@@ -361,6 +375,19 @@ def test_page_in_chromium_shows_what_the_api_says(env, tmp_path):
         browser.wait_for("window.PROBE_DONE.activations >= 2", timeout=30)
         shown = js("Array.from(document.querySelectorAll('#feature-row-17 .ftok')).map(s => +s.dataset.value)")
         assert shown == post(env, "/api/activations", {"text": TEXT, "features": [17]})["features"]["17"]
+        # Monitoring along the text: a saved direction's projection per token.
+        js(
+            f"var m = document.getElementById('monitor'); m.value = {json.dumps(str(env['direction']))};"
+            "m.dispatchEvent(new Event('input'))"
+        )
+        browser.wait_for("!!document.querySelector('#projection-row')", timeout=30)
+        shown = js("Array.from(document.querySelectorAll('#projection-row .ftok')).map(s => +s.dataset.value)")
+        assert (
+            shown
+            == post(env, "/api/activations", {"text": TEXT, "direction": str(env["direction"])})["projection"]["values"]
+        )
+        js("var m = document.getElementById('monitor'); m.value = ''; m.dispatchEvent(new Event('input'))")
+        browser.wait_for("!document.querySelector('#projection-row')", timeout=30)
         # Edit: the `changed` marks and the selected token's changes are the diff's.
         type_text(EDITED, "diff", 1)
         diff = post(env, "/api/diff", {"before": TEXT, "after": EDITED})
