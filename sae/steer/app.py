@@ -490,23 +490,32 @@ class Server(ThreadingHTTPServer):
 def make_server(probe: Probe, port: int = 0, inspect_dir=None, run=None, model=None) -> ThreadingHTTPServer:
     """The app's server on 127.0.0.1:port (0: any free port; server.server_address[1] says which), not yet
     serving. DataError naming the port when it is in use."""
+    server = _bind(port)
+    server.app = App(probe, inspect_dir, run, model)
+    return server
+
+
+def _bind(port: int) -> Server:
     try:
-        server = Server((HOST, port), Handler)
+        return Server((HOST, port), Handler)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise DataError(f"port={port} is in use on {HOST}; give another with port=N") from None
         raise
-    server.app = App(probe, inspect_dir, run, model)
-    return server
 
 
 def serve(run, lm=None, port: int = 8765) -> None:
     """Open the probe of an SAE run and serve the app on 127.0.0.1:port until Ctrl-C."""
     run = Path(run)
-    probe = open_probe(run, lm)
+    server = _bind(port)  # a port in use is refused before the model is loaded
+    try:
+        probe = open_probe(run, lm)
+    except BaseException:
+        server.server_close()
+        raise
     model = Path(lm) if lm else model_path(run)
     inspect_dir = run / "inspect"
-    server = make_server(probe, port, inspect_dir if inspect_dir.is_dir() else None, run, model)
+    server.app = App(probe, inspect_dir if inspect_dir.is_dir() else None, run, model)
     url = f"http://{HOST}:{server.server_address[1]}/"
     print(f"sae-probe: {url} (site {probe.site}, d_sae {probe.sae.d_sae}); Ctrl-C stops", flush=True)
     main = threading.current_thread() is threading.main_thread()

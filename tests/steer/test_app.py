@@ -317,11 +317,12 @@ def test_a_port_in_use_is_refused_in_one_line(env, monkeypatch, capsys):
     try:
         with pytest.raises(DataError, match=re.escape(message)):
             make_server(env["probe"], port)
-        monkeypatch.setattr(app_module, "open_probe", lambda run, lm: env["probe"])
+        monkeypatch.setattr(app_module, "open_probe", lambda run, lm: pytest.fail("the model loaded before the port"))
         with pytest.raises(DataError, match=re.escape(message)):
             serve(env["run"], env["run"].parent / "model", port)
     finally:
         busy.close()
+    monkeypatch.setattr(app_module, "open_probe", lambda run, lm: env["probe"])
 
     # serve() prints one line, and Ctrl-C (here raised by serve_forever) ends it cleanly.
     def interrupted(self):
