@@ -170,10 +170,10 @@ def sweep(args: dict) -> None:
         site, table = choose_site(steerer, direction, max(abs(a) for a in alphas))
     else:
         site, table = args["site"], {}
-        direction.vector(site)  # a site the direction lacks fails here, naming its sites
-    v = direction.vector(site)
+    v = direction.vector(site)  # a site the direction lacks fails here, naming its sites
     result = steerer.sweep(site, v, alphas)
-    clean_scores = [steerer.score(t) for t in steerer.at(site, v, 0.0)[2]]
+    clean = result.continuations[alphas.index(0.0)] if 0.0 in alphas else steerer.at(site, v, 0.0)[2]
+    clean_scores = [steerer.score(t) for t in clean]
     report = {
         "site": site,
         "site_choice": table,
