@@ -1,8 +1,9 @@
 """Evaluation on held-out activations: reconstruction, sparsity, feature density, ground-truth recovery.
 
 Normalisers: `mse` is per element (mean over tokens and d_in, as torch's mse_loss and SAELens's
-metrics/mse); `fvu` = Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over the whole held-out set (variance about
-the mean); `explained_variance` = 1 − fvu. All in the raw (unnormalised) input units.
+metrics/mse); `fvu` = Σ‖y − ŷ‖² / Σ‖y − mean(y)‖² over the whole held-out set (variance about
+the mean), y the target (x for an SAE; a CLT's summed over its layers, and also given per layer);
+`explained_variance` = 1 − fvu. All in the raw (unnormalised) units.
 """
 
 from __future__ import annotations
@@ -15,38 +16,55 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae.architectures import SAE, Params
-from sae.architectures.base import check_input, rows
+from sae.architectures.base import check_input, pair, rows
 from sae.errors import DataError
 
 RECOVERY_COSINE = 0.9
 
 
 def _batch_sums(sae: SAE):
+    """Per-batch sums of a batch x (an SAE: the target is x) or (x, y) (a transcoder). Sums over tokens; a
+    CLT's keep its layer axis ([L] for the scalars), and its per-latent sums are flattened layer-major."""
+
     @jax.jit
-    def sums(params, buffers, input_scale, x):
+    def sums(params, buffers, input_scale, batch):
+        x, y = pair(batch)
         x = x.astype(jnp.float32)
         f = sae.encode(params, x * input_scale, buffers)
-        x_hat = sae.decode(params, f) / input_scale
+        if y is None:
+            y, y_hat = x, sae.decode(params, f) / input_scale
+        else:  # a transcoder's target is not scaled
+            y, y_hat = y.astype(jnp.float32), sae.decode(params, f) + sae.skip(params, x * input_scale)
+        per_token, tokens = -1, 0  # sums over the last axis (d or features), then over tokens
         return {
             "n": jnp.asarray(x.shape[0], jnp.float32),
-            "squared_error": jnp.sum(jnp.square(x - x_hat)),
-            "x_sum": jnp.sum(x, axis=0),
-            "x_squared": jnp.sum(jnp.square(x)),
-            "l0": jnp.sum(f != 0),
+            "squared_error": jnp.sum(jnp.square(y - y_hat), axis=per_token).sum(axis=tokens),
+            "y_sum": jnp.sum(y, axis=tokens),
+            "y_squared": jnp.sum(jnp.square(y), axis=per_token).sum(axis=tokens),
+            "l0": jnp.sum(f != 0, axis=per_token).sum(axis=tokens),
             "l1": jnp.sum(jnp.abs(f)),
-            "fires": jnp.sum(f != 0, axis=0),
-            "activation_sum": jnp.sum(f, axis=0),
-            "activation_max": jnp.max(f, axis=0),
+            "fires": jnp.sum(f != 0, axis=tokens).reshape(-1),
+            "activation_sum": jnp.sum(f, axis=tokens).reshape(-1),
+            "activation_max": jnp.max(f, axis=tokens).reshape(-1),
         }
 
     return sums
 
 
+def _checked(where: str, sae: SAE, batch):
+    """A batch as 2-D rows x [n, d_in] (and y [n, d_out]); a CLT's as [n, L, d]. DataError naming the width."""
+    x, y = pair(batch)
+    if sae.cross_layer:
+        return sae.check_layers(where, "a batch's x", x, "d_in"), sae.check_layers(where, "a batch's y", y, "d_out")
+    x = rows(check_input(where, "a batch" if y is None else "a batch's x", x, sae.d_in, "d_in"))
+    return x if y is None else (x, rows(check_input(where, "a batch's y", y, sae.d_out, "d_out")))
+
+
 def _accumulate(
-    where: str, sae: SAE, params: Params, buffers: dict, input_scale: float, batches: Iterable[jax.Array]
+    where: str, sae: SAE, params: Params, buffers: dict, input_scale: float, batches: Iterable
 ) -> dict[str, np.ndarray]:
     """Per-batch sums added up over `batches` (maxima kept as maxima), in float64 on the host; each batch
-    [..., d_in] is checked first (DataError naming d_in)."""
+    [..., d_in] (or a pair) is checked first (DataError naming d_in)."""
     try:
         scale = float(input_scale)
     except (TypeError, ValueError):
@@ -55,9 +73,8 @@ def _accumulate(
         raise DataError(f"{where}: input_scale={input_scale!r}; expected a positive finite number")
     sums = _batch_sums(sae)
     totals: dict[str, np.ndarray] = {}
-    for x in batches:
-        x = rows(check_input(where, "a batch", x, sae.d_in, "d_in"))
-        for name, value in jax.device_get(sums(params, buffers, input_scale, x)).items():
+    for batch in batches:
+        for name, value in jax.device_get(sums(params, buffers, input_scale, _checked(where, sae, batch))).items():
             value = np.asarray(value, np.float64)
             if name not in totals:
                 totals[name] = value
@@ -119,28 +136,40 @@ def evaluate(
     params: Params,
     buffers: dict,
     input_scale: float,
-    batches: Iterable[jax.Array],
+    batches: Iterable,
     ground_truth: jax.Array | None = None,
+    ground_truth_in: jax.Array | None = None,
 ) -> dict:
-    """Metrics of the SAE's inference rule (`encode`) on held-out batches [..., d_in] of raw activations
-    (and ground truth [n_features, d_in]); DataError naming d_in for another shape."""
+    """Metrics of the dictionary's inference rule (`encode`) on held-out batches of raw activations: x
+    [..., d_in] for an SAE, (x, y) for a transcoder, whose FVU is against y (normalised by y's variance).
+    ground_truth: [n_features, d_out] directions the decoder rows should recover; ground_truth_in:
+    [n_features, d_in] those the encoder columns should (a transcoder's u; reported as mmcs_encoder).
+    A CLT also reports fvu_per_layer and l0_per_layer (its l0 is their mean). DataError for other shapes."""
     if ground_truth is not None:
-        _check_directions("evaluate", "ground_truth", ground_truth, sae.d_in)
+        _check_directions("evaluate", "ground_truth", ground_truth, sae.d_out)
+    if ground_truth_in is not None:
+        _check_directions("evaluate", "ground_truth_in", ground_truth_in, sae.d_in)
     totals = _accumulate("evaluate", sae, params, buffers, input_scale, batches)
     n = totals["n"]
-    total_variance = totals["x_squared"] - np.sum(np.square(totals["x_sum"])) / n
-    fvu = totals["squared_error"] / total_variance
+    variance = totals["y_squared"] - np.sum(np.square(totals["y_sum"]), axis=-1) / n  # [L] for a CLT
+    error = totals["squared_error"]
+    fvu = float(np.sum(error) / np.sum(variance))
     metrics = {
-        "mse": float(totals["squared_error"] / (n * sae.d_in)),
-        "fvu": float(fvu),
-        "explained_variance": float(1 - fvu),
-        "l0": float(totals["l0"] / n),
+        "mse": float(np.sum(error) / (n * np.size(totals["y_sum"]))),
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "l0": float(np.mean(totals["l0"]) / n),
         "l1": float(totals["l1"] / n),
         "eval_tokens": int(n),
         "density_histogram": density_histogram(totals["fires"], n),
     }
+    if sae.cross_layer:
+        metrics["fvu_per_layer"] = (error / variance).tolist()
+        metrics["l0_per_layer"] = (totals["l0"] / n).tolist()
     if ground_truth is not None:
         metrics.update(ground_truth_recovery(ground_truth, params["W_dec"]))
+    if ground_truth_in is not None:
+        metrics["mmcs_encoder"] = ground_truth_recovery(ground_truth_in, params["W_enc"].T)["mmcs"]
     return metrics
 
 
@@ -157,11 +186,11 @@ def feature_table(
     true direction closest to its decoder row and their cosine. Each value: [d_sae]. DataError naming d_in
     for a batch or ground truth of another shape."""
     if ground_truth is not None:
-        _check_directions("feature_table", "ground_truth", ground_truth, sae.d_in)
+        _check_directions("feature_table", "ground_truth", ground_truth, sae.d_out)
     totals = _accumulate("feature_table", sae, params, buffers, input_scale, batches)
     fires = totals["fires"]
     table = {
-        "feature": np.arange(sae.d_sae),
+        "feature": np.arange(sae.n_latents),
         "density": fires / totals["n"],
         "mean_activation": np.where(fires > 0, totals["activation_sum"] / np.maximum(fires, 1), 0.0),
         "max_activation": np.maximum(totals["activation_max"], 0.0),

@@ -56,6 +56,12 @@ def _np(a: Any) -> np.ndarray:
     return np.asarray(jax.device_get(a), dtype=np.float64)
 
 
+def _layer_of(hook: str) -> int:
+    """The block index in a hook name ('blocks.3.hook_mlp_out' → 3; 0 when it has none)."""
+    parts = hook.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else 0
+
+
 def export_sae(
     directory: str | Path,
     sae: SAE,
@@ -72,6 +78,8 @@ def export_sae(
     """
     if FAMILIES[sae.name] is not type(sae):
         raise ValueError(f"cannot export {type(sae).__name__}: expected one of {list(FAMILIES)}")
+    if sae.cross_layer:
+        raise ValueError(f"{sae.name} is cross-layer: export it with export_clt (circuit-tracer's layout)")
     s = float(input_scale)
     if not (math.isfinite(s) and s > 0):
         raise ValueError(f"input_scale={input_scale!r} must be a positive finite number")
@@ -88,23 +96,31 @@ def export_sae(
     if arch == "jumprelu" and np.any(p["threshold"] < 0):
         # Ours gives z on (θ, 0]; SAELens's ReLU(z)·1[z > θ] cannot. Training clips θ at 0.
         raise ValueError(f"{sae.name} threshold has negative entries; SAELens needs θ ≥ 0")
-    tensors = {**p, "W_enc": p["W_enc"] * s, "W_dec": p["W_dec"] / s, "b_dec": p["b_dec"] / s}
-    for name, shape in saelens.tensor_shapes(arch, d_in, d_sae).items():
+    # An SAE's output is in x's (scaled) units; a transcoder's target was never scaled.
+    out_scale = 1.0 if sae.transcoder else s
+    tensors = {**p, "W_enc": p["W_enc"] * s, "W_dec": p["W_dec"] / out_scale, "b_dec": p["b_dec"] / out_scale}
+    if "W_skip" in p:
+        tensors["W_skip"] = (p["W_skip"] * s).T  # SAELens: x @ W_skipᵀ, W_skip [d_out, d_in]
+    for name, shape in saelens.tensor_shapes(arch, d_in, d_sae, sae.d_out, "W_skip" in p).items():
         if tensors[name].shape != shape:
             raise ValueError(f"params[{name!r}] has shape {tensors[name].shape}; expected {shape}")
 
     cfg: dict[str, Any] = {
-        "architecture": arch,
+        "architecture": saelens.TRANSCODERS[arch, sae.cfg.skip] if sae.transcoder else arch,
         "d_in": d_in,
         "d_sae": d_sae,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": sae.pre_bias,
+        "apply_b_dec_to_input": sae.applies_pre_bias,
         "normalize_activations": "none",  # our input scale is folded into the weights
         "reshape_activations": "none",
     }
     if arch == "topk":
         cfg.update(k=int(sae.cfg.k), rescale_acts_by_decoder_norm=False)
+    if sae.transcoder:  # SAELens's TranscoderConfig fields
+        hook_out = metadata.pop("hook_name_out", "")
+        cfg.update(d_out=sae.d_out, hook_name_out=hook_out, hook_layer_out=_layer_of(hook_out))
+        cfg["hook_head_index_out"] = None
     cfg["metadata"] = {
         **metadata,
         "sae_lens_version": SAELENS_FORMAT_VERSION,
@@ -160,6 +176,16 @@ class LoadedSAE:
     def d_sae(self) -> int:
         return int(self.cfg["d_sae"])
 
+    @property
+    def d_out(self) -> int:
+        """The output width: d_in for an SAE, the target's for a transcoder."""
+        return int(self.cfg.get("d_out", self.cfg["d_in"]))
+
+    @property
+    def rule(self) -> str:
+        """The encoder's inference rule (saelens.LATENT_TENSORS): a transcoder's is its base architecture's."""
+        return saelens.ENCODER_RULE.get(self.saelens_architecture, self.saelens_architecture)
+
     def encode(self, x: jax.Array) -> jax.Array:
         """x: [..., d_in] (a single vector [d_in] too) -> f: [..., d_sae] by SAELens's inference rule for the
         architecture. DataError naming d_in for another shape or a non-float dtype."""
@@ -167,20 +193,24 @@ class LoadedSAE:
         f = _encode(
             self.params,
             rows(x),
-            arch=self.saelens_architecture,
+            arch=self.rule,
             pre_bias=bool(self.cfg["apply_b_dec_to_input"]),
             k=int(self.cfg.get("k", 0)),
         )
         return f.reshape(*x.shape[:-1], self.d_sae)
 
     def decode(self, f: jax.Array) -> jax.Array:
-        """f: [..., d_sae] -> x̂ = f W_dec + b_dec: [..., d_in]. DataError naming d_sae for another shape."""
+        """f: [..., d_sae] -> f W_dec + b_dec: [..., d_out] (a skip transcoder's __call__ adds x W_skipᵀ).
+        DataError naming d_sae for another shape."""
         f = check_input("decode", "f", f, self.d_sae, "d_sae")
         return f @ self.params["W_dec"] + self.params["b_dec"]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., d_in] -> x̂: [..., d_in]."""
-        return self.decode(self.encode(x))
+        """x: [..., d_in] -> x̂ (an SAE) or ŷ (a transcoder, with its skip path): [..., d_out]."""
+        y = self.decode(self.encode(x))
+        if "W_skip" in self.params:
+            y = y + jnp.asarray(x, jnp.float32) @ self.params["W_skip"].T
+        return y
 
 
 def load_sae(directory: str | Path) -> LoadedSAE:
@@ -204,8 +234,13 @@ def load_sae(directory: str | Path) -> LoadedSAE:
     cfg = _read_cfg(cfg_path)
 
     arch = cfg.get("architecture")
-    if arch not in saelens.LATENT_TENSORS:
-        raise ValueError(f"{cfg_path}: architecture={arch!r}; expected one of {sorted(saelens.LATENT_TENSORS)}")
+    known = sorted([*saelens.LATENT_TENSORS, *saelens.ENCODER_RULE])
+    if arch not in known:
+        raise ValueError(f"{cfg_path}: architecture={arch!r}; expected one of {known}")
+    transcoder, skip = arch in saelens.ENCODER_RULE, "skip" in arch
+    rule = saelens.ENCODER_RULE.get(arch, arch)
+    if transcoder and not isinstance(cfg.get("d_out"), int):
+        raise ValueError(f"{cfg_path}: d_out={cfg.get('d_out')!r}; a transcoder's cfg needs an integer d_out")
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int):
             raise ValueError(f"{cfg_path}: {key}={cfg.get(key)!r}; expected an integer")
@@ -215,7 +250,7 @@ def load_sae(directory: str | Path) -> LoadedSAE:
             f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r}; "
             "this loader expects 'none' (scaling folded into the weights)"
         )
-    if arch == "topk":
+    if rule == "topk":
         if not isinstance(cfg.get("k"), int) or not 0 < cfg["k"] <= cfg["d_sae"]:
             raise ValueError(f"{cfg_path}: k={cfg.get('k')!r}; expected an integer in 1..d_sae")
         if cfg.get("rescale_acts_by_decoder_norm", False):
@@ -225,7 +260,8 @@ def load_sae(directory: str | Path) -> LoadedSAE:
     family = ours.get("architecture", arch)
     if OUR_KEY in (cfg.get("metadata") or {}):
         exported = FAMILIES[family] if family in FAMILIES else None
-        if exported is None or exported.saelens != arch or exported.pre_bias != cfg["apply_b_dec_to_input"]:
+        applies = exported is not None and exported.pre_bias and not transcoder
+        if exported is None or exported.saelens != rule or applies != cfg["apply_b_dec_to_input"]:
             raise ValueError(
                 f"{cfg_path}: metadata.{OUR_KEY}.architecture={family!r} does not match "
                 f"architecture={arch!r}, apply_b_dec_to_input={cfg['apply_b_dec_to_input']}; "
@@ -233,7 +269,7 @@ def load_sae(directory: str | Path) -> LoadedSAE:
             )
 
     tensors = _read_weights(weights_path)
-    expected = saelens.tensor_shapes(arch, cfg["d_in"], cfg["d_sae"])
+    expected = saelens.tensor_shapes(rule, cfg["d_in"], cfg["d_sae"], cfg.get("d_out"), skip)
     if set(tensors) != set(expected):
         raise ValueError(
             f"{weights_path}: tensors {sorted(tensors)}; expected {sorted(expected)} for architecture {arch!r}"

@@ -25,7 +25,7 @@ from sae.architectures import make_sae
 from sae.architectures.topk import TopKConfig
 from sae.checkpoint import Checkpointer
 from sae.config import CheckpointConfig, OptimConfig
-from sae.training.loop import Hooks, decoder_norms, run_steps
+from sae.training.loop import Hooks, run_steps
 from sae.training.step import init_state, make_optimizer, make_train_step
 
 
@@ -70,7 +70,7 @@ def main() -> None:
                 checkpointer=checkpointer,
                 meta=lambda s: {"step": s},
                 hooks=Hooks(),
-                summaries=lambda s: (s.fire_counts, decoder_norms(s.params)),
+                summaries=lambda s: (s.fire_counts, sae.decoder_norms(s.params)),
             )
             seconds = time.perf_counter() - start
             checkpointer.close()

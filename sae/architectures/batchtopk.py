@@ -128,7 +128,7 @@ class BatchTopK(UnitNormDecoder):
     def batch_code(self, params, buffers, x):
         """(f: [batch, d_sae] with k·batch active entries, x W_enc without gradient, updated buffers)."""
         xw = x @ params["W_enc"]
-        r = jax.nn.relu(xw + encoder_bias(params, pre_bias=True))
+        r = jax.nn.relu(xw + encoder_bias(params, self.applies_pre_bias))
         tau = batch_threshold(jax.lax.stop_gradient(r), self.cfg.k)
         f = r * ((r >= tau) & (r > 0))
         # θ tracks the smallest kept activation: τ itself, except when fewer than k·batch entries are
@@ -139,16 +139,16 @@ class BatchTopK(UnitNormDecoder):
         threshold = update_threshold(buffers["threshold"], kept_min, self.cfg.threshold_ema_decay)
         return f, jax.lax.stop_gradient(xw), {**buffers, "threshold": threshold}
 
-    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+    def forward(self, params, buffers, x, y, dead, sparsity_coefficient) -> Forward:
         f, xw, buffers = self.batch_code(params, buffers, x)
         x_hat = self.decode(params, f)
-        return dense_topk_family_loss(self, params, buffers, x, x_hat, xw, f, dead, {})
+        return dense_topk_family_loss(self, params, buffers, x, y, x_hat, xw, f, dead, {})
 
 
-def dense_topk_family_loss(sae, params, buffers, x, x_hat, xw, f, dead, extra_terms) -> Forward:
-    """‖x − x̂‖² (+ extra terms) + α·AuxK for a dense code f: [batch, d_sae]; xw = x W_enc (no gradient)."""
-    mse = squared_error(x, x_hat)
-    aux = auxk_loss(params, x, x_hat, xw, dead, sae.cfg.k_aux or sae.d_in // 2, pre_bias=True)
+def dense_topk_family_loss(sae, params, buffers, x, y, x_hat, xw, f, dead, extra_terms) -> Forward:
+    """‖y − ŷ‖² (+ extra terms) + α·AuxK for a dense code f: [batch, d_sae]; xw = x W_enc (no gradient)."""
+    mse = squared_error(y, x_hat)
+    aux = auxk_loss(params, x, y, x_hat, xw, dead, sae.cfg.k_aux or sae.d_out // 2, sae.applies_pre_bias)
     loss = sum(extra_terms.values(), mse) + sae.cfg.aux_coefficient * aux
     active = f > 0
     return Forward(

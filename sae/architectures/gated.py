@@ -34,6 +34,7 @@ class Gated(UnitNormDecoder):
     config = GatedConfig
     saelens = "gated"
     pre_bias = True
+    transcodes = False  # gate and magnitude share x − b_dec; SAELens has no gated transcoder
     sparsity = "l1_coefficient"
     sweep = ("l1_coefficient",)
 
@@ -54,7 +55,7 @@ class Gated(UnitNormDecoder):
         shared = x @ params["W_enc"] - params["b_dec"] @ params["W_enc"]
         return shared + params["b_gate"], jnp.exp(params["r_mag"]) * shared + params["b_mag"]
 
-    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+    def forward(self, params, buffers, x, y, dead, sparsity_coefficient) -> Forward:
         pi_gate, pi_mag = self.gate_and_magnitude(params, x)
         f = (pi_gate > 0) * jax.nn.relu(pi_mag)
         x_hat = self.decode(params, f)

@@ -105,11 +105,11 @@ class JumpReLU(UnitNormDecoder):
         params = tied_init(key, self.d_sae, self.d_in, b_dec)
         return {**params, "threshold": jnp.full((self.d_sae,), self.cfg.threshold_init)}
 
-    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+    def forward(self, params, buffers, x, y, dead, sparsity_coefficient) -> Forward:
         z = preacts(params, x, pre_bias=False)
         f = jumprelu(z, params["threshold"], self.cfg.bandwidth)
         x_hat = self.decode(params, f)
-        mse = squared_error(x, x_hat)
+        mse = squared_error(y, x_hat)
         l0 = jnp.mean(jnp.sum(step(z, params["threshold"], self.cfg.bandwidth), axis=-1))
         active = f != 0
         return Forward(

@@ -47,15 +47,15 @@ class Matryoshka(BatchTopK):
     name = "matryoshka"
     config = MatryoshkaConfig
 
-    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+    def forward(self, params, buffers, x, y, dead, sparsity_coefficient) -> Forward:
         f, xw, buffers = self.batch_code(params, buffers, x)
         x_hat = params["b_dec"]
         prefix_losses = []
         start = 0
         for end in prefix_sizes(self.cfg.prefixes, self.d_sae):
             x_hat = x_hat + f[:, start:end] @ params["W_dec"][start:end]
-            prefix_losses.append(squared_error(x, x_hat))
+            prefix_losses.append(squared_error(y, x_hat))
             start = end
         # The full-dictionary term is the usual mse_loss; the smaller prefixes add their own.
         nested = {"prefix_loss": sum(prefix_losses[:-1], jnp.zeros(()))}
-        return dense_topk_family_loss(self, params, buffers, x, x_hat, xw, f, dead, nested)
+        return dense_topk_family_loss(self, params, buffers, x, y, x_hat, xw, f, dead, nested)

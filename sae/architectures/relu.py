@@ -42,20 +42,20 @@ class ReLU(UnitNormDecoder):
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
         return tied_init(key, self.d_sae, self.d_in, b_dec)
 
-    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+    def forward(self, params, buffers, x, y, dead, sparsity_coefficient) -> Forward:
         f = self.encode(params, x, buffers)
         x_hat = self.decode(params, f)
-        return l1_loss(x, x_hat, f, jnp.sum(f, axis=-1), sparsity_coefficient, buffers)
+        return l1_loss(y, x_hat, f, jnp.sum(f, axis=-1), sparsity_coefficient, buffers)
 
 
-def l1_loss(x, x_hat, f, penalty_per_token, coefficient, buffers) -> Forward:
-    """‖x − x̂‖² + λ·mean(penalty_per_token) for the L1 families."""
-    mse = squared_error(x, x_hat)
+def l1_loss(y, y_hat, f, penalty_per_token, coefficient, buffers) -> Forward:
+    """‖y − ŷ‖² + λ·mean(penalty_per_token) for the L1 families (y = x for an SAE)."""
+    mse = squared_error(y, y_hat)
     l1 = jnp.mean(penalty_per_token)
     active = f > 0
     return Forward(
         loss=mse + coefficient * l1,
-        x_hat=x_hat,
+        x_hat=y_hat,
         fire_counts=jnp.sum(active, axis=0, dtype=jnp.int32),
         l0=jnp.mean(jnp.sum(active, axis=-1)),
         terms={"mse_loss": mse, "l1_loss": l1},

@@ -39,8 +39,8 @@ class ReLUApril(SAE):
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
         return tied_init(key, self.d_sae, self.d_in, jnp.zeros_like(b_dec), row_norm=0.1)
 
-    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+    def forward(self, params, buffers, x, y, dead, sparsity_coefficient) -> Forward:
         f = self.encode(params, x, buffers)
         x_hat = self.decode(params, f)
         penalty = f @ jnp.linalg.norm(params["W_dec"], axis=-1)
-        return l1_loss(x, x_hat, f, penalty, sparsity_coefficient, buffers)
+        return l1_loss(y, x_hat, f, penalty, sparsity_coefficient, buffers)

@@ -29,9 +29,25 @@ LATENT_TENSORS: dict[str, tuple[str, ...]] = {
 }
 
 
-def tensor_shapes(arch: str, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an SAELens SAE of this architecture with its shape."""
-    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+# A transcoder exports as SAELens's transcoder of its encoder's rule, with W_skip [d_out, d_in] when it has
+# one. SAELens (6.x) has no TopK transcoder: "topk_transcoder" is ours (our loader reads it).
+TRANSCODERS: dict[tuple[str, bool], str] = {
+    ("standard", False): "transcoder",
+    ("standard", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+    ("topk", False): "topk_transcoder",
+    ("topk", True): "topk_skip_transcoder",
+}
+ENCODER_RULE = {name: rule for (rule, _), name in TRANSCODERS.items()}  # transcoder architecture -> rule
+
+
+def tensor_shapes(arch: str, d_in: int, d_sae: int, d_out: int | None = None, skip: bool = False) -> dict:
+    """Every tensor of an SAELens SAE of this architecture with its shape (a transcoder: d_out, W_skip)."""
+    d_out = d_in if d_out is None else d_out
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+    if skip:
+        shapes["W_skip"] = (d_out, d_in)
     return {**shapes, **{name: (d_sae,) for name in LATENT_TENSORS[arch]}}
 
 

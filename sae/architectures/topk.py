@@ -2,9 +2,9 @@
 
   z = (x − b_dec) W_enc + b_enc                          (eq. 2's pre-activations, pre-bias b_dec)
   f = TopK(ReLU(z))                                      keeps the k largest per token (eq. 3)
-  loss = ‖x − x̂‖² + α L_aux,  α = 1/32                   (§2.4 and §A.2)
-  L_aux = ‖e − ê‖² Var(x)/Var(e), e = x − x̂, ê = W_decᵀ TopK_aux(z_dead)  (k_aux dead latents; the
-          normalisation of the paper's code: α weighs the residual's normalised MSE against x's)
+  loss = ‖y − ŷ‖² + α L_aux,  α = 1/32                   (§2.4 and §A.2; y = x for an SAE)
+  L_aux = ‖e − ê‖² Var(y)/Var(e), e = y − ŷ, ê = W_decᵀ TopK_aux(z_dead)  (k_aux dead latents; the
+          normalisation of the paper's code: α weighs the residual's normalised MSE against y's)
 
 Tied init W_enc = W_decᵀ, unit-norm decoder rows (gradient projected, rows renormalised after each
 step), b_dec from the geometric median of a data sample. Only k latents per token are touched in the
@@ -40,7 +40,7 @@ from sae.errors import require
 class TopKConfig(SAEConfig):
     name: str = "topk"
     k: int = 6
-    k_aux: int | None = None  # None: d_in // 2 (Gao et al.)
+    k_aux: int | None = None  # None: d_out // 2 (Gao et al.: d_model / 2)
     aux_coefficient: float = 1.0 / 32
 
     def check(self) -> None:
@@ -91,14 +91,14 @@ class TopK(UnitNormDecoder):
     def default_lr(self) -> float:
         return topk_family_lr(self.d_sae)
 
-    def forward(self, params, buffers, x, dead, sparsity_coefficient) -> Forward:
+    def forward(self, params, buffers, x, y, dead, sparsity_coefficient) -> Forward:
         xw = jax.lax.stop_gradient(x @ params["W_enc"])  # the step's one dense matmul
-        _, idx = top_k_of(xw, jax.lax.stop_gradient(encoder_bias(params, pre_bias=True)), self.cfg.k)
+        _, idx = top_k_of(xw, jax.lax.stop_gradient(encoder_bias(params, self.applies_pre_bias)), self.cfg.k)
         idx = drop_past_k(idx, buffers)
-        vals = keep_first_k(jax.nn.relu(selected_preacts(params, x, xw, idx, pre_bias=True)), buffers)
+        vals = keep_first_k(jax.nn.relu(selected_preacts(params, x, xw, idx, self.applies_pre_bias)), buffers)
         x_hat = decode_sparse(params, vals, idx)
-        mse = squared_error(x, x_hat)
-        aux = auxk_loss(params, x, x_hat, xw, dead, self.cfg.k_aux or self.d_in // 2, pre_bias=True)
+        mse = squared_error(y, x_hat)
+        aux = auxk_loss(params, x, y, x_hat, xw, dead, self.cfg.k_aux or self.d_out // 2, self.applies_pre_bias)
         return Forward(
             loss=mse + self.cfg.aux_coefficient * aux,
             x_hat=x_hat,

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sae import parallel
@@ -163,10 +162,6 @@ def run_steps(
     checkpointer.wait()
     return state
 
-
-def decoder_norms(params: dict) -> jax.Array:
-    """‖W_dec[i]‖ for every latent: [d_sae]."""
-    return jnp.linalg.norm(params["W_dec"].astype(jnp.float32), axis=-1)
 
 
 def scratch_dir(run_dir: Path) -> tempfile.TemporaryDirectory:

@@ -17,7 +17,8 @@ import optax
 
 from sae import config as config_lib
 from sae import tracking
-from sae.architectures import SAE
+from sae.architectures import SAE, make_sae
+from sae.architectures.base import pair
 from sae.checkpoint import Checkpointer
 from sae.data import ROW_SOURCES
 from sae.evals import evaluate, feature_table
@@ -87,14 +88,22 @@ class Start(NamedTuple):
     schedule: optax.Schedule
 
 
+def sae_for(cfg_sae, source) -> SAE:
+    """The dictionary a source's batches train: an SAE on x, a transcoder on pairs (the source's d_out), a
+    cross-layer one on every layer's pairs (its n_layers). ConfigError for a family that cannot."""
+    return make_sae(cfg_sae, source.d_in, getattr(source, "d_out", None), getattr(source, "n_layers", None))
+
+
 def initial_parameters(cfg: config_lib.Config, sae, source) -> Start:
-    """Steps, lr, input scale, initial params (b_dec at the geometric median of a sample) and optimiser."""
+    """Steps, lr, input scale, initial params and optimiser. b_dec starts at the geometric median of a
+    sample for an SAE, at the mean of the targets for a transcoder (b_dec is in y's space)."""
     trainer = cfg.trainer
     n_steps = trainer.total_tokens // trainer.batch_size
     lr = cfg.optim.lr if cfg.optim.lr is not None else sae.default_lr()
-    sample = source.sample(trainer.geometric_median_samples, cfg.seed)
+    sample, target = pair(source.sample(trainer.geometric_median_samples, cfg.seed))
     input_scale = input_scale_for(sample, cfg.sae.normalize_activations)
-    params = sae.init_params(jax.random.PRNGKey(cfg.seed), geometric_median(sample * input_scale))
+    b_dec = geometric_median(sample * input_scale) if target is None else jnp.mean(target, axis=0)
+    params = sae.init(jax.random.PRNGKey(cfg.seed), b_dec)
     params = jax.tree.map(lambda v: v.astype(trainer.param_dtype), params)
     tx, schedule = make_optimizer(cfg.optim, lr, n_steps)
     return Start(n_steps, lr, input_scale, params, tx, schedule)

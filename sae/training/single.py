@@ -10,11 +10,10 @@ import numpy as np
 
 from sae import config as config_lib
 from sae import parallel, tracking
-from sae.architectures import make_sae
 from sae.checkpoint import CHECKPOINTS, Checkpointer
 from sae.data import open_batch_source
 from sae.outputs import check_space, check_writable, disk_errors
-from sae.training.loop import Hooks, decoder_norms, resume, run_steps
+from sae.training.loop import Hooks, resume, run_steps
 from sae.training.run_parts import (
     Instance,
     ProgressLog,
@@ -24,6 +23,7 @@ from sae.training.run_parts import (
     loop_settings,
     run_meta,
     run_space,
+    sae_for,
 )
 from sae.training.step import init_state, make_train_step
 
@@ -47,10 +47,11 @@ def _global_batches(
             yield jax.device_put(x, shardings[1])
     elif source.process_local:
         for x in source.train_batches(local, n_batches, seed, start_batch):
-            yield parallel.global_batch(np.asarray(x), shardings[1])
+            yield jax.tree.map(lambda a: parallel.global_batch(np.asarray(a), shardings[1]), x)
     else:
+        part = slice(index * local, (index + 1) * local)
         for x in source.train_batches(batch_size, n_batches, seed, start_batch):
-            yield parallel.global_batch(np.asarray(x)[index * local : (index + 1) * local], shardings[1])
+            yield jax.tree.map(lambda a: parallel.global_batch(np.asarray(a)[part], shardings[1]), x)
 
 
 def train_single(cfg: config_lib.Config, out_dir: str | Path) -> dict:
@@ -62,7 +63,7 @@ def train_single(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir).absolute()
     check_writable(out_dir, "the run directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sae = make_sae(cfg.sae, source.d_in)
+    sae = sae_for(cfg.sae, source)
     start = initial_parameters(cfg, sae, source)
     n_steps, lr = start.n_steps, start.lr
     state = init_state(sae, start.params, start.tx, start.input_scale)
@@ -120,7 +121,7 @@ def train_single(cfg: config_lib.Config, out_dir: str | Path) -> dict:
                 checkpointer=checkpointer,
                 meta=run_meta(cfg, sae.d_in, trackers),
                 hooks=hooks,
-                summaries=lambda s: (s.fire_counts, decoder_norms(s.params)),
+                summaries=lambda s: (s.fire_counts, sae.decoder_norms(s.params)),
                 **loop_settings(cfg),
             )
             checkpointer.wait()

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from sae.architectures import SAE, Params
+from sae.architectures.base import pair
 from sae.architectures.sparse import latent_sharded_top_k, per_device_code
 from sae.config import OptimConfig
 from sae.training.schedules import lr_schedule, sparsity_warmup
@@ -21,8 +22,8 @@ _COUNTER_CAP = 2**30
 class TrainState(NamedTuple):
     """Everything that changes during training (a pytree).
 
-    tokens_since_fired: [d_sae] int32, tokens since each latent last fired (dead ≥ trainer.dead_tokens);
-    fire_counts: [d_sae] uint32, tokens each latent has fired on, wrapping modulo 2³², so the density
+    tokens_since_fired: [n_latents] int32, tokens since each latent last fired (dead ≥ trainer.dead_tokens);
+    fire_counts: [n_latents] uint32, tokens each latent has fired on, wrapping modulo 2³², so the density
         over a window of fewer than 2³² tokens is the wrapped difference of two snapshots;
     input_scale: scalar, the factor x is multiplied by before the SAE (1 without normalisation).
     """
@@ -50,16 +51,16 @@ def init_state(sae: SAE, params: Params, tx: optax.GradientTransformation, input
         params=params,
         opt_state=tx.init(params),
         buffers=sae.init_buffers(),
-        tokens_since_fired=jnp.zeros((sae.d_sae,), jnp.int32),
-        fire_counts=jnp.zeros((sae.d_sae,), jnp.uint32),
+        tokens_since_fired=jnp.zeros((sae.n_latents,), jnp.int32),
+        fire_counts=jnp.zeros((sae.n_latents,), jnp.uint32),
         step=jnp.zeros((), jnp.int32),
         input_scale=jnp.asarray(input_scale, jnp.float32),
     )
 
 
-def fraction_of_variance_unexplained(x: jax.Array, x_hat: jax.Array) -> jax.Array:
-    """FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖², the mean taken over the batch."""
-    return jnp.sum(jnp.square(x - x_hat)) / jnp.sum(jnp.square(x - jnp.mean(x, axis=0)))
+def fraction_of_variance_unexplained(y: jax.Array, y_hat: jax.Array) -> jax.Array:
+    """FVU = Σ‖y − ŷ‖² / Σ‖y − mean(y)‖², the mean taken over the batch (y: [batch, ...])."""
+    return jnp.sum(jnp.square(y - y_hat)) / jnp.sum(jnp.square(y - jnp.mean(y, axis=0)))
 
 
 def pure_train_step(
@@ -71,29 +72,37 @@ def pure_train_step(
     dead_tokens: int,
     compute_dtype: str = "float32",
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """The uncompiled step (state, x, λ) -> (state, metrics); λ is the sparsity coefficient before warm-up.
+    """The uncompiled step (state, batch, λ) -> (state, metrics); λ is the sparsity coefficient before warm-up.
 
-    The forward and backward passes run in `compute_dtype` (activations of any dtype are cast on the
-    device); gradients come back in the parameters' dtype for the optimiser.
+    batch: x [batch, d_in] for an SAE, whose target is x itself (after the input scale), or (x, y) for a
+    transcoder, y [batch, d_out] the raw target (a CLT: [batch, n_layers, d]). A skip transcoder's family
+    sees the target y − x W_skip, so the skip path is trained here once for every family. The forward and
+    backward passes run in `compute_dtype` (activations of any dtype are cast on the device); gradients
+    come back in the parameters' dtype for the optimiser.
     """
     warmup = sparsity_warmup(n_steps, sparsity_warmup_fraction)
-    compute = jnp.dtype(compute_dtype)
+    compute, f32 = jnp.dtype(compute_dtype), jnp.float32
 
     def cast(params: Params) -> Params:
         return jax.tree.map(lambda v: v.astype(compute) if jnp.issubdtype(v.dtype, jnp.floating) else v, params)
 
-    def train_step(state: TrainState, x: jax.Array, base_coefficient: jax.Array):
+    def train_step(state: TrainState, batch, base_coefficient: jax.Array):
+        x, y = pair(batch)
         x = x.astype(jnp.float32)
         if sae.cfg.normalize_activations:  # else input_scale is 1: skip a pass over the batch
             x = x * state.input_scale
+        y = x if y is None else y.astype(jnp.float32)
         coefficient = base_coefficient * warmup(state.step)
         dead = state.tokens_since_fired >= dead_tokens
 
         def loss_fn(params):
-            out = sae.forward(cast(params), state.buffers, x.astype(compute), dead, coefficient)
-            return out.loss.astype(jnp.float32), out
+            p, xc = cast(params), x.astype(compute)
+            skip = sae.skip(p, xc)
+            target = xc if y is x else (y.astype(compute) - skip if sae.cfg.skip else y.astype(compute))
+            out = sae.forward(p, state.buffers, xc, target, dead, coefficient)
+            return out.loss.astype(jnp.float32), (out, skip)
 
-        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (out, skip)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = sae.project_grads(state.params, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = sae.post_update(optax.apply_updates(state.params, updates))
@@ -104,7 +113,7 @@ def pure_train_step(
             "loss": loss,
             **out.terms,
             "l0": out.l0,
-            "fvu": fraction_of_variance_unexplained(x, out.x_hat.astype(jnp.float32)),
+            "fvu": fraction_of_variance_unexplained(y, (out.x_hat + skip if sae.cfg.skip else out.x_hat).astype(f32)),
             "dead_fraction": jnp.mean(since >= dead_tokens),
             "lr": schedule(state.step),
             "sparsity_coefficient": coefficient,
@@ -124,14 +133,15 @@ def make_train_step(
     shardings: tuple | None = None,
     compute_dtype: str = "float32",
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """(state, x: [batch, d_in]) -> (state, metrics), compiled once, with the state donated.
+    """(state, batch) -> (state, metrics), compiled once, with the state donated; batch: x [batch, d_in] or
+    a transcoder's (x, y) (see `pure_train_step`).
 
     shardings: (state shardings, batch sharding, replicated) from sae/parallel.py, or None for one device.
     """
     step = pure_train_step(sae, tx, schedule, n_steps, sparsity_warmup_fraction, dead_tokens, compute_dtype)
 
-    def train_step(state: TrainState, x: jax.Array):
-        return step(state, x, sae.sparsity_coefficient)
+    def train_step(state: TrainState, batch):
+        return step(state, batch, sae.sparsity_coefficient)
 
     if shardings is None:
         return jax.jit(train_step, donate_argnums=0)
@@ -139,9 +149,9 @@ def make_train_step(
     state_sharding, batch_sharding, replicated = shardings
     model_shards = batch_sharding.mesh.shape.get("model", 1)
 
-    def sharded_step(state: TrainState, x: jax.Array):
+    def sharded_step(state: TrainState, batch):
         with latent_sharded_top_k(model_shards):
-            return train_step(state, x)
+            return train_step(state, batch)
 
     return jax.jit(
         sharded_step,

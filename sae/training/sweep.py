@@ -23,12 +23,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sae import config as config_lib
 from sae import parallel, tracking
-from sae.architectures import make_sae
 from sae.checkpoint import CHECKPOINTS, Checkpointer
 from sae.data import open_batch_source
 from sae.errors import ConfigError
 from sae.outputs import check_space, check_writable, disk_errors, write_atomic
-from sae.training.loop import decoder_norms, resume, run_steps
+from sae.training.loop import resume, run_steps
 from sae.training.run_parts import (
     Instance,
     ProgressLog,
@@ -39,6 +38,7 @@ from sae.training.run_parts import (
     loop_settings,
     run_meta,
     run_space,
+    sae_for,
 )
 from sae.training.step import init_state, make_sweep_step, pure_train_step
 
@@ -73,7 +73,7 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     check_writable(out_dir, "the run directory")
     source = open_batch_source(cfg.data, trainer.batch_size, cfg.seed)
     widest = configs[int(np.argmax([getattr(c.sae, "k", 0) for c in configs]))]
-    sae = make_sae(widest.sae, source.d_in)
+    sae = sae_for(widest.sae, source)
     start = initial_parameters(cfg, sae, source)
     n_steps, params, input_scale, tx, schedule = (
         start.n_steps,
@@ -88,7 +88,7 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
         if cfg.sweep.key == "sae.k":
             state = state._replace(buffers={**state.buffers, "k": jnp.asarray(one.sae.k, jnp.int32)})
         states.append(state)
-    coefficients = [make_sae(one.sae, source.d_in).sparsity_coefficient for one in configs]
+    coefficients = [sae_for(one.sae, source).sparsity_coefficient for one in configs]
     pure = pure_train_step(
         sae, tx, schedule, n_steps, cfg.optim.sparsity_warmup_fraction, trainer.dead_tokens, trainer.compute_dtype
     )
@@ -96,7 +96,7 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
     stacked = jax.tree.map(lambda *values: jnp.stack(values), *states)  # the instances' own buffers (donated)
     states = jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("instance")))
     step = make_sweep_step(pure, coefficients, mesh)
-    summaries = lambda states: (states.fire_counts, decoder_norms(states.params))
+    summaries = lambda states: (states.fire_counts, jax.vmap(sae.decoder_norms)(states.params))
 
     labels = [f"{cfg.sweep.key.split('.')[-1]}={value:g}" for value in cfg.sweep.values]
     checkpointer = Checkpointer(out_dir / CHECKPOINTS, cfg.checkpoint)
@@ -122,7 +122,7 @@ def train_sweep(cfg: config_lib.Config, out_dir: str | Path) -> dict:
                 resume_step=done,
                 history=origin / label / "metrics.jsonl",
             )
-            instances.append(Instance(make_sae(one.sae, source.d_in), one, out_dir / label, log, tracker))
+            instances.append(Instance(sae_for(one.sae, source), one, out_dir / label, log, tracker))
         trackers = [one.tracker for one in instances]
         hooks = RunHooks(instances, source, stacked=True)
         try:

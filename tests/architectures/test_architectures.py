@@ -282,7 +282,7 @@ def test_forward_matches_numpy(name, n_dead):
     (AuxK then exactly 0). TopK uses an explicit k_aux = 6, BatchTopK/Matryoshka the default d_in // 2."""
     sae, forward, _ = sae_and_fns(name)
     params, x, dead = perturbed_params(sae, seed=n_dead), inputs(n_dead), dead_mask(n_dead)
-    out = forward(params, sae.init_buffers(), x, dead, jnp.float32(LAM))
+    out = forward(params, sae.init_buffers(), x, x, dead, jnp.float32(LAM))
     ref = np_forward(name, sae.cfg, params, x, dead, LAM)
     check_forward(name, out, ref)
     if "auxk_loss" in ref["terms"]:
@@ -342,7 +342,7 @@ def test_batchtopk_keeps_top_k_batch_entries(name):
         x = np.asarray(inputs(2)).copy()
         x[list(heavy_rows)] *= 50.0
         x = jnp.asarray(x)
-        out = forward(params, sae.init_buffers(), x, dead_mask(16), jnp.float32(0))
+        out = forward(params, sae.init_buffers(), x, x, dead_mask(16), jnp.float32(0))
         r = relu(np_preacts(p, np.asarray(x, np.float64), True))
         top = np.zeros(r.size, bool)
         top[np.argsort(-r.ravel())[: K * B]] = True
@@ -362,9 +362,9 @@ def test_batchtopk_threshold_buffer():
     params, x = perturbed_params(sae, 4), inputs(4)
     _, tau, _ = np_batch_code(sae.cfg, np64(params), np.asarray(x, np.float64), -1.0)
     assert tau > 0
-    first = forward(params, {"threshold": jnp.float32(-1)}, x, dead_mask(0), jnp.float32(0))
+    first = forward(params, {"threshold": jnp.float32(-1)}, x, x, dead_mask(0), jnp.float32(0))
     np.testing.assert_allclose(first.buffers["threshold"], tau, **TOL)
-    later = forward(params, {"threshold": jnp.float32(0.7)}, x, dead_mask(0), jnp.float32(0))
+    later = forward(params, {"threshold": jnp.float32(0.7)}, x, x, dead_mask(0), jnp.float32(0))
     np.testing.assert_allclose(later.buffers["threshold"], DECAY * 0.7 + (1 - DECAY) * tau, **TOL)
 
     sparse = {**params, "b_enc": params["b_enc"] - 3.0}  # few positive pre-activations
@@ -372,7 +372,7 @@ def test_batchtopk_threshold_buffer():
     r = relu(np_preacts(np64(sparse), np.asarray(x, np.float64), True))
     assert 0 < (r > 0).sum() < K * B
     np.testing.assert_array_equal(ref["f"] > 0, r > 0)
-    out = forward(sparse, {"threshold": jnp.float32(0.7)}, x, dead_mask(0), jnp.float32(0))
+    out = forward(sparse, {"threshold": jnp.float32(0.7)}, x, x, dead_mask(0), jnp.float32(0))
     np.testing.assert_allclose(out.buffers["threshold"], DECAY * 0.7 + (1 - DECAY) * r[r > 0].min(), **TOL)
     check_forward("batchtopk", out, ref)
 
@@ -486,7 +486,7 @@ def _topk_grads():
     sae, _, _ = sae_and_fns("topk")
 
     def both(params, x, dead, topk_mask, aux_mask):
-        sparse = jax.grad(lambda p: sae.forward(p, {}, x, dead, jnp.float32(0)).loss)(params)
+        sparse = jax.grad(lambda p: sae.forward(p, {}, x, x, dead, jnp.float32(0)).loss)(params)
         dense = jax.grad(dense_topk_loss)(params, x, topk_mask, aux_mask, sae.cfg.aux_coefficient)
         return sparse, dense
 
@@ -542,7 +542,7 @@ def test_jumprelu_forward_threshold_gradient():
     d_f = 2.0 / B * (x_hat - xn) @ p["W_dec"].T  # ∂mse/∂f
     expected_theta = np.sum(d_f * -(theta / BANDWIDTH) * kernel, 0) + LAM / B * np.sum(-(1 / BANDWIDTH) * kernel, 0)
     expected_b_enc = np.sum(d_f * H, 0)
-    grads = jax.jit(jax.grad(lambda q: sae.forward(q, {}, x, dead_mask(0), jnp.float32(LAM)).loss))(params)
+    grads = jax.jit(jax.grad(lambda q: sae.forward(q, {}, x, x, dead_mask(0), jnp.float32(LAM)).loss))(params)
     np.testing.assert_allclose(grads["threshold"], expected_theta, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(grads["b_enc"], expected_b_enc, **TOL)
     np.testing.assert_allclose(grads["W_enc"], xn.T @ (d_f * H), **TOL)
@@ -561,7 +561,7 @@ def test_gated_aux_and_l1_gradients():
     p, xn = np64(params), np.asarray(x, np.float64)
 
     def term(q, name):
-        return sae.forward(q, {}, x, dead_mask(0), jnp.float32(LAM)).terms[name]
+        return sae.forward(q, {}, x, x, dead_mask(0), jnp.float32(LAM)).terms[name]
 
     g_aux, g_l1 = jax.jit(lambda q: (jax.grad(term)(q, "gate_aux_loss"), jax.grad(term)(q, "l1_loss")))(params)
     pi_gate, pi_mag = np_gated_parts(p, xn)
@@ -634,7 +634,7 @@ def test_matryoshka_explicit_prefixes_match_numpy(prefixes=(8, 24)):
     The default prefixes (3, 6, 12, 24) are covered by test_forward_matches_numpy[matryoshka]."""
     sae, forward, _ = sae_and_fns("matryoshka", prefixes)
     params, x, dead = perturbed_params(sae, 12), inputs(12), dead_mask(16)
-    out = forward(params, sae.init_buffers(), x, dead, jnp.float32(0))
+    out = forward(params, sae.init_buffers(), x, x, dead, jnp.float32(0))
     ref = np_forward("matryoshka", sae.cfg, params, x, dead, 0.0)
     check_forward("matryoshka", out, ref)
     p, f = np64(params), ref["f"]
@@ -655,8 +655,9 @@ def test_latent_sharded_top_k_is_exact(shards, k):
 
 
 def test_every_family_has_a_test_entry():
-    assert sorted(FAMILY_TESTS) == list(REGISTERED)
-    for name, family in REGISTERED.items():
+    per_layer = {name: family for name, family in REGISTERED.items() if not family.cross_layer}  # clt: test_clt.py
+    assert sorted(FAMILY_TESTS) == list(per_layer)
+    for name, family in per_layer.items():
         assert (family.saelens, family.pre_bias) == FAMILY_TESTS[name].saelens, name
 
 
