@@ -1,4 +1,4 @@
-"""Sharding: every architecture's train step on 8 fake CPU devices, meshes 1×1, 8×1, 4×2 and 1×8 (data × model),
+"""Sharding: every architecture's train step (and a CLT's, a skip transcoder's) on 8 fake CPU devices, meshes 1×1, 8×1, 4×2 and 1×8 (data × model),
 ends where the single-device step ends.
 
 Tolerance: max |Δ| / max |param| ≤ 1e-3 per parameter after 4 Adam steps at lr 1e-2, and the L0 of
@@ -37,13 +37,27 @@ from sae.parallel import make_mesh, state_shardings, batch_sharding, replicated
 D_IN, D_SAE, BATCH, STEPS = 16, 64, 64, 4
 
 def run(name, mesh_shape):
-    cfg = FAMILIES[name].config(d_sae=D_SAE)
+    family, _, variant = name.partition("_")  # clt_topk: a TopK CLT; topk_skip: a skip transcoder
+    cfg = FAMILIES[family].config(d_sae=D_SAE)
     if isinstance(cfg, TopKConfig):
         cfg.k = 4
-    sae = make_sae(cfg, D_IN)
     kx, kp = jax.random.split(jax.random.key(0))
-    xs = jax.nn.relu(jax.random.normal(kx, (STEPS, BATCH, D_IN)))
-    params = sae.init_params(kp, jnp.zeros(D_IN))
+    if family == "clt":  # 2 layers, pairs (x, y) of [batch, 2, d]
+        cfg.activation, cfg.k = (variant or "jumprelu"), 4
+        sae = make_sae(cfg, D_IN, D_IN, 2)
+        xs = jax.nn.relu(jax.random.normal(kx, (STEPS, BATCH, 2, D_IN)))
+        xs = [(x, jnp.cumsum(x, axis=1) - 0.3) for x in xs]
+        params = sae.init(kp, jnp.zeros((2, D_IN)))
+    elif variant == "skip":
+        cfg.skip = True
+        sae = make_sae(cfg, D_IN, D_IN // 2)
+        xs = jax.nn.relu(jax.random.normal(kx, (STEPS, BATCH, D_IN)))
+        xs = [(x, x[:, ::2] * x[:, 1::2] + x[:, ::2]) for x in xs]
+        params = sae.init(kp, jnp.zeros(D_IN // 2))
+    else:
+        sae = make_sae(cfg, D_IN)
+        xs = jax.nn.relu(jax.random.normal(kx, (STEPS, BATCH, D_IN)))
+        params = sae.init_params(kp, jnp.zeros(D_IN))
     tx, schedule = make_optimizer(OptimConfig(), 1e-2, STEPS)
     state = init_state(sae, params, tx, 1.0)
     shardings = None
@@ -72,10 +86,13 @@ print(json.dumps(out))
 """
 
 
+NAMES = [*sorted(FAMILIES), "clt_topk", "topk_skip"]  # clt: a 2-layer JumpReLU CLT; topk_skip: a skip transcoder
+
+
 @pytest.fixture(scope="module")
 def sharded_runs():
     proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, ",".join(sorted(FAMILIES))],
+        [sys.executable, "-c", DRIVER, ",".join(NAMES)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -87,7 +104,7 @@ def sharded_runs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", NAMES)
 def test_sharded_steps_match_one_device(sharded_runs, name):
     for mesh, result in sharded_runs[name].items():
         assert result["l0_equal"], (name, mesh)
