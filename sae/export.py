@@ -117,10 +117,10 @@ def export_sae(
     }
     if arch == "topk":
         cfg.update(k=int(sae.cfg.k), rescale_acts_by_decoder_norm=False)
-    if sae.transcoder:  # SAELens's TranscoderConfig fields
-        hook_out = metadata.pop("hook_name_out", "")
-        cfg.update(d_out=sae.d_out, hook_name_out=hook_out, hook_layer_out=_layer_of(hook_out))
-        cfg["hook_head_index_out"] = None
+    if sae.transcoder:  # SAELens 6 keeps d_out in the cfg, the output hook (like hook_name) in its metadata
+        cfg["d_out"] = sae.d_out
+        if "hook_name_out" in metadata:
+            metadata["hook_layer_out"] = _layer_of(metadata["hook_name_out"])
     cfg["metadata"] = {
         **metadata,
         "sae_lens_version": SAELENS_FORMAT_VERSION,

@@ -152,10 +152,11 @@ def main() -> None:
         help="also time a one-pass sweep of this many SAEs against as many sequential steps",
     )
     args = parser.parse_args()
-    archs = list(FAMILIES) if args.arch == "all" else args.arch.split(",")
-    unknown = [a for a in archs if a not in FAMILIES]
+    per_layer = [name for name, family in FAMILIES.items() if not family.cross_layer]  # CLTs: benchmark_clt.py
+    archs = per_layer if args.arch == "all" else args.arch.split(",")
+    unknown = [a for a in archs if a not in per_layer]
     if unknown:
-        parser.error(f"--arch {','.join(unknown)}: expected some of {','.join(FAMILIES)} or 'all'")
+        parser.error(f"--arch {','.join(unknown)}: expected some of {','.join(per_layer)} or 'all'")
     for arch in archs:
         print(
             json.dumps(

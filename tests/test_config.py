@@ -205,7 +205,7 @@ def test_valid_overrides_pass_and_other_mistakes_are_one_line():
         GROUPS,
     )
     check_overrides(CONF_DIR, "inspect", ["run=R", "+data.path=STORE"], GROUPS)  # an open dict takes any key
-    with pytest.raises(ConfigError, match=r"^sae=topkk is not one of batchtopk, gated, .*topk$"):
+    with pytest.raises(ConfigError, match=r"^sae=topkk is not one of batchtopk, clt, gated, .*topk$"):
         check_overrides(CONF_DIR, "train", ["sae=topkk"], GROUPS)
     with pytest.raises(ConfigError, match=r"^trainer\.total_tokens: Value 'abc'"):
         check_overrides(CONF_DIR, "train", ["trainer.total_tokens=abc"], GROUPS)

@@ -26,7 +26,7 @@ from sae.overrides import compose_tool, hydra_context
 from toy_models import config as toy_config
 
 ENTRY = {name: getattr(cli, name) for name in ("train", "toy_sae", "cache", "inspect", "toy_train", "lm_train")}
-OPTIONS = "batchtopk, gated, jumprelu, matryoshka, relu, relu_april, topk"
+OPTIONS = "batchtopk, clt, gated, jumprelu, matryoshka, relu, relu_april, topk"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,5 +1,5 @@
-"""Sharding: every architecture's train step (and a CLT's, a skip transcoder's) on 8 fake CPU devices, meshes 1×1, 8×1, 4×2 and 1×8 (data × model),
-ends where the single-device step ends.
+"""Sharding: every architecture's train step (a CLT's and a skip transcoder's too) on 8 fake CPU devices,
+meshes 1×1, 8×1, 4×2 and 1×8 (data × model), ends where the single-device step ends.
 
 Tolerance: max |Δ| / max |param| ≤ 1e-3 per parameter after 4 Adam steps at lr 1e-2, and the L0 of
 every step identical (so TopK / BatchTopK selections agree). Most families agree to ~1e-6; the

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from sae.architectures.base import SAE, Forward, Params, SAEConfig, register
 from sae.architectures.jumprelu import jumprelu
+from sae.architectures.sparse import top_k_of
 from sae.errors import DataError, positive, require
 
 ACTIVATIONS = ("jumprelu", "topk")
@@ -119,9 +120,10 @@ class CLT(SAE):
     def activate(self, params: Params, h: jax.Array, layer: int | None = None) -> jax.Array:
         """a = JumpReLU_θ(h) or ReLU(TopK_k(h)) over the last axis; h: [..., F] of one layer (layer given)
         or [..., L, F] of all."""
-        if self.cfg.activation == "topk":
-            kth = jax.lax.top_k(jax.lax.stop_gradient(h), self.cfg.k)[0][..., -1:]
-            return jnp.where(h >= kth, jax.nn.relu(h), 0.0)
+        if self.cfg.activation == "topk":  # the k-th largest of ReLU(h) per token and layer, by the top-k kernel
+            rows = jax.lax.stop_gradient(h).reshape(-1, h.shape[-1])
+            kth = top_k_of(rows, jnp.zeros(h.shape[-1], h.dtype), self.cfg.k)[0][:, -1]
+            return jnp.where(h >= kth.reshape(*h.shape[:-1], 1), jax.nn.relu(h), 0.0)
         theta = params["threshold"] if layer is None else params["threshold"][layer]
         return jumprelu(h, theta, self.cfg.bandwidth)
 

@@ -34,7 +34,7 @@ from sae.errors import DataError, require
 from sae.lm.text import Corpus, CorpusError, find_corpus
 from sae.models.base import SITE_NAMES, ModelError, shard, site_names
 from sae.models.loading import DTYPES, load
-from sae.models.splice import embedding_cosine, loss_recovered
+from sae.models.splice import embedding_cosine, loss_recovered, replacement_loss
 from sae.models.tokenizer import Tokenizer
 from sae.parallel import make_mesh
 
@@ -266,14 +266,38 @@ def store_loss_recovered(store, reconstruct, n_sequences: int = 256, batch_size:
     provenance = Store(store).provenance
     model, tokenizer = load(provenance["model"], provenance.get("config", {}).get("dtype", "float32"))
     windows = eval_windows(provenance, model, tokenizer, n_sequences)
-    t = provenance["template"]
-    spliced = np.zeros(windows.shape[1], bool)
-    spliced[len(t["prefix"]) : windows.shape[1] - len(t["suffix"])] = True
-    if t["kept"]:
-        spliced[:] = True
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     score = loss_recovered if model.config.causal else embedding_cosine
-    return score(model, provenance["hook_name"], reconstruct, batches, spliced)
+    return score(model, provenance["hook_name"], reconstruct, batches, _spliced(provenance, windows.shape[1]))
 
 
-ROW_SOURCES.register("hf", RowSourceEntry(HFRowsConfig, open_hf, loss_recovered=store_loss_recovered, corpus=True))
+def store_replacement(
+    store, pairs: list[tuple[str, str]], predict, n_sequences: int = 256, batch_size: int = 32
+) -> dict:
+    """The store's model with the output site of each (input, output) pair replaced by predict(j, inputs), on
+    held-out text (`replacement_loss`): ce_loss_score, kl_div, top1_agreement, …"""
+    from sae.data.store import Store
+
+    provenance = Store(store).provenance
+    model, tokenizer = load(provenance["model"], provenance.get("config", {}).get("dtype", "float32"))
+    windows = eval_windows(provenance, model, tokenizer, n_sequences)
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    return replacement_loss(model, pairs, predict, batches, _spliced(provenance, windows.shape[1]))
+
+
+def _spliced(provenance: dict, n_ctx: int) -> np.ndarray:
+    """[n_ctx] bool: the positions the store holds (without a template's BOS / suffix unless it kept them)."""
+    t = provenance["template"]
+    spliced = np.zeros(n_ctx, bool)
+    spliced[len(t["prefix"]) : n_ctx - len(t["suffix"])] = True
+    if t["kept"]:
+        spliced[:] = True
+    return spliced
+
+
+ROW_SOURCES.register(
+    "hf",
+    RowSourceEntry(
+        HFRowsConfig, open_hf, loss_recovered=store_loss_recovered, replacement=store_replacement, corpus=True
+    ),
+)

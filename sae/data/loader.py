@@ -10,6 +10,9 @@ trainer does not wait between them. Batch b is rows [b·B, (b+1)·B) of that str
 rows of every shard in its window, each row appears exactly once per epoch, and everything is a
 function of (seed, epoch, window): a loader started at batch b yields exactly what an uninterrupted
 one yields from b.
+
+`JoinedStore` presents several stores of the same rows (a transcoder's input and target sites, cached in
+one run) as one store whose rows are theirs side by side, so one loader serves them from one permutation.
 """
 
 from __future__ import annotations
@@ -36,12 +39,45 @@ class Segment:
         return self.stop - self.start
 
 
+class JoinedStore:
+    """Stores of the same rows (the same shard layout and dtype) seen as one: row r is their rows r side by
+    side, [d_in of the first | d_in of the second | …]. It has what StoreLoader reads of a store (path,
+    dtype, n_rows, offsets, shards, read_shard), and read_rows / take / read_tokens (the first store's)."""
+
+    def __init__(self, stores: list[Store]):
+        first = stores[0]
+        for other in stores[1:]:
+            if not np.array_equal(other.offsets, first.offsets) or other.dtype != first.dtype:
+                raise StoreError(
+                    f"'{other.path}' does not hold the rows of '{first.path}' (its shards or dtype differ)"
+                )
+        self.stores = list(stores)
+        self.path, self.dtype, self.dtype_name = first.path, first.dtype, first.dtype_name
+        self.n_rows, self.offsets, self.shards = first.n_rows, first.offsets, first.shards
+        self.with_tokens, self.provenance = first.with_tokens, first.provenance
+        self.widths = [s.d_in for s in stores]
+        self.d_in = sum(self.widths)
+
+    def read_shard(self, index: int, verify: bool = True, check_finite: bool = False) -> np.ndarray:
+        """Shard `index` of every store, side by side: [rows, sum of d_in]."""
+        return np.concatenate([s.read_shard(index, verify, check_finite) for s in self.stores], axis=-1)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return np.concatenate([s.read_rows(start, stop) for s in self.stores], axis=-1)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return np.concatenate([s.take(rows) for s in self.stores], axis=-1)
+
+    def read_tokens(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.stores[0].read_tokens(start, stop)
+
+
 class StoreLoader:
     """Iterate for [batch_size, d_in] numpy batches in the store's dtype; `close()` stops the thread."""
 
     def __init__(
         self,
-        store: Store,
+        store: Store | JoinedStore,
         batch_size: int,
         seed: int = 0,
         mixing_rows: int = 1 << 20,

@@ -39,14 +39,20 @@ class DataConfig:
 
 
 class BatchSource(Protocol):
-    """Training data for `sae-train`. Batches are [batch_size, d_in] arrays on the device."""
+    """Training data for `sae-train`. A batch is x: [batch_size, d_in] on the device for an SAE, or a pair
+    (x, y) for a transcoder, y: [batch_size, d_out] (a source with d_out set); with n_layers set (a CLT's
+    data), x: [batch_size, n_layers, d_in] and y: [batch_size, n_layers, d_out]. Sources that only give x
+    need not define d_out, n_layers or ground_truth_in."""
 
     d_in: int
-    ground_truth: jax.Array | np.ndarray | None  # [n_features, d_in] unit directions, when known
+    d_out: int | None  # the target's width for pairs; None (or absent): batches are x alone
+    n_layers: int | None  # layers of a cross-layer source; None (or absent): one layer
+    ground_truth: jax.Array | np.ndarray | None  # [n_features, d_out] unit directions a decoder should recover
+    ground_truth_in: jax.Array | np.ndarray | None  # [n_features, d_in] those a transcoder's encoder should
     process_local: bool  # train_batches yields this process's rows only (multi-host)
 
     def sample(self, n: int, seed: int) -> jax.Array:
-        """n training rows for the geometric-median initialisation: [n, d_in] float32."""
+        """n training rows (x, or pairs) for the initialisation, float32 (b_dec: x's geometric median, y's mean)."""
 
     def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[jax.Array]:
         """Batches start_batch .. n_batches − 1 of the seed's stream (a resumed run starts past 0)."""
@@ -92,6 +98,9 @@ class RowSourceEntry:
     open: Callable[[Any, int, int], RowSource]  # (cfg, chunk_rows, seed) -> source
     # (store directory, reconstruct: x [n, d_in] -> x̂) -> {"ce_loss_score", "kl_div", ...}, for rows of a model
     loss_recovered: Callable[[Path, Callable[[jax.Array], jax.Array]], dict] | None = None
+    # (store directory, [(input site, output site)] per replaced layer, predict(j, inputs) -> ŷ_j) ->
+    # {"ce_loss_score", "kl_div", "top1_agreement", ...}: a transcoder stack or CLT as the model's MLPs
+    replacement: Callable[[Path, list, Callable], dict] | None = None
     corpus: bool = False  # open() also takes the cache config's `corpus` (a model source reads text)
 
 

@@ -10,6 +10,10 @@ The uniforms come from `toy_models.data.counter_uniform`, a keyed integer hash o
 from JAX's threefry: at the default size a batch takes 6 ms instead of 16 ms on a 2-core CPU, where it
 cost more than the SAE step it feeds. One uniform decides whether a feature fires, an independent one
 gives its magnitude through the normal's inverse CDF.
+
+With d_out set the source gives transcoder pairs (x, y): y = Σ_i c_i v_i + noise', with the same
+coefficients c, v_i ∈ ℝ^{d_out} independent random unit directions and noise' independent of x's noise
+(both of std noise_std). A decoder should recover the v_i, an encoder the d_i.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from sae.data.generated import block_chunks, block_rows
 from sae.data.sources import BATCH_SOURCES, ROW_SOURCES, BatchSourceEntry, Chunk, DataConfig, RowSourceEntry
 from sae.errors import fraction, positive, require
 from toy_models.data import counter_uniform
+
+Batch = jax.Array | tuple[jax.Array, jax.Array]  # x [n, d_in], or a pair (x, y [n, d_out])
 
 
 @dataclasses.dataclass
@@ -42,6 +48,7 @@ class SyntheticConfig(DataConfig):
     group_size: int = 4
     group_correlation: float = 0.0  # 0..1: how often a group's members fire together
     noise_std: float = 0.0
+    d_out: int | None = None  # set: pairs (x, y) with y = c · v + noise' (a transcoder's data); null: x alone
 
     group_key = "data"  # the config key in messages (`source` for sae-cache)
 
@@ -50,6 +57,8 @@ class SyntheticConfig(DataConfig):
         g = self.group_key
         positive(self.d_in, f"{g}.d_in")
         positive(self.n_features, f"{g}.n_features")
+        if self.d_out is not None:
+            positive(self.d_out, f"{g}.d_out")
         require(
             0 < self.mean_active <= self.n_features,
             f"{g}.mean_active={self.mean_active} must be in (0, {g}.n_features={self.n_features}]",
@@ -78,10 +87,17 @@ class SyntheticRowsConfig(SyntheticConfig):
     def check(self) -> None:
         super().check()
         require(self.n_rows > 0, f"source.n_rows={self.n_rows} must be > 0")
+        require(
+            self.d_out is None,
+            f"source.d_out={self.d_out}: sae-cache stores x alone; pairs are generated on the fly by "
+            "`sae-train data=synthetic data.d_out=N`",
+        )
 
 
 # Distinct hash seeds for the independent draws of one key (arbitrary odd constants).
 _MAGNITUDE, _GROUP, _SHARE = (np.uint32(c) for c in (0x68E31DA4, 0xB5297A4D, 0x1B56C4E9))  # no JAX at import
+_TARGETS = 0x2545F491  # folded into the features' key for the output directions v (the d_i use the key itself)
+_X_NOISE, _Y_NOISE = 1, 2  # folded into a batch's key for x's and y's noise
 
 
 def normal_quantile(u: jax.Array) -> jax.Array:
@@ -111,15 +127,23 @@ def firing_probabilities(n_features: int, mean_active: float, decay: float) -> n
     return p.astype(np.float32)
 
 
+def unit_rows(key: jax.Array, n: int, d: int) -> jax.Array:
+    """[n, d] independent uniformly random unit vectors (normalised Gaussians)."""
+    rows = jax.random.normal(key, (n, d))
+    return rows / jnp.linalg.norm(rows, axis=-1, keepdims=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticFeatures:
     """The ground truth of a synthetic run. directions: [n_features, d_in]; probabilities: [n_features];
-    group: [n_features] int, the correlated group of each feature (−1: none)."""
+    group: [n_features] int, the correlated group of each feature (−1: none); out_directions:
+    [n_features, d_out] when cfg.d_out is set, else None."""
 
     cfg: SyntheticConfig
     directions: jax.Array
     probabilities: jax.Array
     group: jax.Array
+    out_directions: jax.Array | None = None
 
     @property
     def d_in(self) -> int:
@@ -127,15 +151,15 @@ class SyntheticFeatures:
 
     @classmethod
     def create(cls, cfg: SyntheticConfig, key: jax.Array) -> SyntheticFeatures:
-        directions = jax.random.normal(key, (cfg.n_features, cfg.d_in))
-        directions = directions / jnp.linalg.norm(directions, axis=-1, keepdims=True)
+        directions = unit_rows(key, cfg.n_features, cfg.d_in)
+        out = None if cfg.d_out is None else unit_rows(jax.random.fold_in(key, _TARGETS), cfg.n_features, cfg.d_out)
         p = firing_probabilities(cfg.n_features, cfg.mean_active, cfg.probability_decay)
         n_grouped = cfg.n_correlated_groups * cfg.group_size
         group = np.full(cfg.n_features, -1, np.int32)
         group[:n_grouped] = np.arange(n_grouped) // cfg.group_size
         # Spread grouped features over the probability ranks rather than taking the most frequent.
         group = np.random.default_rng(0).permutation(group)
-        return cls(cfg, directions, jnp.asarray(p), jnp.asarray(group))
+        return cls(cfg, directions, jnp.asarray(p), jnp.asarray(group), out)
 
     def sample_coefficients(self, key: jax.Array, batch_size: int) -> jax.Array:
         """[batch_size, n_features] sparse non-negative coefficients c (jit-able; batch_size static)."""
@@ -150,42 +174,59 @@ class SyntheticFeatures:
         normal = normal_quantile(counter_uniform(seed ^ _MAGNITUDE, counter, shape))
         return jnp.where(u < self.probabilities, jnp.abs(cfg.magnitude_mean + cfg.magnitude_std * normal), 0.0)
 
+    def _noisy(self, clean: jax.Array, key: jax.Array, stream: int) -> jax.Array:
+        """clean + noise_std · N(0, 1) drawn from fold_in(key, stream) (clean itself when noise_std = 0)."""
+        if not self.cfg.noise_std:
+            return clean
+        return clean + self.cfg.noise_std * jax.random.normal(jax.random.fold_in(key, stream), clean.shape)
+
     def sample(self, key: jax.Array, batch_size: int) -> jax.Array:
         """[batch_size, d_in] activations x = c · directions + noise (jit-able; batch_size static)."""
-        x = self.sample_coefficients(key, batch_size) @ self.directions
-        if self.cfg.noise_std:
-            x = x + self.cfg.noise_std * jax.random.normal(jax.random.fold_in(key, 1), x.shape)
-        return x
+        return self._noisy(self.sample_coefficients(key, batch_size) @ self.directions, key, _X_NOISE)
+
+    def sample_pair(self, key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
+        """(x [batch_size, d_in], y [batch_size, d_out]): x = c · directions + noise (as `sample`), y = c ·
+        out_directions + noise' with the same c and independent noise' (jit-able; batch_size static)."""
+        c = self.sample_coefficients(key, batch_size)
+        return self._noisy(c @ self.directions, key, _X_NOISE), self._noisy(c @ self.out_directions, key, _Y_NOISE)
 
 
 class SyntheticBatches:
-    """`data=synthetic`: training and held-out batches drawn on the device from the ground-truth features."""
+    """`data=synthetic`: training and held-out batches drawn on the device from the ground-truth features:
+    x [batch_size, d_in], or pairs (x, y [batch_size, d_out]) when d_out is set."""
 
     process_local = False
+    n_layers = None
 
     def __init__(self, cfg: SyntheticConfig, batch_size: int, seed: int):
         key = jax.random.PRNGKey(seed)
         self.features = SyntheticFeatures.create(cfg, jax.random.fold_in(key, 0))
         self._train_key, self._eval_key, self._sample_key = (jax.random.fold_in(key, i) for i in (1, 2, 3))
-        self._sample = jax.jit(self.features.sample, static_argnums=1)
-        self.d_in = cfg.d_in
+        draw = self.features.sample if cfg.d_out is None else self.features.sample_pair
+        self._sample = jax.jit(draw, static_argnums=1)
+        self.d_in, self.d_out = cfg.d_in, cfg.d_out
         self.eval_tokens = cfg.eval_tokens
 
     @property
     def ground_truth(self) -> jax.Array:
-        """[n_features, d_in] unit directions."""
-        return self.features.directions
+        """The unit directions a decoder should recover: [n_features, d_out] for pairs, else [n_features, d_in]."""
+        return self.features.directions if self.d_out is None else self.features.out_directions
 
-    def sample(self, n: int, seed: int) -> jax.Array:
+    @property
+    def ground_truth_in(self) -> jax.Array | None:
+        """[n_features, d_in] the directions x is made of, for pairs (a transcoder's encoder); None for an SAE."""
+        return None if self.d_out is None else self.features.directions
+
+    def sample(self, n: int, seed: int) -> Batch:
         return self._sample(jax.random.fold_in(self._sample_key, seed), n)
 
-    def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[jax.Array]:
+    def train_batches(self, batch_size: int, n_batches: int, seed: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches start_batch .. n_batches − 1 of the seed's stream (a resumed run starts past 0)."""
         key = jax.random.fold_in(self._train_key, seed)
         for i in range(start_batch, n_batches):
             yield self._sample(jax.random.fold_in(key, i), batch_size)
 
-    def eval_batches(self, batch_size: int) -> Iterator[jax.Array]:
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         for i in range(-(-self.eval_tokens // batch_size)):
             yield self._sample(jax.random.fold_in(self._eval_key, i), batch_size)
 
@@ -203,7 +244,7 @@ class SyntheticRows:
         self._sample = jax.jit(self.features.sample, static_argnums=1)
         self.d_in, self.n_rows = cfg.d_in, cfg.n_rows
         self.block_rows = block_rows(max(cfg.n_features, cfg.d_in))
-        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "eval_tokens"}
+        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("eval_tokens", "d_out")}
         self.provenance = {"source": "synthetic", "config": config, "block_rows": self.block_rows, "seed": seed}
 
     @property

@@ -6,6 +6,9 @@ f = insp.feature(12)               # Feature: density, histogram, top / random E
 insp.plot_histogram(12)
 insp.features_by_token("the"); insp.features_by_direction(v)
 insp.summary_plots("figs")         # {"density": Path, "l0": Path, "recovery": Path (ground truth)}
+
+Transcoders too: a per-layer one by its encoder on its input rows; a cross-layer one (RUN/sae in circuit-tracer's
+layout) as L·F features numbered layer-major, each with its layer and `decoder_layer_norms` (dictionary.py).
 """
 
 from sae.inspect.config import InspectConfig

@@ -4,7 +4,8 @@ A row's context is the rows r − before … r + after of the same sequence: row
 it exists and its position is position[r] + j (stores cached from a model keep sequences contiguous).
 Activations on the context tokens are recomputed per (row, latent) pair, in row order: one dot product
 with the latent's encoder column each (`latent_values`), not a re-encoding of every row a window touches,
-which at 8192 latents × 32 examples × 12 tokens would be most rows of a 1M-row store again.
+which at 8192 latents × 32 examples × 12 tokens would be most rows of a 1M-row store again. A cross-layer
+transcoder's feature reads its own layer's input only, so pairs are read layer by layer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae.architectures import saelens
-from sae.export import LoadedSAE
+from sae.inspect.dictionary import CLTFeatures, Dictionary, feature_layers
 
 
 def context_rows(example_rows: np.ndarray, positions: np.ndarray, before: int, after: int) -> np.ndarray:
@@ -29,15 +30,18 @@ def context_rows(example_rows: np.ndarray, positions: np.ndarray, before: int, a
     return np.where(inside & same, rows, -1).astype(np.int64)
 
 
-def latent_values(sae: LoadedSAE) -> Callable:
-    """jitted (params, x [P, d_in], features [P], floor [P]) -> [P]: latent features[p]'s activation on row x[p].
+def latent_values(sae: Dictionary) -> Callable:
+    """jitted (params, x [P, d_in], features [P], floor [P]) -> [P]: latent features[p]'s activation on row x[p]
+    (a CLT's: on x[p], its layer's input; `CLTFeatures.latent_values`).
 
     SAELens's inference rule (sae/architectures/saelens.py) for one latent at a time: one d_in dot product per
-    pair instead
-    of encoding whole rows. TopK needs the row's floor (its k-th largest activation, from the statistics
-    pass; 0 when fewer than k latents are positive): the latent is active iff its pre-activation reaches it.
+    pair instead of encoding whole rows. TopK needs the row's floor (its k-th largest activation, from the
+    statistics pass; 0 when fewer than k latents are positive): the latent is active iff its pre-activation
+    reaches it. A transcoder's encoder is its rule's (`LoadedSAE.rule`).
     """
-    arch, pre_bias = sae.saelens_architecture, bool(sae.cfg["apply_b_dec_to_input"])
+    if isinstance(sae, CLTFeatures):
+        return sae.latent_values()
+    arch, pre_bias = sae.rule, bool(sae.cfg["apply_b_dec_to_input"])
 
     @jax.jit
     def values(params, x: jax.Array, features: jax.Array, floor: jax.Array) -> jax.Array:
@@ -51,8 +55,8 @@ def latent_values(sae: LoadedSAE) -> Callable:
 
 
 def feature_values(
-    sae: LoadedSAE,
-    take: Callable[[np.ndarray], np.ndarray],
+    sae: Dictionary,
+    takes: list[Callable[[np.ndarray], np.ndarray]],
     rows: np.ndarray,
     features: np.ndarray,
     row_floor: np.ndarray,
@@ -60,17 +64,18 @@ def feature_values(
 ) -> np.ndarray:
     """f[rows[i], features[i]] for pairs (rows [P] ≥ 0, features [P]): [P] float32.
 
-    Pairs go in row order, `chunk` at a time (the last one padded: one compile); each chunk reads its
-    distinct rows once with `take`.
+    takes[ℓ](rows) reads layer ℓ's inputs (one layer but for a CLT); row_floor [n_rows, layers]. Pairs go in
+    (layer, row) order, `chunk` at a time (the last one padded: one compile); each chunk reads its distinct
+    rows of each layer once.
     """
     out = np.zeros(len(rows), np.float32)
     values = latent_values(sae)
-    order = np.argsort(rows, kind="stable")
+    layers = feature_layers(sae, features)
+    order = np.lexsort((rows, layers))
     for start in range(0, len(rows), chunk):
         pairs = order[start : start + chunk]
-        unique, local = np.unique(rows[pairs], return_inverse=True)
-        x = np.asarray(take(unique))[local]
-        feats, floor = features[pairs], row_floor[rows[pairs]]
+        x = _pair_inputs(takes, rows[pairs], layers[pairs])
+        feats, floor = features[pairs], row_floor[rows[pairs], layers[pairs]]
         if len(pairs) < chunk:
             pad = chunk - len(pairs)
             x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
@@ -79,9 +84,22 @@ def feature_values(
     return out
 
 
+def _pair_inputs(takes: list[Callable], rows: np.ndarray, layers: np.ndarray) -> np.ndarray:
+    """Each pair's input: rows [P], layers [P] -> x [P, d_in], row rows[p] of layer layers[p]."""
+    parts = []
+    for layer in np.unique(layers):
+        at = np.flatnonzero(layers == layer)
+        unique, local = np.unique(rows[at], return_inverse=True)
+        parts.append((at, np.asarray(takes[layer](unique))[local]))
+    x = np.empty((len(rows), parts[0][1].shape[1]), parts[0][1].dtype)
+    for at, values in parts:
+        x[at] = values
+    return x
+
+
 def example_context(
-    sae: LoadedSAE,
-    take: Callable[[np.ndarray], np.ndarray],
+    sae: Dictionary,
+    takes: list[Callable[[np.ndarray], np.ndarray]],
     token_ids: np.ndarray,
     positions: np.ndarray,
     example_rows: np.ndarray,
@@ -90,11 +108,12 @@ def example_context(
     row_floor: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """Context of example_rows [d_sae, M] (−1: none): `context_tokens` (−1: none) and `context_values`
-    [d_sae, M, before + 1 + after]: each context token's id and the example's feature's activation on it."""
+    [d_sae, M, before + 1 + after]: each context token's id and the example's feature's activation on it
+    (takes, row_floor: as for feature_values)."""
     ctx = context_rows(example_rows, positions, before, after)
     feature = np.broadcast_to(np.arange(ctx.shape[0])[:, None, None], ctx.shape)
     valid = ctx >= 0
     values = np.zeros(ctx.shape, np.float32)
-    values[valid] = feature_values(sae, take, ctx[valid], feature[valid], row_floor)
+    values[valid] = feature_values(sae, takes, ctx[valid], feature[valid], row_floor)
     tokens = np.where(valid, token_ids[np.maximum(ctx, 0)], -1).astype(np.int32)
     return {"context_tokens": tokens, "context_values": values}

@@ -2,7 +2,9 @@
 
 `Inspection` holds every array of the pass (see sae/inspect/stats.py) plus decoder neighbours, ground-truth
 matches and token context; it is saved as `OUT/inspect/stats.npz` + `meta.json` and loaded back with
-`load(run_dir)`. `inspection.feature(i)` gives a `Feature` with its `Example`s.
+`load(run_dir)`. `inspection.feature(i)` gives a `Feature` with its `Example`s. A cross-layer transcoder's
+features are numbered layer-major (feature ℓ·F + i is feature i of layer ℓ) and carry `decoder_layer_norms`
+[L·F, L], each feature's decoder norm into every layer (0 before its own).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Example:
 class Feature:
     """A latent's statistics. hist_counts [n_bins] over hist_edges [n_bins + 1] (log-spaced activations);
     top: its highest activations, highest first; random: a uniform sample of its firing rows, highest first;
-    neighbours / neighbour_cosines [n_neighbours]: most similar decoder rows; gt_*: best true feature."""
+    neighbours / neighbour_cosines [n_neighbours]: most similar decoder rows; gt_*: best true feature;
+    layer / decoder_layer_norms [L]: a CLT feature's layer and its decoder norm into each layer (None otherwise)."""
 
     index: int
     density: float
@@ -53,6 +56,8 @@ class Feature:
     label: str | None = None
     gt_match: int | None = None
     gt_cosine: float | None = None
+    layer: int | None = None
+    decoder_layer_norms: np.ndarray | None = None
 
 
 @dataclass
@@ -112,6 +117,15 @@ class Inspection:
     def has_ground_truth(self) -> bool:
         return "gt_match" in self.arrays
 
+    @property
+    def has_layers(self) -> bool:
+        """A cross-layer transcoder's inspection: features by layer, with decoder norms per layer."""
+        return "decoder_layer_norms" in self.arrays
+
+    def layer(self, i: int) -> int | None:
+        """Feature i's layer (a CLT's i // features_per_layer), or None for an SAE or per-layer transcoder."""
+        return i // self.meta["features_per_layer"] if self.has_layers else None
+
     def mmcs(self) -> dict[str, float] | None:
         """Mean max cosine of the true features against the decoder and the fraction above 0.9, or None."""
         if not self.has_ground_truth:
@@ -124,6 +138,7 @@ class Inspection:
         values, counts = self.l0
         out = {
             "n_rows": self.n_rows,
+            "dictionary": self.meta.get("dictionary", ""),
             "d_sae": self.d_sae,
             "l0_mean": float((values * counts).sum() / max(self.n_rows, 1)),
             "dead_fraction": len(self.dead) / self.d_sae,
@@ -192,6 +207,8 @@ class Inspection:
             label=self.labels.get(i),
             gt_match=int(a["gt_match"][i]) if self.has_ground_truth else None,
             gt_cosine=float(a["gt_cosine"][i]) if self.has_ground_truth else None,
+            layer=self.layer(i),
+            decoder_layer_norms=a["decoder_layer_norms"][i] if self.has_layers else None,
         )
 
     def top_token(self, i: int) -> str:
@@ -222,11 +239,12 @@ class Inspection:
         return [(int(j), float(fraction[j])) for j in order if fraction[j] > 0]
 
     def features_by_direction(self, direction: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """The k latents whose decoder rows are most cosine-similar to direction [d_in]: (indices, cosines)."""
+        """The k latents whose decoder rows are most cosine-similar to direction [D] (see `decoder`):
+        (indices, cosines)."""
         w_dec = self.decoder()
         direction = np.asarray(direction, np.float32).reshape(-1)
         if direction.shape[0] != w_dec.shape[1]:
-            raise ValueError(f"direction has {direction.shape[0]} entries; the SAE's d_in is {w_dec.shape[1]}")
+            raise ValueError(f"direction has {direction.shape[0]} entries; the decoder rows have {w_dec.shape[1]}")
         cos = (w_dec / np.maximum(np.linalg.norm(w_dec, axis=1, keepdims=True), 1e-12)) @ (
             direction / max(float(np.linalg.norm(direction)), 1e-12)
         )
@@ -234,10 +252,11 @@ class Inspection:
         return order, cos[order]
 
     def decoder(self) -> np.ndarray:
-        """W_dec [d_sae, d_in] of the inspected SAE (read from RUN/sae)."""
-        from sae.export import load_sae
+        """The inspected dictionary's decoder rows, read from RUN/sae: W_dec [d_sae, d_out]; a CLT's decoders
+        into layers 0..L−1 side by side [L·F, L·d_out] (zeros before each feature's layer)."""
+        from sae.inspect.dictionary import decoder_rows, load_dictionary
 
-        return np.asarray(load_sae(Path(self.meta["run"]) / "sae").params["W_dec"])
+        return decoder_rows(load_dictionary(Path(self.meta["run"]) / "sae"))
 
     # --- plots -------------------------------------------------------------------------------------
     def plot_histogram(self, i: int, ax=None):

@@ -6,6 +6,10 @@ than how well the SAE generalises, and rare features need many rows: at the defa
 (65,536 rows) a feature of density 1e-5 fires about once, while a 1M-row store shows it ten times.
 Row indices then are store rows, so token context can be read back. Generated data (synthetic, toy)
 has no store: `rows` rows (262,144 by default) are drawn from a stream seeded apart from training.
+
+A per-layer transcoder is inspected on its input store (data.path; its target store is not read). A
+cross-layer transcoder's rows are its layers' input stores in a multi-site cache (`open_layer_rows`): row r
+of each, side by side, x [n, L, d_in].
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import numpy as np
 
 from sae.data import BATCH_SOURCES, open_batch_source
 from sae.data.arrays import ArraysConfig, open_activations, prefetch
-from sae.data.cached import CachedConfig
+from sae.data.cached import CachedConfig, check_same_rows, check_widths
+from sae.data.loader import JoinedStore
 from sae.data.store import Store
 from sae.errors import ConfigError, DataError
 
@@ -31,17 +36,19 @@ _SEED_OFFSET = 1_000_003  # generated rows use stream seed + this, never the tra
 
 @dataclass
 class Rows:
-    """Rows to inspect. batches(batch_size) yields (first row index, x [≤ batch_size, d_in]) in order.
+    """Rows to inspect. batches(batch_size) yields (first row index, x [≤ batch_size, d_in]) in order (a CLT's
+    x [≤ batch_size, L, d_in]).
 
-    take(rows) -> x [len(rows), d_in] for sorted row indices; tokens -> (token ids, positions) [n_rows]
-    int32 when the rows carry token ids (stores cached from a model), else None.
+    takes[ℓ](rows) -> layer ℓ's x [len(rows), d_in] for sorted row indices (one layer but for a CLT's rows);
+    tokens -> (token ids, positions) [n_rows] int32 when the rows carry token ids (stores cached from a model),
+    else None.
     """
 
     n_rows: int
     d_in: int
     batches: Callable[[int], Iterator[tuple[int, np.ndarray]]]
     description: str
-    take: Callable[[np.ndarray], np.ndarray] | None = None
+    takes: list[Callable[[np.ndarray], np.ndarray]] | None = None
     tokens: tuple[np.ndarray, np.ndarray] | None = None
     ground_truth: np.ndarray | None = None
     store_path: Path | None = None
@@ -80,7 +87,7 @@ def open_rows(data, rows: int | None, seed: int, batch_size: int) -> Rows:
             store.d_in,
             _sliced(store.read_rows, n),
             f"store '{store.path}' ({n} of {store.n_rows} rows)",
-            take=store.take,
+            takes=[store.take],
             tokens=tokens,
             store_path=store.path,
             ground_truth=np.load(store.path / truth) if truth else None,
@@ -93,7 +100,7 @@ def open_rows(data, rows: int | None, seed: int, batch_size: int) -> Rows:
             array.shape[1],
             _sliced(lambda a, b: np.asarray(array[a:b]), n),
             f"'{data.path}' ({n} of {array.shape[0]} rows)",
-            take=lambda r: np.asarray(array[r]),
+            takes=[lambda r: np.asarray(array[r])],
         )
     # any other source generates its rows: a stream apart from training's
     source = open_batch_source(data, batch_size, seed)
@@ -106,6 +113,37 @@ def open_rows(data, rows: int | None, seed: int, batch_size: int) -> Rows:
 
     truth = None if source.ground_truth is None else np.asarray(source.ground_truth)
     return Rows(n, source.d_in, generated, f"{n} generated {data.name} rows", ground_truth=truth)
+
+
+def open_layer_rows(data, sites: list[str], rows: int | None) -> Rows:
+    """A cross-layer transcoder's rows: the stores data.path/<site> of its layers' inputs, checked to hold the
+    same rows, side by side (x [n, L, d_in]); token ids and positions from the first. DataError naming a
+    missing store or the stores that differ; ConfigError for data that is not a multi-site cache."""
+    if not isinstance(data, CachedConfig):
+        raise ConfigError(
+            f"data.name={data.name!r}: a cross-layer transcoder is inspected on its multi-site cache "
+            "(data=cached data.path=CACHE_DIR)"
+        )
+    root = Path(data.path)
+    for site in sites:
+        if not (root / site).is_dir():
+            raise DataError(f"data.path='{root}': '{root / site}' (the store of input site {site}) is missing")
+    named = [(f"'{root / site}'", Store(root / site)) for site in sites]
+    check_widths(named, "input")
+    check_same_rows(named)
+    joined = JoinedStore([store for _, store in named])
+    first = joined.stores[0]
+    n = first.n_rows if rows is None else min(rows, first.n_rows)
+    shaped = lambda x: x.reshape(len(x), len(sites), first.d_in)  # noqa: E731
+    return Rows(
+        n,
+        first.d_in,
+        _sliced(lambda a, b: shaped(joined.read_rows(a, b)), n),
+        f"{len(sites)} stores '{root / sites[0]}' … '{root / sites[-1]}' ({n} of {first.n_rows} rows)",
+        takes=[store.take for store in joined.stores],
+        tokens=first.read_tokens(0, n) if first.with_tokens else None,
+        store_path=first.path,
+    )
 
 
 def load_vocab(path: str | Path | None, store_path: Path | None) -> list[str] | None:

@@ -1,4 +1,10 @@
-"""`inspect_run`: statistics, examples, neighbours, ground truth, plots and the browser for one run directory."""
+"""`inspect_run`: statistics, examples, neighbours, ground truth, plots and the browser for one run directory.
+
+An SAE or per-layer transcoder is inspected by its encoder on its input rows; a cross-layer transcoder's L·F
+features (sae/inspect/dictionary.py) each on its layer's input, with its decoder norm into every layer it
+writes to (`decoder_layer_norms`) and neighbours by its decoders into all layers side by side. Ground truth
+(directions in the output space) is matched for SAEs and per-layer transcoders only.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +18,22 @@ import numpy as np
 
 from sae.data import DataError
 from sae.errors import ConfigError
-from sae.export import load_sae
+from sae.export import CFG_FILENAME
+from sae.export_clt import CONFIG
 from sae.inspect import config as inspect_config
 from sae.inspect.config import InspectConfig
+from sae.inspect.dictionary import (
+    CLTFeatures,
+    Dictionary,
+    decoder_rows,
+    describe,
+    is_transcoder,
+    load_dictionary,
+    run_config,
+)
 from sae.inspect.examples import example_context
 from sae.inspect.report import Inspection
-from sae.inspect.rows import data_config, load_vocab, open_rows
+from sae.inspect.rows import Rows, data_config, load_vocab, open_layer_rows, open_rows
 from sae.inspect.site import write_site
 from sae.inspect.stats import accumulate, decoder_neighbours, ground_truth_match
 from sae.interrupts import Interrupted, StopSignals, signal_name
@@ -104,24 +120,20 @@ def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
     out = Path(cfg.out) if cfg.out else run / "inspect"
     check_writable(out, "out")  # before any work: not a traceback once the pass is done
     try:
-        sae = load_sae(run / "sae")
+        sae = load_dictionary(run / "sae")
     except DataError:
-        raise  # a truncated or damaged export: the message names the file
+        raise  # a truncated or damaged export, or neither layout: the message names the file
     except (FileNotFoundError, ValueError) as err:
         raise DataError(f"run='{run}': not a sae-train output directory ({err})") from None
-    saved = (sae.cfg.get("metadata") or {}).get("config", {}).get("data")
-    if saved is None and "name" not in cfg.data:
-        raise ConfigError(f"run='{run}': its sae/cfg.json records no data config; give data.name=... and data.path=...")
-    data = data_config(saved or {}, dict(cfg.data))
-    rows = open_rows(data, cfg.rows, cfg.seed, cfg.batch_size)
-    d_in, d_sae = int(sae.cfg["d_in"]), int(sae.cfg["d_sae"])
+    rows = _open_rows(cfg, sae, run)
+    d_in, d_sae = sae.d_in, sae.d_sae
     if rows.d_in != d_in:
         raise DataError(f"{rows.description}: rows have d_in={rows.d_in}; the SAE in '{run / 'sae'}' expects {d_in}")
-    with_context = rows.tokens is not None and rows.take is not None
+    with_context = rows.tokens is not None and rows.takes is not None
     vocab = load_vocab(cfg.vocab, rows.store_path) if with_context else None  # user files are read up front
     labels = _load_labels(cfg.labels, run, d_sae)
     t0 = time.perf_counter()
-    print(f"inspect: {sae.architecture} SAE d_in={d_in} d_sae={d_sae} on {rows.description} -> {out}", flush=True)
+    print(f"inspect: {describe(sae)} d_in={d_in} d_sae={d_sae} on {rows.description} -> {out}", flush=True)
     with StopSignals(what="sae-inspect") as stop:
         insp, timings = _inspect(cfg, sae, rows, run, out, vocab, labels, stop, t0)
         line = (
@@ -136,15 +148,51 @@ def inspect_run(cfg: InspectConfig | str | Path, **overrides) -> Inspection:
                 f"stopped by {signal_name(stop.requested)} once the inspection was complete: {out} holds all of it",
                 stop.requested,
             )
-    _log_plots(run, sae.cfg, insp.plots)
+    _log_plots(run, run_config(sae), insp.plots)
     return insp
+
+
+def _open_rows(cfg: InspectConfig, sae: Dictionary, run: Path) -> Rows:
+    """The rows of the run's saved data config with cfg.data's overrides: a CLT's layer stores side by side,
+    else the input rows (a per-layer transcoder's data.path; its target store is not read)."""
+    saved = run_config(sae).get("data")
+    if saved is None and "name" not in cfg.data:
+        name = CONFIG if isinstance(sae, CLTFeatures) else CFG_FILENAME
+        raise ConfigError(f"run='{run}': its sae/{name} records no data config; give data.name=... and data.path=...")
+    data = data_config(saved or {}, dict(cfg.data))
+    if isinstance(sae, CLTFeatures):
+        return open_layer_rows(data, sae.input_sites, cfg.rows)
+    return open_rows(data, cfg.rows, cfg.seed, cfg.batch_size)
+
+
+def _ground_truth(sae: Dictionary, run: Path, rows: Rows) -> np.ndarray | None:
+    """True directions in the output space [n_features, d_out] (RUN/ground_truth.npy, else the rows'), or None;
+    None for a CLT (its decoder rows span every layer). DataError naming the file for another width."""
+    truth_path = run / "ground_truth.npy"
+    truth = np.load(truth_path) if truth_path.is_file() else rows.ground_truth
+    if truth is None or isinstance(sae, CLTFeatures):
+        return None
+    if truth.ndim != 2 or truth.shape[1] != sae.d_out:
+        where = f"'{truth_path}'" if truth_path.is_file() else rows.description
+        raise DataError(f"{where}: ground truth of shape {truth.shape}; expected [n_features, {sae.d_out}]")
+    return truth
+
+
+def _dictionary_meta(sae: Dictionary) -> dict:
+    """What meta.json and the browser say of the dictionary: kind, description, widths, a CLT's layers."""
+    kind = "clt" if isinstance(sae, CLTFeatures) else "transcoder" if is_transcoder(sae) else "sae"
+    meta = {"kind": kind, "dictionary": describe(sae), "architecture": sae.architecture, "d_out": sae.d_out}
+    if isinstance(sae, CLTFeatures):
+        meta.update(n_layers=sae.n_layers, features_per_layer=sae.features_per_layer)
+        meta.update(input_sites=sae.input_sites, output_sites=sae.output_sites)
+    return meta
 
 
 def _inspect(cfg: InspectConfig, sae, rows, run: Path, out: Path, vocab, labels, stop: StopSignals, t0: float):
     """The pass over the rows, the context pass and the outputs (written whole, or removed on a failure);
     returns (the Inspection, its timings). A stop request before the outputs raises Interrupted."""
-    d_in, d_sae = int(sae.cfg["d_in"]), int(sae.cfg["d_sae"])
-    with_context = rows.tokens is not None and rows.take is not None
+    d_in, d_sae = sae.d_in, sae.d_sae
+    with_context = rows.tokens is not None and rows.takes is not None
     arrays = accumulate(
         sae,
         rows.batches(cfg.batch_size),
@@ -159,14 +207,13 @@ def _inspect(cfg: InspectConfig, sae, rows, run: Path, out: Path, vocab, labels,
         _on_rows(rows.n_rows, stop, out),
     )
     timings = {"stats_s": time.perf_counter() - t0}
-    row_floor = arrays.pop("row_floor")  # [n_rows]: needed for the context pass only, not saved
-    w_dec = np.asarray(sae.params["W_dec"])
+    row_floor = arrays.pop("row_floor")  # [n_rows, layers]: needed for the context pass only, not saved
+    w_dec = decoder_rows(sae)
     arrays["neighbours"], arrays["neighbour_cosines"] = decoder_neighbours(w_dec, cfg.n_neighbours)
-    truth_path = run / "ground_truth.npy"
-    truth = np.load(truth_path) if truth_path.is_file() else rows.ground_truth
+    if isinstance(sae, CLTFeatures):
+        arrays["decoder_layer_norms"] = sae.decoder_layer_norms()
+    truth = _ground_truth(sae, run, rows)
     if truth is not None:
-        if truth.ndim != 2 or truth.shape[1] != d_in:
-            raise DataError(f"'{truth_path}': ground truth of shape {truth.shape}; expected [n_features, {d_in}]")
         arrays.update(ground_truth_match(w_dec, truth))
     if with_context:
         t1 = time.perf_counter()
@@ -174,7 +221,7 @@ def _inspect(cfg: InspectConfig, sae, rows, run: Path, out: Path, vocab, labels,
         arrays.update(
             example_context(
                 sae,
-                rows.take,
+                rows.takes,
                 rows.tokens[0],
                 rows.tokens[1],
                 examples,
@@ -188,7 +235,7 @@ def _inspect(cfg: InspectConfig, sae, rows, run: Path, out: Path, vocab, labels,
     meta = {
         "run": str(run.absolute()),
         "description": rows.description,
-        "architecture": sae.architecture,
+        **_dictionary_meta(sae),
         "d_in": d_in,
         "d_sae": d_sae,
         "context_before": cfg.context_before,
@@ -208,9 +255,8 @@ def _inspect(cfg: InspectConfig, sae, rows, run: Path, out: Path, vocab, labels,
     return insp, timings
 
 
-def _log_plots(run: Path, sae_cfg: dict, plots: dict[str, Path]) -> None:
-    """The summary plots into the run's own W&B run, when it was tracked with logger=wandb."""
-    config = (sae_cfg.get("metadata") or {}).get("config", {})
+def _log_plots(run: Path, config: dict, plots: dict[str, Path]) -> None:
+    """The summary plots into the run's own W&B run, when it was tracked with logger=wandb (config: the run's)."""
     logger = config.get("logger") or {}
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     run_id = metrics.get("wandb_run_id")

@@ -6,11 +6,12 @@ skeleton, so `index.html` is one self-contained file; this module only writes th
 
 It opens from the file system with no network: Chromium refuses fetch() of file:// JSON, so data is
 JavaScript that calls a global hook, loaded with <script src>. `features.js` holds the feature list as
-columns (id, density, mean, max, top token, label, ground-truth match); the list is filtered, sorted and
-paginated in the page, so 16k features stay responsive. A feature's details (histogram, examples with
-their token context, neighbours) sit in `data/chunk_NNNNN.js` with `chunk_features` features each, loaded
-when one of its features is opened. State lives in the URL hash: `#q=TEXT&sort=KEY&dir=asc|desc&page=N`
-for the list and `#f=ID` for a feature, so views can be linked and tested.
+columns (id, density, mean, max, top token, label, ground-truth match; a CLT's layer); the list is filtered,
+sorted and paginated in the page, so 16k features stay responsive. A feature's details (histogram, examples
+with their token context, neighbours; a CLT feature's decoder norm into each layer) sit in
+`data/chunk_NNNNN.js` with `chunk_features` features each, loaded when one of its features is opened.
+State lives in the URL hash: `#q=TEXT&sort=KEY&dir=asc|desc&page=N` for the list and `#f=ID` for a
+feature, so views can be linked and tested.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def _feature_list(insp: Inspection) -> dict:
     if insp.has_ground_truth:
         columns["gt"] = insp.arrays["gt_match"].tolist()
         columns["gt_cos"] = [_num(v, 3) for v in insp.arrays["gt_cosine"]]
+    if insp.has_layers:
+        columns["layer"] = [insp.layer(i) for i in range(d)]
     return columns
 
 
@@ -63,16 +66,17 @@ def _chunk(insp: Inspection, lo: int, hi: int) -> dict:
         f = insp.feature(i)
         nz = np.flatnonzero(f.hist_counts)
         a, b = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
-        features.append(
-            {
-                "id": i,
-                "fires": f.fires,
-                "hist": [a, f.hist_counts[a:b].tolist()],
-                "top": [_example(insp, e, table) for e in f.top],
-                "rnd": [_example(insp, e, table) for e in f.random],
-                "nb": [[int(j), _num(c, 3)] for j, c in zip(f.neighbours, f.neighbour_cosines)],
-            }
-        )
+        item = {
+            "id": i,
+            "fires": f.fires,
+            "hist": [a, f.hist_counts[a:b].tolist()],
+            "top": [_example(insp, e, table) for e in f.top],
+            "rnd": [_example(insp, e, table) for e in f.random],
+            "nb": [[int(j), _num(c, 3)] for j, c in zip(f.neighbours, f.neighbour_cosines)],
+        }
+        if f.decoder_layer_norms is not None:
+            item["dn"] = [_num(v) for v in f.decoder_layer_norms]  # into layers 0..L−1 (0 before f.layer)
+        features.append(item)
     return {"tokens": list(table), "features": features}
 
 
@@ -88,7 +92,12 @@ def write_site(insp: Inspection, out_dir: str | Path, page_size: int = 100, chun
         "n_rows": insp.n_rows,
         "d_sae": insp.d_sae,
         "d_in": insp.meta.get("d_in"),
+        "d_out": insp.meta.get("d_out", insp.meta.get("d_in")),
         "architecture": insp.meta.get("architecture", ""),
+        "kind": insp.meta.get("kind", "sae"),
+        "dictionary": insp.meta.get("dictionary", ""),
+        "n_layers": insp.meta.get("n_layers"),
+        "features_per_layer": insp.meta.get("features_per_layer"),
         "has_tokens": insp.has_tokens,
         "has_gt": insp.has_ground_truth,
         "edges": [_num(e) for e in insp.arrays["hist_edges"]],

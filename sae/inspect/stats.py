@@ -1,7 +1,7 @@
 """Streaming feature statistics: one jitted step per batch of rows, state a fixed-size pytree.
 
-Per batch x [batch, d_in] the SAE's inference rule gives f [batch, d_sae] and the step folds into the
-state, without keeping f:
+Per batch x [batch, d_in] (a CLT's [batch, L, d_in]) the dictionary's inference rule gives f [batch, d_sae]
+(sae/inspect/dictionary.py) and the step folds into the state, without keeping f:
 - `fires`, `total`, `max` [d_sae]: rows where f > 0, the sum of f and its maximum;
 - `hist` [d_sae, n_bins + 1]: counts of f in log-spaced bins (each octave split in `bins_per_octave`
   equal parts, read off the float32 bits, no logarithm) over about [hist_min, hist_max]; values outside
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae.export import LoadedSAE
+from sae.inspect.dictionary import Dictionary, topk_layers
 
 
 class StatsState(NamedTuple):
@@ -117,8 +117,18 @@ def float_bins(bins_per_octave: int, hist_min: float, hist_max: float) -> tuple[
     return shift, lo, hi - lo, edges
 
 
+def row_floor(f: jax.Array, layers: int, k: int) -> jax.Array:
+    """f [batch, d_sae] -> [batch, layers]: per row and layer, the smallest active value when the layer's
+    d_sae / layers latents hold k active ones (TopK's floor), else 0 (always 0 when k = 0: not TopK)."""
+    if k == 0:
+        return jnp.zeros((f.shape[0], layers), f.dtype)
+    by_layer = f.reshape(f.shape[0], layers, -1)
+    active = by_layer > 0
+    return jnp.where(jnp.sum(active, axis=-1) >= k, jnp.min(jnp.where(active, by_layer, jnp.inf), axis=-1), 0.0)
+
+
 def make_step(
-    sae: LoadedSAE,
+    sae: Dictionary,
     batch_size: int,
     bins_per_octave: int,
     hist_min: float,
@@ -128,12 +138,13 @@ def make_step(
     random_stride: int,
     seed: int,
 ) -> Callable:
-    """step(params, state, x [batch_size, d_in], first_row, n_valid) -> (state, floor [batch_size]), jitted with
-    the state donated. floor: each row's smallest active value when it has k active latents (TopK), else 0,
-    so that latent j is active on the row iff its pre-activation reaches the floor (see examples.py)."""
+    """step(params, state, x [batch_size, d_in], first_row, n_valid) -> (state, floor [batch_size, layers]),
+    jitted with the state donated (a CLT's x [batch_size, L, d_in]). floor: each row's smallest active value
+    per layer when the layer has k active latents (TopK), else 0, so that latent j is active on the row iff its
+    pre-activation reaches its layer's floor (see examples.py); an SAE has one layer."""
     shift, first_code, n_bins, _ = float_bins(bins_per_octave, hist_min, hist_max)
-    d_sae = int(sae.cfg["d_sae"])
-    k = int(sae.cfg["k"]) if sae.saelens_architecture == "topk" else d_sae + 1  # floor 0 unless TopK
+    d_sae = sae.d_sae
+    layers, k = topk_layers(sae)
     n_sampled = batch_size // random_stride
     top_group, random_group = group_size(batch_size, top_k), group_size(n_sampled, n_random)
 
@@ -148,7 +159,7 @@ def make_step(
         flat = bins + (n_bins + 1) * jnp.arange(d_sae, dtype=jnp.int32)
         hist = jnp.bincount(flat.reshape(-1), length=d_sae * (n_bins + 1)).reshape(d_sae, n_bins + 1)
         l0 = jnp.where(valid, jnp.sum(active, axis=1), d_sae + 1)
-        floor = jnp.where(l0 >= k, jnp.min(jnp.where(active, f, jnp.inf), axis=1), 0.0)
+        floor = row_floor(f, layers, k)
         rows = first_row + jnp.arange(batch_size, dtype=jnp.int32)
         top_values, at = column_top_k(f, top_k, top_group)
         top = _merge(state.top_values, state.top_rows, top_values, rows[at], top_k)
@@ -179,7 +190,7 @@ def make_step(
 
 
 def accumulate(
-    sae: LoadedSAE,
+    sae: Dictionary,
     batches,
     batch_size: int,
     bins_per_octave: int = 4,
@@ -191,13 +202,14 @@ def accumulate(
     seed: int = 0,
     progress: Callable[[int], object] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Statistics of the SAE's latents over `batches` of (first row, x [≤ batch_size, d_in]) as NumPy arrays.
+    """Statistics of the dictionary's latents over `batches` of (first row, x [≤ batch_size, d_in]; a CLT's
+    [≤ batch_size, L, d_in]) as NumPy arrays.
 
-    Returns the StatsState fields plus `n_rows`, `hist_edges` and `row_floor` [n_rows] (TopK's per-row
+    Returns the StatsState fields plus `n_rows`, `hist_edges` and `row_floor` [n_rows, layers] (TopK's per-row
     activation floor, see make_step); unused top/random slots (features that fired on fewer rows) have row
     −1 and value 0, and random slots are sorted by value, highest first.
     """
-    d_sae = int(sae.cfg["d_sae"])
+    d_sae = sae.d_sae
     top_k, n_random = min(top_k, batch_size), min(n_random, batch_size // random_stride)
     step = make_step(sae, batch_size, bins_per_octave, hist_min, hist_max, top_k, n_random, random_stride, seed)
     _, _, n_bins, edges = float_bins(bins_per_octave, hist_min, hist_max)
@@ -206,7 +218,7 @@ def accumulate(
     for first, x in batches:
         n = x.shape[0]
         if n < batch_size:
-            x = jnp.concatenate([jnp.asarray(x), jnp.zeros((batch_size - n, x.shape[1]), x.dtype)])
+            x = jnp.concatenate([jnp.asarray(x), jnp.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
         state, floor = step(sae.params, state, x, jnp.int32(first), jnp.int32(n))
         floors.append(floor[:n])
         n_rows = max(n_rows, first + n)
@@ -214,7 +226,8 @@ def accumulate(
             progress(n_rows)
     out = {k: np.array(v) for k, v in state._asdict().items()}
     out["hist"] = out["hist"][:, :n_bins]
-    out["row_floor"] = np.concatenate([np.asarray(f) for f in floors]) if floors else np.zeros(0, np.float32)
+    layers = topk_layers(sae)[0]
+    out["row_floor"] = np.concatenate([np.asarray(f) for f in floors]) if floors else np.zeros((0, layers), np.float32)
     for prefix in ("top", "random"):
         dead = out[f"{prefix}_values"] <= 0
         out[f"{prefix}_rows"][dead] = -1
@@ -242,7 +255,8 @@ def _unit(w: np.ndarray) -> np.ndarray:
 
 
 def decoder_neighbours(w_dec: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Each decoder row's k most cosine-similar other rows: (indices [d_sae, k] int32, cosines [d_sae, k]).
+    """Each decoder row's k most cosine-similar other rows: w_dec [d_sae, D] -> (indices [d_sae, k] int32,
+    cosines [d_sae, k]).
 
     Computed in chunks of rows so memory is chunk × d_sae, never d_sae².
     """
@@ -264,7 +278,7 @@ def decoder_neighbours(w_dec: np.ndarray, k: int, chunk: int = 1024) -> tuple[np
 def ground_truth_match(w_dec: np.ndarray, ground_truth: np.ndarray, chunk: int = 2048) -> dict[str, np.ndarray]:
     """Best-matching true feature per latent and best latent per true feature, by decoder-row cosine.
 
-    w_dec [d_sae, d_in], ground_truth [n_features, d_in] -> gt_match, gt_cosine [d_sae];
+    w_dec [d_sae, d_out], ground_truth [n_features, d_out] -> gt_match, gt_cosine [d_sae];
     truth_match, truth_cosine [n_features] (the MMCS of Sharkey et al. is truth_cosine.mean()).
     """
     truth = _unit(ground_truth)

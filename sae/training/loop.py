@@ -163,7 +163,6 @@ def run_steps(
     return state
 
 
-
 def scratch_dir(run_dir: Path) -> tempfile.TemporaryDirectory:
     """A temporary folder beside the run (same file system) for exports handed to the tracker."""
     return tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-")

@@ -23,6 +23,7 @@ from sae.checkpoint import Checkpointer
 from sae.data import ROW_SOURCES
 from sae.evals import evaluate, feature_table
 from sae.export import export_sae
+from sae.export_clt import export_clt
 from sae.outputs import records_up_to, replaced_dir, write_atomic
 from sae.progress import duration, si
 from sae.training.geometric_median import geometric_median
@@ -176,14 +177,8 @@ def log_dictionary(one: Instance, state, source, step: int, aliases: list[str]) 
         source.ground_truth,
     )
     with scratch_dir(one.out_dir) as scratch:
-        export_sae(
-            Path(scratch),
-            one.sae,
-            state.params,
-            buffers,
-            float(state.input_scale),
-            metadata={"config": config_lib.to_dict(one.cfg), "step": step},
-        )
+        metadata = {"config": config_lib.to_dict(one.cfg), "step": step}
+        export_dictionary(Path(scratch), one.sae, state.params, buffers, float(state.input_scale), source, metadata)
         one.tracker.log_artifact(
             f"sae-{one.tracker.run_id}",
             "sae",
@@ -192,6 +187,15 @@ def log_dictionary(one: Instance, state, source, step: int, aliases: list[str]) 
             metadata={"step": step, "architecture": one.cfg.sae.name, "d_sae": one.sae.d_sae},
             aliases=aliases + [f"step-{step}"],
         )
+
+
+def export_dictionary(directory: Path, sae: SAE, params, buffers, input_scale: float, source, metadata: dict):
+    """SAELens's format for an SAE or per-layer transcoder (`export_sae`), circuit-tracer's for a CLT."""
+    if not sae.cross_layer:
+        return export_sae(directory, sae, params, buffers, input_scale, metadata=metadata)
+    sites_in, sites_out = source.hook_names, source.hook_names_out
+    meta = {k: metadata[k] for k in ("model_name",) if k in metadata}
+    return export_clt(directory, sae, params, input_scale, sites_in, sites_out, {**meta, "sae_jax_run": metadata})
 
 
 def run_space(checkpointer: Checkpointer, state) -> int:
@@ -242,22 +246,49 @@ SUMMARY = (
 )
 
 
+def _row_source(source):
+    """The registry entry of the row source a store was cached from, or None (not a store, or unknown)."""
+    store = getattr(source, "store", None)
+    name = store.provenance.get("source") if store is not None else None
+    return ROW_SOURCES[name] if name in ROW_SOURCES else None
+
+
+def replacement_scores(sae: SAE, params: dict, buffers: dict, input_scale: float, source) -> dict:
+    """For pairs cached from a model: the replacement model's CE-loss score, KL and top-1 agreement, every
+    trained output site replaced by the dictionary's prediction from the replaced model's own inputs (a
+    transcoder: its layer; a CLT: every layer); {} for sources that cannot be scored."""
+    entry = _row_source(source)
+    if entry is None or entry.replacement is None:
+        return {}
+    pairs = list(zip(source.hook_names, source.hook_names_out))
+
+    def predict(j: int, inputs: list[jax.Array]) -> jax.Array:
+        scaled = [x.astype(jnp.float32) * input_scale for x in inputs]
+        if sae.cross_layer:
+            acts = [sae.encode_layer(params, layer, x) for layer, x in enumerate(scaled)]
+            return sae.decode_layer(params, acts, j)
+        return sae(params, scaled[j], buffers)
+
+    out = entry.replacement(source.store.path, pairs, predict)
+    return {k: v for k, v in out.items() if k not in ("n_tokens", "n_texts")}
+
+
 def loss_recovered(sae: SAE, params: dict, buffers: dict, input_scale: float, source) -> dict:
     """For a store cached from a model: the CE-loss score and KL with the SAE's reconstruction spliced in at
     the cached site, scored by the store's row source (its `loss_recovered`, found from the store's
-    provenance); {} for sources that have none."""
-    store = getattr(source, "store", None)
-    if store is None:
-        return {}
-    name = store.provenance.get("source")
-    score = ROW_SOURCES[name].loss_recovered if name in ROW_SOURCES else None
+    provenance); a transcoder's are its replacement model's (`replacement_scores`); {} for sources that
+    have none."""
+    if sae.transcoder:
+        return replacement_scores(sae, params, buffers, input_scale, source)
+    entry = _row_source(source)
+    score = entry.loss_recovered if entry is not None else None
     if score is None:
         return {}
 
     def reconstruct(x: jax.Array) -> jax.Array:
         return sae.decode(params, sae.encode(params, x.astype(jnp.float32) * input_scale, buffers)) / input_scale
 
-    return {k: v for k, v in score(store.path, reconstruct).items() if k not in ("n_tokens", "n_texts")}
+    return {k: v for k, v in score(source.store.path, reconstruct).items() if k not in ("n_tokens", "n_texts")}
 
 
 def saelens_model_fields(source) -> dict:
@@ -267,7 +298,9 @@ def saelens_model_fields(source) -> dict:
     provenance = store.provenance if store is not None else {}
     if provenance.get("source") != "hf":
         return {}
+    out = {"hook_name_out": source.hook_names_out[0]} if getattr(source, "hook_names_out", None) else {}
     return {
+        **out,
         "model_name": provenance["model_name"],
         "hook_name": provenance["hook_name"],
         "context_size": provenance["context_length"],
@@ -283,7 +316,13 @@ def finish(
     SAELens-format export of a trained state."""
     trainer = cfg.trainer
     results = evaluate(
-        sae, state.params, buffers, state.input_scale, source.eval_batches(trainer.batch_size), source.ground_truth
+        sae,
+        state.params,
+        buffers,
+        state.input_scale,
+        source.eval_batches(trainer.batch_size),
+        source.ground_truth,
+        getattr(source, "ground_truth_in", None),
     )
     results["dead_fraction"] = float(np.mean(np.asarray(state.tokens_since_fired) >= trainer.dead_tokens))
     results["architecture"] = cfg.sae.name
@@ -296,7 +335,7 @@ def finish(
     write_atomic(out_dir / "metrics.json", json.dumps(results, indent=2).encode())
     with replaced_dir(out_dir / "sae") as export_dir:
         metadata = {"config": config_lib.to_dict(cfg), **saelens_model_fields(source)}
-        export_sae(export_dir, sae, state.params, buffers, float(state.input_scale), metadata=metadata)
+        export_dictionary(export_dir, sae, state.params, buffers, float(state.input_scale), source, metadata)
     print(
         f"final (held-out) {out_dir.name}: " + " | ".join(f"{k} {results[k]:.4g}" for k in SUMMARY if k in results),
         flush=True,

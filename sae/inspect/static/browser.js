@@ -78,9 +78,9 @@ function renderList() {
   var body = document.getElementById("features-body");
   body.textContent = "";
   rows.slice(VIEW.page * size, (VIEW.page + 1) * size).forEach(function (i) {
-    var tr = el("tr", {"class": "feature-row", "data-id": i}, [
-      el("td", {text: i}), el("td", {text: fmt(C.density[i])}), el("td", {text: fmt(C.mean[i])}),
-      el("td", {text: fmt(C.max[i])})]);
+    var tr = el("tr", {"class": "feature-row", "data-id": i}, [el("td", {text: i})]);
+    if (C.layer) tr.appendChild(el("td", {text: C.layer[i]}));
+    [C.density[i], C.mean[i], C.max[i]].forEach(function (v) { tr.appendChild(el("td", {text: fmt(v)})); });
     if (C.token) tr.appendChild(el("td", {"class": "l", text: JSON.stringify(C.token[i] || "")}));
     if (M.has_gt) tr.appendChild(el("td", {text: C.gt[i] + " (" + fmt(C.gt_cos[i]) + ")"}));
     tr.appendChild(el("td", {"class": "l", text: C.label[i] || ""}));
@@ -97,7 +97,9 @@ function renderList() {
 }
 function buildList(root) {
   var M = LIST.meta;
-  var info = el("p", {}, [M.d_sae + " latents, " + M.n_rows.toLocaleString() + " rows (" + M.description + "). " +
+  var layers = M.n_layers ? " (" + M.n_layers + " layers \u00D7 " + M.features_per_layer + ")" : "";
+  var info = el("p", {id: "info"}, [(M.dictionary ? M.dictionary + ". " : "") + M.d_sae + " latents" + layers + ", " +
+    M.n_rows.toLocaleString() + " rows (" + M.description + "). " +
     M.dead + " dead, " + M.ultra_low + " fire on < " + M.ultra_low_density + " of rows. Type \"dead\" to list dead latents."]);
   if (M.recovery) info.appendChild(document.createTextNode(" Ground truth: MMCS " + fmt(M.recovery.mmcs) +
     ", recovered " + fmt(M.recovery.recovered_fraction) + "."));
@@ -114,6 +116,7 @@ function buildList(root) {
     el("span", {"class": "pager"}, [prev, el("span", {id: "page"}), next])]));
   var head = el("tr");
   var cols = COLS.slice();
+  if (LIST.columns.layer) cols.splice(1, 0, ["layer", "layer"]);
   if (LIST.columns.token) cols.push(["token", "top token"]);
   if (M.has_gt) cols.push(["gt_cos", "true feature (cos)"]);
   cols.push(["label", "label"]);
@@ -175,6 +178,18 @@ function exampleLine(ex, tokens, maxAct) {
   }
   return line;
 }
+function decoderNorms(norms, layer) {
+  var top = Math.max.apply(null, norms) || 1, head = el("tr", {}, [el("th", {"class": "l", text: "layer"})]);
+  var row = el("tr", {"class": "norms"}, [el("th", {"class": "l", text: "\u2016W_dec\u2016"})]);
+  norms.forEach(function (v, m) {
+    head.appendChild(el("th", {text: m}));
+    if (m < layer) { row.appendChild(el("td", {"class": "muted", text: "\u2013"})); return; }
+    var bar = el("div", {"class": "dnbar"});
+    bar.style.width = (100 * v / top).toFixed(1) + "%";
+    row.appendChild(el("td", {title: "into layer " + m}, [fmt(v), bar]));
+  });
+  return el("table", {id: "decoder-norms", "class": "dn"}, [el("thead", {}, [head]), el("tbody", {}, [row])]);
+}
 function renderFeature(id) {
   var M = LIST.meta, C = LIST.columns, view = document.getElementById("feature-view");
   document.getElementById("list-view").hidden = true;
@@ -196,7 +211,13 @@ function renderFeature(id) {
       el("span", {"class": "stat", text: "max act. " + fmt(C.max[id])})]);
     if (M.has_gt) stats.appendChild(el("span", {"class": "stat", id: "gt",
       text: "best true feature " + C.gt[id] + " (cos " + fmt(C.gt_cos[id]) + ")"}));
+    if (C.layer) stats.appendChild(el("span", {"class": "stat", id: "layer",
+      text: "layer " + C.layer[id] + " (feature " + (id % M.features_per_layer) + " of " + M.features_per_layer + ")"}));
     view.appendChild(stats);
+    if (f.dn) {
+      view.appendChild(el("h2", {text: "Decoder norm into each layer"}));
+      view.appendChild(decoderNorms(f.dn, C.layer[id]));
+    }
     view.appendChild(el("h2", {text: "Activation histogram"}));
     view.appendChild(histogram(f));
     var maxAct = C.max[id] || 0;
@@ -229,5 +250,6 @@ function route() {
   renderList();
 }
 window.addEventListener("hashchange", route);
-document.getElementById("subtitle").textContent = LIST.meta.architecture + " \u00B7 " + LIST.meta.run;
+document.getElementById("subtitle").textContent = (LIST.meta.dictionary || LIST.meta.architecture) + " \u00B7 " +
+  LIST.meta.run;
 route();
