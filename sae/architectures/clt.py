@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from sae.architectures.base import SAE, Forward, Params, SAEConfig, register
 from sae.architectures.jumprelu import jumprelu
-from sae.architectures.sparse import top_k_of
+from sae.architectures.sparse import fire_counts_from_indices, gather_sum, take_with_sparse_grad, top_k_of
 from sae.errors import DataError, positive, require
 
 ACTIVATIONS = ("jumprelu", "topk")
@@ -167,26 +167,52 @@ class CLT(SAE):
 
     # --- training -------------------------------------------------------------------------------
     def forward(self, params, buffers, x, y, dead, sparsity_coefficient) -> Forward:
+        if self.cfg.activation == "topk":
+            y_hat, active_per_layer, fire_counts = self._sparse_topk(params, x)
+            mse = jnp.mean(jnp.sum(jnp.square(y - y_hat), axis=(-2, -1)))
+            return self._forward(mse, {}, active_per_layer, fire_counts, y_hat, buffers)
         h = jnp.einsum("bld,ldf->blf", x, params["W_enc"]) + params["b_enc"]
         a = self.activate(params, h)
         y_hat = self.decode(params, a)
         mse = jnp.mean(jnp.sum(jnp.square(y - y_hat), axis=(-2, -1)))
-        terms = {"mse_loss": mse}
-        loss = mse
-        if self.cfg.activation == "jumprelu":
-            norms = self.layer_decoder_norms(params)  # [L, F]
-            terms["tanh_loss"] = jnp.mean(jnp.sum(jnp.tanh(self.cfg.tanh_scale * norms * a), axis=(-2, -1)))
-            inactive = jax.nn.relu(params["threshold"] - h)
-            terms["preact_loss"] = jnp.mean(jnp.sum(inactive * norms, axis=(-2, -1)))
-            loss = mse + sparsity_coefficient * terms["tanh_loss"] + self.cfg.preact_coefficient * terms["preact_loss"]
+        norms = self.layer_decoder_norms(params)  # [L, F]
+        tanh = jnp.mean(jnp.sum(jnp.tanh(self.cfg.tanh_scale * norms * a), axis=(-2, -1)))
+        preact = jnp.mean(jnp.sum(jax.nn.relu(params["threshold"] - h) * norms, axis=(-2, -1)))
+        penalties = {"tanh_loss": (tanh, sparsity_coefficient), "preact_loss": (preact, self.cfg.preact_coefficient)}
         active = a != 0
-        per_layer = jnp.mean(jnp.sum(active, axis=-1), axis=0)  # [L]
+        fire_counts = jnp.sum(active, axis=0, dtype=jnp.int32).reshape(-1)
+        return self._forward(mse, penalties, jnp.sum(active, axis=-1), fire_counts, y_hat, buffers)
+
+    def _forward(self, mse, penalties: dict, active_per_layer, fire_counts, y_hat, buffers) -> Forward:
+        """The Forward of a loss mse + Σ coefficient · term; active_per_layer: [batch, L] features active."""
+        per_layer = jnp.mean(active_per_layer, axis=0)  # [L]
+        terms = {"mse_loss": mse, **{name: term for name, (term, _) in penalties.items()}}
         terms.update({f"l0_layer_{layer}": per_layer[layer] for layer in range(self.n_layers)})
         return Forward(
-            loss=loss,
+            loss=sum((c * term for term, c in penalties.values()), mse),
             x_hat=y_hat,
-            fire_counts=jnp.sum(active, axis=0, dtype=jnp.int32).reshape(-1),
+            fire_counts=fire_counts,
             l0=jnp.mean(per_layer),
             terms=terms,
             buffers=buffers,
         )
+
+    def _sparse_topk(self, params, x):
+        """The TopK CLT's training pass with the TopK SAE's sparse operations (sparse.py): per layer one dense
+        matmul x^ℓ W_enc^ℓ without gradient, the top k chosen on it, their values read with the encoder's
+        gradient sent to those k columns, and ŷ from k gathered decoder rows [(L − ℓ)·d_out] per token.
+        Returns (ŷ [batch, L, d_out], active features [batch, L], fire counts [L · F])."""
+        n, f = self.n_layers, self.d_sae
+        y_hat = jnp.broadcast_to(params["b_dec"], (x.shape[0], n, self.d_out))
+        active, counts = [], []
+        for layer in range(n):
+            w_enc, b_enc, x_l = params["W_enc"][layer], params["b_enc"][layer], x[:, layer]
+            xw = jax.lax.stop_gradient(x_l @ w_enc)
+            _, idx = top_k_of(xw, jax.lax.stop_gradient(b_enc), self.cfg.k)
+            vals = jax.nn.relu(take_with_sparse_grad(xw, x_l, w_enc, idx) + b_enc[idx])
+            w_dec = params[f"W_dec_{layer}"].reshape(f, (n - layer) * self.d_out)
+            written = gather_sum(vals, w_dec, idx).reshape(x.shape[0], n - layer, self.d_out)
+            y_hat = y_hat.at[:, layer:].add(written)
+            active.append(jnp.sum(vals > 0, axis=-1))
+            counts.append(fire_counts_from_indices(vals, idx, f))
+        return y_hat, jnp.stack(active, axis=-1), jnp.concatenate(counts)

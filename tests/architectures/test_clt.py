@@ -203,3 +203,27 @@ def test_family_errors(name, kwargs, message):
 def test_clt_has_no_skip():
     with pytest.raises(ConfigError, match="a CLT has no skip path"):
         CLTConfig(d_sae=8, skip=True).check()
+
+
+def test_sparse_topk_step_equals_the_dense_computation():
+    """The TopK CLT trains on the sparse path (k columns of each encoder, k gathered decoder rows): its ŷ,
+    fire counts and gradients equal those of the dense formula decode(ReLU(TopK(h)))."""
+    clt, params, x, y = params_and_data("topk", seed=5)
+    dead = jnp.zeros(clt.n_latents, bool)
+
+    def sparse(p):
+        out = clt.forward(p, {}, x, y, dead, jnp.float32(0))
+        return out.loss, out
+
+    def dense(p):
+        y_hat = clt.decode(p, clt.encode(p, x, {}))
+        return jnp.mean(jnp.sum(jnp.square(y - y_hat), axis=(-2, -1))), y_hat
+
+    (loss, out), grads = jax.value_and_grad(sparse, has_aux=True)(params)
+    (loss_dense, y_hat), grads_dense = jax.value_and_grad(dense, has_aux=True)(params)
+    np.testing.assert_allclose(out.x_hat, y_hat, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss, loss_dense, rtol=1e-5)
+    active = np.asarray(clt.encode(params, x, {})) != 0
+    np.testing.assert_array_equal(out.fire_counts, active.sum(axis=0).reshape(-1))
+    for name in grads:
+        np.testing.assert_allclose(grads[name], grads_dense[name], rtol=1e-4, atol=1e-5, err_msg=name)
