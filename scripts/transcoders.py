@@ -15,7 +15,7 @@ replacement model's CE-loss score, KL and top-1 agreement with the model. Every 
 features per layer (d_sae) and the same k per layer, so the comparison is at equal width and equal L0.
 
 Keys: out (required); lm=RUN (reuse an lm-train run); lm_steps (1000); rows (1000000); tokens (per dictionary,
-2000000); d_sae (features per layer, 2048); k (16); l0_coefficient (JumpReLU CLT's λ, 1.0);
+2000000); d_sae (features per layer, 2048); k (16); l0_coefficient (JumpReLU CLT's λ, 0.03);
 eval_sequences (256).
 """
 
@@ -38,7 +38,7 @@ DEFAULTS = {
     "tokens": "2000000",
     "d_sae": "2048",
     "k": "16",
-    "l0_coefficient": "1.0",
+    "l0_coefficient": "0.03",
     "eval_sequences": "256",
 }
 

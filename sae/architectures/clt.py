@@ -37,9 +37,10 @@ ACTIVATIONS = ("jumprelu", "topk")
 @dataclasses.dataclass
 class CLTConfig(SAEConfig):
     name: str = "clt"
+    normalize_activations: bool = True  # the published setting: inputs scaled to E‖x‖ = √d_in
     activation: str = "jumprelu"  # jumprelu | topk
     k: int = 16  # topk: active features per token and layer
-    l0_coefficient: float = 1.0  # λ of the tanh sparsity penalty (jumprelu)
+    l0_coefficient: float = 0.03  # λ of the tanh penalty (jumprelu): L0 ≈ 8 per layer on the 2-layer stdlib LM
     tanh_scale: float = 4.0  # c
     preact_coefficient: float = 3e-6  # λ_P
     threshold_init: float = 0.1

@@ -115,7 +115,7 @@ def test_bad_pairs_on_the_command_line_are_one_line(pairs, tmp_path):
     }
     procs = {
         name: subprocess.Popen(
-            [sys.executable, script, "data=cached", *args, f"hydra.run.dir={tmp_path / name}"],
+            [sys.executable, script, "data=cached", "trainer.batch_size=64", *args, f"hydra.run.dir={tmp_path / name}"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
