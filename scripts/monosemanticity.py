@@ -21,7 +21,7 @@ import json
 import sys
 import time
 
-from walkthrough import lm_stage, parse, run, workspace
+from walkthrough import lm_stage, parse, run, timings_table, workspace
 
 USAGE = "python scripts/monosemanticity.py out=DIR"
 
@@ -145,9 +145,7 @@ def table(results: dict, args: dict[str, str]) -> str:
             f"| {family} | {m['l0']:.1f} | {m['explained_variance']:.3f} | {m['dead_fraction']:.3f} | "
             f"{m['ce_loss_score']:.3f} | {m['kl_div']:.4f} |"
         )
-    lines += ["", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["timings_s"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + timings_table(results["timings_s"])) + "\n"
 
 
 if __name__ == "__main__":

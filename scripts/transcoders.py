@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import sys
 
-from walkthrough import lm_stage, parse, run, workspace
+from walkthrough import lm_stage, parse, run, timings_table, workspace
 
 USAGE = "python scripts/transcoders.py out=DIR"
 N_LAYERS = 2
@@ -156,9 +156,7 @@ def table(results: dict, args: dict[str, str]) -> str:
             f"| {name} | {' / '.join(f'{v:.3f}' for v in fvu)} | {sum(fvu):.3f} | {' / '.join(f'{v:.1f}' for v in l0)}"
             f" | {m['dead_fraction']:.3f} | {m['ce_loss_score']:.3f} | {m['kl_div']:.4f} | {m['top1_agreement']:.3f} |"
         )
-    lines += ["", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["timings_s"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + timings_table(results["timings_s"])) + "\n"
 
 
 if __name__ == "__main__":

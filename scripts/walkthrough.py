@@ -65,3 +65,9 @@ def workspace(args: dict[str, str]) -> tuple[Path, Path, dict, Callable[[], None
     path = out / "timings.json"
     timings = json.loads(path.read_text()) if path.exists() else {}
     return out, out / "logs", timings, lambda: path.write_text(json.dumps(timings, indent=1))
+
+
+def timings_table(timings: dict[str, float]) -> list[str]:
+    """The lines of a markdown table of the stages' seconds (after a blank line)."""
+    rows = [f"| {stage} | {seconds:.0f} |" for stage, seconds in timings.items()]
+    return ["", "| stage | seconds |", "|---|---|", *rows]
