@@ -24,12 +24,10 @@ import jax
 import numpy as np
 
 from sae.data.loader import JoinedStore, StoreLoader
-from sae.data.sources import BATCH_SOURCES, BatchSourceEntry, DataConfig
+from sae.data.sources import BATCH_SOURCES, Batch, BatchSourceEntry, DataConfig
 from sae.data.store import Store, StoreError
 from sae.errors import positive, require
 from sae.models.base import SITE_NAMES
-
-Batch = jax.Array | tuple[jax.Array, jax.Array]  # x, or (x, y) for pairs
 
 
 @dataclasses.dataclass

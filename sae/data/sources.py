@@ -38,6 +38,9 @@ class DataConfig:
         require(self.eval_tokens > 0, f"data.eval_tokens={self.eval_tokens} must be > 0")
 
 
+Batch = jax.Array | tuple[jax.Array, jax.Array]  # x, or a pair (x, y) (see BatchSource)
+
+
 class BatchSource(Protocol):
     """Training data for `sae-train`. A batch is x: [batch_size, d_in] on the device for an SAE, or a pair
     (x, y) for a transcoder, y: [batch_size, d_out] (a source with d_out set); with n_layers set (a CLT's

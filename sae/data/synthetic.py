@@ -25,12 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae.architectures.base import random_unit_rows
 from sae.data.generated import block_chunks, block_rows
-from sae.data.sources import BATCH_SOURCES, ROW_SOURCES, BatchSourceEntry, Chunk, DataConfig, RowSourceEntry
+from sae.data.sources import BATCH_SOURCES, ROW_SOURCES, Batch, BatchSourceEntry, Chunk, DataConfig, RowSourceEntry
 from sae.errors import fraction, positive, require
 from toy_models.data import counter_uniform
-
-Batch = jax.Array | tuple[jax.Array, jax.Array]  # x [n, d_in], or a pair (x, y [n, d_out])
 
 
 @dataclasses.dataclass
@@ -127,12 +126,6 @@ def firing_probabilities(n_features: int, mean_active: float, decay: float) -> n
     return p.astype(np.float32)
 
 
-def unit_rows(key: jax.Array, n: int, d: int) -> jax.Array:
-    """[n, d] independent uniformly random unit vectors (normalised Gaussians)."""
-    rows = jax.random.normal(key, (n, d))
-    return rows / jnp.linalg.norm(rows, axis=-1, keepdims=True)
-
-
 @dataclasses.dataclass(frozen=True)
 class SyntheticFeatures:
     """The ground truth of a synthetic run. directions: [n_features, d_in]; probabilities: [n_features];
@@ -151,8 +144,9 @@ class SyntheticFeatures:
 
     @classmethod
     def create(cls, cfg: SyntheticConfig, key: jax.Array) -> SyntheticFeatures:
-        directions = unit_rows(key, cfg.n_features, cfg.d_in)
-        out = None if cfg.d_out is None else unit_rows(jax.random.fold_in(key, _TARGETS), cfg.n_features, cfg.d_out)
+        directions = random_unit_rows(key, cfg.n_features, cfg.d_in)
+        targets = jax.random.fold_in(key, _TARGETS)
+        out = None if cfg.d_out is None else random_unit_rows(targets, cfg.n_features, cfg.d_out)
         p = firing_probabilities(cfg.n_features, cfg.mean_active, cfg.probability_decay)
         n_grouped = cfg.n_correlated_groups * cfg.group_size
         group = np.full(cfg.n_features, -1, np.int32)
