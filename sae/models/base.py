@@ -12,6 +12,17 @@ Sites are the TransformerLens / SAELens hook names. Block l of every family expo
     blocks.{l}.hook_resid_post       the stream leaving the block                   [batch, seq, d_model]
 
 Each family's docstring says where a site sits when its layout differs (parallel residual, post-norm).
+The circuits' local replacement model also reads and freezes the nonlinear parts of attention and the norms,
+at sites that are not activations (FROZEN_SITES; not in `Model.sites`, not cached):
+
+    blocks.{l}.attn.hook_pattern     attention probabilities                        [batch, heads, query, key]
+    blocks.{l}.ln1.hook_scale        1 / √(var + eps) of the attention's input norm [batch, seq, 1]
+    blocks.{l}.ln2.hook_scale        the same for the MLP's input norm
+    blocks.{l}.ln1_post.hook_scale   Gemma 2's norms after attention and the MLP
+    blocks.{l}.ln2_post.hook_scale
+    ln_final.hook_scale              the final norm's scale                         [batch, seq, 1]
+    hook_logits                      the logits before any final soft-cap           [batch, seq, vocab]
+
 `model(tokens, capture=[sites])` returns (output, {site: activation}); `model(tokens, replace={site: fn})`
 swaps a site's activation for fn(activation) before anything downstream reads it. Both are plain Python
 inside the forward (a `Hooks` value passed down the blocks), so they trace under `jax.jit` like the rest;
@@ -44,6 +55,8 @@ SITE_NAMES = (
     "hook_resid_post",
 )
 MLP_SITES = ("mlp.hook_pre", "mlp.hook_post")  # d_mlp wide; every other site is d_model wide
+FROZEN_SITES = ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale", "ln1_post.hook_scale", "ln2_post.hook_scale")
+FINAL_SITES = ("ln_final.hook_scale", "hook_logits")
 
 Replace = Mapping[str, Callable[[jax.Array], jax.Array]]
 
@@ -55,6 +68,13 @@ class ModelError(DataError):
 def site_names(n_layers: int) -> list[str]:
     """Every site of an n_layers model in forward order: ['blocks.0.hook_resid_pre', …]."""
     return [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in SITE_NAMES]
+
+
+def hook_sites(n_layers: int) -> list[str]:
+    """Every name `capture` and `replace` accept: the activation sites, then FROZEN_SITES per block and
+    FINAL_SITES."""
+    frozen = [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in FROZEN_SITES]
+    return [*site_names(n_layers), *frozen, *FINAL_SITES]
 
 
 def site_layer(site: str) -> int:
@@ -110,9 +130,10 @@ class Hooks:
         self.capture, self.replace = list(capture), dict(replace or {})
         unknown = [s for s in [*self.capture, *self.replace] if s not in valid]
         if unknown:
+            last = max(site_layer(s) for s in valid if s.startswith("blocks."))
             raise ModelError(
-                f"site {unknown[0]!r} is not a site of this model; sites: blocks.<0..{site_layer(valid[-1])}>."
-                f"{{{', '.join(SITE_NAMES)}}}"
+                f"site {unknown[0]!r} is not a site of this model; sites: blocks.<0..{last}>."
+                f"{{{', '.join(SITE_NAMES)}}} (and {', '.join(FROZEN_SITES + FINAL_SITES)})"
             )
         self.captured: dict[str, jax.Array] = {}
 
@@ -163,7 +184,7 @@ class Model(nnx.Module):
             raise ModelError(f"tokens must be [batch, seq]; got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.config.n_ctx:
             raise ModelError(f"sequences of {tokens.shape[1]} tokens exceed the model's {self.config.n_ctx} positions")
-        hooks = Hooks(self.sites, capture, replace)
+        hooks = Hooks(hook_sites(self.config.n_layers), capture, replace)
         out = self.forward(tokens, hooks, attention_mask)
         return (out, hooks.captured) if hooks.capture else out
 
@@ -173,7 +194,7 @@ def jitted(model: Model, capture: Iterable[str] = (), replace: Replace | None = 
     replace)` returns. The model is split once; each call merges its state inside `jax.jit`."""
     graphdef, state = nnx.split(model)
     capture = list(capture)
-    Hooks(model.sites, capture, replace)  # bad site names fail here, not at the first call
+    Hooks(hook_sites(model.config.n_layers), capture, replace)  # bad site names fail here, not at the first call
 
     @jax.jit
     def run(state, tokens, attention_mask):

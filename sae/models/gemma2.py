@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sae.models.base import FAMILIES, Family, ModelError
+from sae.models.base import FAMILIES, Family, Hooks, ModelError
 from sae.models.layers import RMSNorm
 from sae.models.llama import Attention, GatedMLP, Llama, LlamaConfig, layer_windows
 
@@ -71,10 +71,12 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, hook, attention_mask) -> jax.Array:
         x = hook("hook_resid_pre", x)
-        attn = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), attention_mask))
+        attn = self.self_attn(self.input_layernorm(x, hook, "ln1.hook_scale"), attention_mask, hook)
+        attn = self.post_attention_layernorm(attn, hook, "ln1_post.hook_scale")
         x = hook("hook_resid_mid", x + hook("hook_attn_out", attn))
-        out = self.mlp(hook("ln2.hook_normalized", self.pre_feedforward_layernorm(x)), hook)
-        return hook("hook_resid_post", x + hook("hook_mlp_out", self.post_feedforward_layernorm(out)))
+        out = self.mlp(hook("ln2.hook_normalized", self.pre_feedforward_layernorm(x, hook, "ln2.hook_scale")), hook)
+        out = self.post_feedforward_layernorm(out, hook, "ln2_post.hook_scale")
+        return hook("hook_resid_post", x + hook("hook_mlp_out", out))
 
 
 class Gemma2(Llama):
@@ -87,8 +89,8 @@ class Gemma2(Llama):
         x = super().embed(tokens)
         return x * jnp.asarray(self.config.d_model**0.5, x.dtype)
 
-    def unembed(self, x: jax.Array) -> jax.Array:
-        logits, cap = super().unembed(x), self.config.final_logit_softcapping
+    def unembed(self, x: jax.Array, hooks: Hooks) -> jax.Array:
+        logits, cap = super().unembed(x, hooks), self.config.final_logit_softcapping
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 

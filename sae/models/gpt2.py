@@ -95,10 +95,11 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, hook, attention_mask) -> jax.Array:
         b, s, d = x.shape
         x = hook("hook_resid_pre", x)
-        q, k, v = jnp.split(self.c_attn(self.ln_1(x)).reshape(b, s, 3 * self.n_heads, d // self.n_heads), 3, 2)
-        z = attention(q, k, v, causal=True, scale=(d // self.n_heads) ** -0.5, attention_mask=attention_mask)
+        qkv = self.c_attn(self.ln_1(x, hook, "ln1.hook_scale")).reshape(b, s, 3 * self.n_heads, d // self.n_heads)
+        q, k, v = jnp.split(qkv, 3, 2)
+        z = attention(q, k, v, causal=True, scale=(d // self.n_heads) ** -0.5, attention_mask=attention_mask, hook=hook)
         x = hook("hook_resid_mid", x + hook("hook_attn_out", self.c_proj(z)))
-        pre = hook("mlp.hook_pre", self.c_fc(hook("ln2.hook_normalized", self.ln_2(x))))
+        pre = hook("mlp.hook_pre", self.c_fc(hook("ln2.hook_normalized", self.ln_2(x, hook, "ln2.hook_scale"))))
         out = hook("hook_mlp_out", self.mlp_proj(hook("mlp.hook_post", self.act(pre))))
         return hook("hook_resid_post", x + out)
 
@@ -122,7 +123,7 @@ class GPT2(Model):
         for i, block in enumerate(self.h):
             x = block(x, hooks.at(i), attention_mask)
         unembed = self.wte if self.lm_head is None else self.lm_head
-        return self.ln_f(x) @ unembed[...].T
+        return hooks("hook_logits", self.ln_f(x, hooks, "ln_final.hook_scale") @ unembed[...].T)
 
 
 def hf_state(model: GPT2) -> dict[str, np.ndarray]:

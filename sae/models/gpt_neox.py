@@ -89,13 +89,15 @@ class Block(nnx.Module):
         e = d // self.n_heads
         x = hook("hook_resid_pre", x)
         # transformers views the fused output as [batch, seq, heads, 3·d_head] and chunks q, k, v per head.
-        qkv = self.query_key_value(self.input_layernorm(x)).reshape(b, s, self.n_heads, 3, e)
+        qkv = self.query_key_value(self.input_layernorm(x, hook, "ln1.hook_scale")).reshape(b, s, self.n_heads, 3, e)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         q, k, v = apply_rope(qkv[:, :, :, 0], inv_freq), apply_rope(qkv[:, :, :, 1], inv_freq), qkv[:, :, :, 2]
-        z = attention(q, k, v, causal=True, scale=e**-0.5, attention_mask=attention_mask)
+        z = attention(q, k, v, causal=True, scale=e**-0.5, attention_mask=attention_mask, hook=hook)
         attn_out = hook("hook_attn_out", self.dense(z))
         mid = hook("hook_resid_mid", x + attn_out)
-        normalized = hook("ln2.hook_normalized", self.post_attention_layernorm(x if self.parallel else mid))
+        normalized = hook(
+            "ln2.hook_normalized", self.post_attention_layernorm(x if self.parallel else mid, hook, "ln2.hook_scale")
+        )
         pre = hook("mlp.hook_pre", self.dense_h_to_4h(normalized))
         out = hook("hook_mlp_out", self.dense_4h_to_h(hook("mlp.hook_post", self.act(pre))))
         return hook("hook_resid_post", mid + out)
@@ -119,7 +121,7 @@ class GPTNeoX(Model):
         for i, block in enumerate(self.layers):
             x = block(x, hooks.at(i), attention_mask)
         unembed = self.embed_in if self.embed_out is None else self.embed_out
-        return self.final_layer_norm(x) @ unembed[...].T
+        return hooks("hook_logits", self.final_layer_norm(x, hooks, "ln_final.hook_scale") @ unembed[...].T)
 
 
 FAMILIES.register("gpt_neox", Family(GPTNeoXConfig.from_hf, GPTNeoX, prefixes=("gpt_neox.", "")))

@@ -47,35 +47,42 @@ class Linear(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """(x − mean) / √(var + eps) · γ + β over the last axis (statistics in float32)."""
+    """(x − mean) / √(var + eps) · γ + β over the last axis (statistics in float32). Called with a hook and a
+    site name, the hook sees (and may replace) the scale 1 / √(var + eps): [..., 1]."""
 
     def __init__(self, weights, name: str, d: int, eps: float, bias: bool = True):
         self.eps = eps
         self.scale = nnx.Param(weights(f"{name}.weight", (d,), "ones"))
         self.bias = nnx.Param(weights(f"{name}.bias", (d,), "zeros")) if bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, hook=None, site: str = "") -> jax.Array:
         h = x.astype(jnp.float32)
         mean = h.mean(-1, keepdims=True)
         var = jnp.square(h - mean).mean(-1, keepdims=True)
-        y = ((h - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype) * self.scale[...]
+        y = ((h - mean) * _scale(jax.lax.rsqrt(var + self.eps), hook, site)).astype(x.dtype) * self.scale[...]
         return y if self.bias is None else y + self.bias[...]
 
 
 class RMSNorm(nnx.Module):
     """x / √(mean(x²) + eps) · (offset + γ): offset 0 for Llama, 1 for Gemma (which stores γ − 1).
-    As transformers: Llama casts the normalised x back to x's dtype before scaling, Gemma scales in float32."""
+    As transformers: Llama casts the normalised x back to x's dtype before scaling, Gemma scales in float32.
+    A hook, as LayerNorm's, sees the scale 1 / √(mean(x²) + eps)."""
 
     def __init__(self, weights, name: str, d: int, eps: float, offset: float = 0.0):
         self.eps, self.offset = eps, offset
         self.scale = nnx.Param(weights(f"{name}.weight", (d,), "zeros" if offset else "ones"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, hook=None, site: str = "") -> jax.Array:
         h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.square(h).mean(-1, keepdims=True) + self.eps)
+        h = h * _scale(jax.lax.rsqrt(jnp.square(h).mean(-1, keepdims=True) + self.eps), hook, site)
         if not self.offset:
             return h.astype(x.dtype) * self.scale[...]
         return (h * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def _scale(scale: jax.Array, hook, site: str) -> jax.Array:
+    """A norm's scale as its hook leaves it (the circuits' local replacement model freezes it)."""
+    return scale if hook is None else hook(site, scale)
 
 
 def rope_frequencies(config: dict, d_rot: int) -> jax.Array:
@@ -131,11 +138,13 @@ def attention(
     window: int | None = None,
     softcap: float | None = None,
     attention_mask: jax.Array | None = None,
+    hook=None,
 ) -> jax.Array:
     """softmax(q kᵀ · scale + mask) v with grouped-query heads; q: [batch, seq, heads, d_head], k, v:
     [batch, seq, kv_heads, d_head] (query head i reads kv head i // (heads / kv_heads)). softcap: scores
     become cap · tanh(scores / cap) (Gemma 2). window: a query sees only the last `window` positions (itself
-    included). attention_mask [batch, seq]: 0 hides that key. Returns [batch, seq, heads · d_head]."""
+    included). attention_mask [batch, seq]: 0 hides that key. hook: called at attn.hook_pattern with the
+    probabilities [batch, heads, query, key] (float32). Returns [batch, seq, heads · d_head]."""
     b, s, h, e = q.shape
     g = k.shape[2]
     q = q.reshape(b, s, g, h // g, e)
@@ -151,5 +160,8 @@ def attention(
     mask = jnp.broadcast_to(mask, (b, 1, 1, s, s))
     if attention_mask is not None:
         mask &= attention_mask.astype(bool)[:, None, None, None, :]
-    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    if hook is not None:
+        probs = hook("attn.hook_pattern", probs.reshape(b, h, s, s)).reshape(b, g, h // g, s, s)
+    probs = probs.astype(v.dtype)
     return jnp.einsum("bgrqk,bkge->bqgre", probs, v).reshape(b, s, h * e)

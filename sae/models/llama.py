@@ -133,7 +133,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear(w, f"{name}.v_proj", d, c.n_kv_heads * e, bias=c.qkv_bias)
         self.o_proj = Linear(w, f"{name}.o_proj", c.n_heads * e, d, bias=c.o_bias)
 
-    def __call__(self, x: jax.Array, attention_mask) -> jax.Array:
+    def __call__(self, x: jax.Array, attention_mask, hook=None) -> jax.Array:
         b, s, _ = x.shape
         inv = jnp.asarray(self.inv_freq, jnp.float32)
         q = apply_rope(self.q_proj(x).reshape(b, s, self.n_heads, self.d_head), inv)
@@ -148,6 +148,7 @@ class Attention(nnx.Module):
             window=self.window,
             softcap=self.softcap,
             attention_mask=attention_mask,
+            hook=hook,
         )
         return self.o_proj(z)
 
@@ -175,8 +176,9 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, hook, attention_mask) -> jax.Array:
         x = hook("hook_resid_pre", x)
-        x = hook("hook_resid_mid", x + hook("hook_attn_out", self.self_attn(self.input_layernorm(x), attention_mask)))
-        out = self.mlp(hook("ln2.hook_normalized", self.post_attention_layernorm(x)), hook)
+        attn = self.self_attn(self.input_layernorm(x, hook, "ln1.hook_scale"), attention_mask, hook)
+        x = hook("hook_resid_mid", x + hook("hook_attn_out", attn))
+        out = self.mlp(hook("ln2.hook_normalized", self.post_attention_layernorm(x, hook, "ln2.hook_scale")), hook)
         return hook("hook_resid_post", x + hook("hook_mlp_out", out))
 
 
@@ -200,14 +202,19 @@ class Llama(Model):
     def embed(self, tokens: jax.Array) -> jax.Array:
         return self.embed_tokens[...][tokens]
 
-    def unembed(self, x: jax.Array) -> jax.Array:
-        return self.norm(x) @ (self.embed_tokens if self.lm_head is None else self.lm_head)[...].T
+    def unembed(self, x: jax.Array, hooks: Hooks) -> jax.Array:
+        """The logits (hook_logits: before any soft-cap)."""
+        logits = (
+            self.norm(x, hooks, "ln_final.hook_scale")
+            @ (self.embed_tokens if self.lm_head is None else self.lm_head)[...].T
+        )
+        return hooks("hook_logits", logits)
 
     def forward(self, tokens: jax.Array, hooks: Hooks, attention_mask) -> jax.Array:
         x = self.embed(tokens)
         for i, block in enumerate(self.layers):
             x = block(x, hooks.at(i), attention_mask)
-        return self.unembed(x)
+        return self.unembed(x, hooks)
 
 
 for _name in BIASES:
