@@ -39,3 +39,35 @@ def test_benchmark_prints_one_json_line_per_architecture():
         assert line["step_s"] > 0 and line["matmul_s"] > 0
         assert abs(line["tokens_per_s"] * line["step_s"] - 128) < 1e-6 * 128
         assert abs(line["step_over_matmul"] - line["step_s"] / line["matmul_s"]) < 1e-9
+
+
+@pytest.mark.slow
+def test_benchmark_attribution_prints_one_json_line_per_length():
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(ROOT) / "scripts" / "benchmark_attribution.py"),
+            "--lengths",
+            "16",
+            "--features",
+            "256",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["prompt_length"] for line in lines] == [16]
+    (line,) = lines
+    assert line["padded_length"] == 16 and line["n_layers"] == 2 and line["features_per_layer"] == 256
+    assert line["attribute_s"] > 0 and line["first_call_s"] > 0 and line["prune_scores_s"] > 0
+    assert 0 < line["n_features_active"] <= 2 * 16 * line["k"]
+    assert line["n_targets"] == line["n_features_active"] + line["n_logits"] and 1 <= line["n_logits"] <= 10
+    assert line["n_nodes"] == line["n_features_active"] + 2 * 16 + 16 + line["n_logits"]
+    assert 0 <= line["replacement_score"] <= 1 and 0 <= line["completeness_score"] <= 1
+    assert line["median_over_first"] == 1.0
+    assert isinstance(line["backend"], str) and len(line["devices"]) >= 1
+    assert line["loadavg"] is None or len(line["loadavg"]) == 3

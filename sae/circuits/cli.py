@@ -50,10 +50,9 @@ def _number(args: dict, key: str, kind=float):
 
 def model_source(tc) -> tuple[Path, list[int]]:
     """(the model directory, the template's prefix tokens) of the store the transcoders were trained on."""
+    from sae.circuits.transcoders import _sae_dir
     from sae.data.store import Store
     from sae.inspect.dictionary import load_dictionary, run_config
-
-    from sae.circuits.transcoders import _sae_dir
 
     hint = "give the model's directory with lm=LM_DIR"
     data = (run_config(load_dictionary(_sae_dir(Path(tc.names[0])))).get("data")) or {}
@@ -105,13 +104,14 @@ def graph_of(model, tokenizer, tc, prompt: str, prefix: list[int], out: Path, op
 
 
 def summary_table(results: list[dict]) -> str:
-    head = "| # | prompt | top logit | replacement | completeness | pruned replacement | pruned completeness | nodes kept |"
-    lines = [head, "|" + "---|" * 8]
+    columns = ["#", "prompt", "top logit", "replacement", "completeness", "pruned replacement", "pruned completeness"]
+    lines = ["| " + " | ".join([*columns, "nodes kept"]) + " |", "|" + "---|" * 8]
     for i, r in enumerate(results):
         u, p = r["unpruned"], r["pruned"]
         lines.append(
-            f"| {i:03d} | `{r['prompt'][:40]!r}` | {r['top_logit']!r} ({r['top_prob']:.2f}) | {u['replacement']:.3f} "
-            f"| {u['completeness']:.3f} | {p['replacement']:.3f} | {p['completeness']:.3f} | {p['nodes']} / {u['nodes']} |"
+            f"| {i:03d} | `{r['prompt'][:40]!r}` | {r['top_logit']!r} ({r['top_prob']:.2f}) "
+            f"| {u['replacement']:.3f} | {u['completeness']:.3f} | {p['replacement']:.3f} | {p['completeness']:.3f} "
+            f"| {p['nodes']} / {u['nodes']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         for prompt in prompts:  # every prompt's length is checked before any graph is written
             n = len(prefix) + len(tokenizer.encode(prompt))
             if n > model.config.n_ctx:
-                raise ConfigError(f"the prompt {prompt[:40]!r} has {n} tokens; the model's context is {model.config.n_ctx}")
+                raise ConfigError(
+                    f"the prompt {prompt[:40]!r} has {n} tokens; the model's context is {model.config.n_ctx}"
+                )
         out = Path(args["out"])
         if args["prompt"]:
             r = graph_of(model, tokenizer, tc, prompts[0], prefix, out, options, lm.name)

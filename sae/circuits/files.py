@@ -30,21 +30,57 @@ def node_records(graph: Graph, pruned: Pruned, token_strings: list[str]) -> list
     n_pos, n_layers = graph.n_pos, graph.n_layers
     out = []
     for (layer, pos, feature), a in zip(graph.features.tolist(), graph.activations.tolist()):
-        out.append(dict(node_id=f"{layer}_{feature}_{pos}", feature=cantor(layer, feature), layer=str(layer),
-                        ctx_idx=pos, feature_type=graph.kind, jsNodeId=f"{layer}_{feature}-0", activation=a))
+        out.append(
+            dict(
+                node_id=f"{layer}_{feature}_{pos}",
+                feature=cantor(layer, feature),
+                layer=str(layer),
+                ctx_idx=pos,
+                feature_type=graph.kind,
+                jsNodeId=f"{layer}_{feature}-0",
+                activation=a,
+            )
+        )
     for layer in range(n_layers):
         for pos in range(n_pos):
-            out.append(dict(node_id=f"{layer}_-1_{pos}", feature=-1, layer=str(layer), ctx_idx=pos,
-                            feature_type="mlp reconstruction error", jsNodeId=f"{layer}_-1-{pos}"))
+            out.append(
+                dict(
+                    node_id=f"{layer}_-1_{pos}",
+                    feature=-1,
+                    layer=str(layer),
+                    ctx_idx=pos,
+                    feature_type="mlp reconstruction error",
+                    jsNodeId=f"{layer}_-1-{pos}",
+                )
+            )
     for pos, token in enumerate(graph.prompt_tokens.tolist()):
-        out.append(dict(node_id=f"E_{token}_{pos}", feature=pos, layer="E", ctx_idx=pos, feature_type="embedding",
-                        jsNodeId=f"E_{token}-{pos}", clerp=token_strings[pos]))
+        out.append(
+            dict(
+                node_id=f"E_{token}_{pos}",
+                feature=pos,
+                layer="E",
+                ctx_idx=pos,
+                feature_type="embedding",
+                jsNodeId=f"E_{token}-{pos}",
+                clerp=token_strings[pos],
+            )
+        )
     last, top = n_pos - 1, int(np.argmax(graph.logit_probs))
     for i, (token, p) in enumerate(zip(graph.logit_tokens.tolist(), graph.logit_probs.tolist())):
         shown = token_strings[n_pos + i]
-        out.append(dict(node_id=f"{n_layers + 1}_{token}_{last}", feature=token, layer=str(n_layers + 1),
-                        ctx_idx=last, feature_type="logit", token_prob=p, is_target_logit=i == top,
-                        jsNodeId=f"L_{token}-{last}", clerp=f'Output "{shown}" (p={p:.3f})'))
+        out.append(
+            dict(
+                node_id=f"{n_layers + 1}_{token}_{last}",
+                feature=token,
+                layer=str(n_layers + 1),
+                ctx_idx=last,
+                feature_type="logit",
+                token_prob=p,
+                is_target_logit=i == top,
+                jsNodeId=f"L_{token}-{last}",
+                clerp=f'Output "{shown}" (p={p:.3f})',
+            )
+        )
     for record, influence in zip(out, pruned.cumulative.tolist()):
         record.update(run_idx=0, reverse_ctx_idx=0, influence=influence)
         record.setdefault("clerp", "")
