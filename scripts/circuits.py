@@ -57,18 +57,26 @@ def snippets(dataset: dict, tokenizer, n: int, length: int = 24, seed: int = 0) 
 
 
 def score_prompts(model, tokenizer, tc, prompts: list[str]) -> dict:
-    from sae.circuits import attribute, prune, scores
+    """Mean and sd of the scores over the prompts, and the largest gap between the local replacement model's
+    logits and the model's (its jitted forward on the same padded tokens) over all of them."""
+    from sae.circuits import attribute, prune, replacement, scores
 
-    rows = []
+    rows, gap = [], 0.0
+    r = replacement(model, tc)
     for prompt in prompts:
-        graph = attribute(model, tc, tokenizer.encode(prompt))
+        tokens = tokenizer.encode(prompt)
+        graph = attribute(model, tc, tokens)
         pruned = prune(graph)
         rows.append(
             [*scores(graph).values(), *scores(graph, pruned).values(), pruned.node_mask.sum() / len(pruned.node_mask)]
         )
+        trace = r.trace(tokens)
+        logits = np.asarray(r.forward(trace, trace.embed, trace.mlp_in(tc.b_dec))[2][: len(tokens)])
+        gap = max(gap, float(np.abs(logits - np.asarray(trace.logits[: len(tokens)])).max()))
     a = np.array(rows)
     keys = ["replacement", "completeness", "pruned_replacement", "pruned_completeness", "kept_fraction"]
-    return {k: {"mean": float(a[:, i].mean()), "sd": float(a[:, i].std())} for i, k in enumerate(keys)}
+    out = {k: {"mean": float(a[:, i].mean()), "sd": float(a[:, i].std())} for i, k in enumerate(keys)}
+    return {**out, "max_logit_gap": gap}
 
 
 def influence_vs_ablation(model, tc, tokens, top: int = 20) -> dict:
@@ -212,8 +220,10 @@ def report(results: dict, timings: dict) -> str:
         "|" + "---|" * 6,
     ]
     for name, s in results["scores"].items():
-        cells = " | ".join(f"{s[k]['mean']:.3f} ± {s[k]['sd']:.3f}" for k in s)
+        cells = " | ".join(f"{s[k]['mean']:.3f} ± {s[k]['sd']:.3f}" for k in s if k != "max_logit_gap")
         lines.append(f"| {name} | {cells} |")
+    gaps = ", ".join(f"{name} {s['max_logit_gap']:.1e}" for name, s in results["scores"].items())
+    lines += ["", f"The local replacement model's logits against the model's, largest gap over the prompts: {gaps}."]
     lines += ["", "Influence against ablation (Spearman's ρ over the top features by influence):", ""]
     for name, r in results["influence_vs_ablation"].items():
         lines.append(f"- {name}: ρ = {r['spearman']:.2f} over {r['features']} features")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae.circuits.replacement import Replacement, replacement
+from sae.circuits.replacement import Replacement, constants, recorder, replacement
 from sae.circuits.transcoders import Transcoders
 from sae.errors import ConfigError
 from sae.models.base import Model
@@ -77,13 +77,6 @@ def _intervene_fn(r: Replacement):
     def run(state, tc: Transcoders, frozen, tokens, clean, errors, edits, constrained, multiply):
         inputs, acts = {}, []
 
-        def record(layer):
-            def fn(x):
-                inputs[layer] = x
-                return x
-
-            return fn
-
         def mlp_out(layer):
             def fn(_):
                 x = inputs[layer][0]
@@ -94,9 +87,9 @@ def _intervene_fn(r: Replacement):
 
             return fn
 
-        replace = {site: (lambda v: lambda _: v)(value) for site, value in frozen.items()}
+        replace = constants(frozen)
         for layer, (x_site, y_site) in enumerate(zip(tc.input_sites, tc.output_sites)):
-            replace[x_site], replace[y_site] = record(layer), mlp_out(layer)
+            replace[x_site], replace[y_site] = recorder(inputs, layer), mlp_out(layer)
         with jax.default_matmul_precision("highest"):
             logits = r.net(state)(tokens, replace=replace)
         return logits[0], jnp.stack(acts)
@@ -150,13 +143,6 @@ def generate(
         params, edits, multiply = args
         inputs, delta = {}, []
 
-        def record(layer):
-            def fn(x):
-                inputs[layer] = x
-                return x
-
-            return fn
-
         def mlp_out(layer):
             def fn(y):
                 a = params.activate(layer, params.preacts(layer, inputs[layer][0]))
@@ -167,7 +153,7 @@ def generate(
 
         replace = {}
         for layer, (x_site, y_site) in enumerate(zip(params.input_sites, params.output_sites)):
-            replace[x_site], replace[y_site] = record(layer), mlp_out(layer)
+            replace[x_site], replace[y_site] = recorder(inputs, layer), mlp_out(layer)
         return replace
 
     r = replacement(model, tc)

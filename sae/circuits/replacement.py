@@ -116,20 +116,13 @@ class Replacement:
         frozen patterns and scales of `frozen`: linear in (embed, mlp_in)."""
         inputs: dict[int, jax.Array] = {}
 
-        def record(layer):
-            def fn(x):
-                inputs[layer] = x
-                return x
-
-            return fn
-
         def mlp_out(layer):
             return lambda _: (mlp_in[layer] + tc.skip(layer, inputs[layer][0]))[None]
 
-        replace = {site: (lambda v: lambda _: v)(value) for site, value in frozen.items()}
+        replace = constants(frozen)
         replace[EMBED] = lambda _: embed[None]
         for layer, (x_site, y_site) in enumerate(zip(tc.input_sites, tc.output_sites)):
-            replace[x_site], replace[y_site] = record(layer), mlp_out(layer)
+            replace[x_site], replace[y_site] = recorder(inputs, layer), mlp_out(layer)
         with jax.default_matmul_precision("highest"):
             logits, got = self.net(state)(tokens, capture=[LOGITS], replace=replace)
         x = jnp.stack([inputs[layer][0] for layer in range(tc.n_layers)])
@@ -137,6 +130,21 @@ class Replacement:
 
     def forward(self, trace: Trace, embed: jax.Array, mlp_in: jax.Array):
         return self.forward_fn(self.state, self.tc, trace.frozen, trace.padded, embed, mlp_in)
+
+
+def recorder(inputs: dict, layer: int):
+    """A replace fn that keeps the activation it sees in inputs[layer] and passes it on unchanged."""
+
+    def fn(x):
+        inputs[layer] = x
+        return x
+
+    return fn
+
+
+def constants(frozen: dict) -> dict:
+    """{site: fn} replacing each frozen site's value with the one recorded on the prompt."""
+    return {site: (lambda v: lambda _: v)(value) for site, value in frozen.items()}
 
 
 _CACHE: dict = {}
