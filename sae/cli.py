@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,6 +141,8 @@ def run_job(job: Callable[[], object]) -> int:
         return 2
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
+        # orbax's writer coroutines of the failed save, never awaited, would warn as they are collected
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         return 1
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

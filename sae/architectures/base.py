@@ -168,6 +168,16 @@ class SAE:
         sparsity_coefficient: warmed-up λ."""
         raise NotImplementedError
 
+    paths = 1  # how many ways the family's step can run (see `route`)
+
+    def route(self, params: Params, buffers: dict[str, jax.Array], x: jax.Array):
+        """None, or (path: [] int32 in 0..paths − 1, plan) for a family whose step has several paths, each
+        exact on the batches it is chosen for (e.g. a sparse one and a dense fallback): plan holds what they
+        reuse (computed without gradient), and `forward(..., route=(path, plan))` takes the path `path` (a
+        Python int). The train step chooses with `lax.switch` around the whole gradient computation, so the
+        paths not taken cost nothing."""
+        return None
+
     def project_grads(self, params: Params, grads: Params) -> Params:
         """Gradient transform before the optimiser (unit-norm families remove the radial part)."""
         return grads

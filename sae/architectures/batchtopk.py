@@ -6,11 +6,19 @@
   loss = ‖x − x̂‖² + α L_aux (AuxK as in TopK, α = 1/32)
 
 So the batch, not each token, has k·batch active latents: L0 averages k but varies per token.
+
+The step is sparse: τ is selected from each row's top 4k candidates (`batch_threshold`), and when every
+row's kept entries are among its candidates (no row "overflows") the kept ones are the code, as
+(values, indices) with the others' index −1: decoded by a gather-sum, their encoder gradient scattered into
+their columns, as TopK's step. A batch where a row overflows takes the dense path, so every step is exact;
+the train step chooses per step with `lax.cond` (`route`), without recompiling.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +28,15 @@ from sae.architectures.base import (
     Forward,
     Params,
     UnitNormDecoder,
+    decode_sparse,
     encoder_bias,
     register,
+    selected_preacts,
     squared_error,
     tied_init,
     topk_family_lr,
 )
-from sae.architectures.sparse import top_k_of
+from sae.architectures.sparse import fire_counts_from_indices, top_k_of
 from sae.architectures.topk import TopKConfig
 from sae.errors import require
 
@@ -61,39 +71,53 @@ def kth_largest_nonnegative(r: jax.Array, n: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(prefix, jnp.float32)
 
 
-def batch_threshold(r: jax.Array, k: int) -> jax.Array:
-    """τ: the (k·batch)-th largest entry of r: [batch, d_sae] (non-negative), exactly.
+class Selection(NamedTuple):
+    """τ and where the batch's kept entries lie, from each row's top candidates (`select`)."""
 
-    Selects over each row's top-4k candidates. A row whose 4k-th candidate reaches that τ may hold
-    more of the batch's top entries than it offered ("overflows"): up to batch/32 such rows join the
-    pool in full (their candidates dropped) and τ is recomputed; beyond that the whole array is
-    searched. A row not overflowing at τ cannot overflow at the recomputed τ' ≥ τ, so each is exact.
-    """
-    batch, d_sae = r.shape
-    n = k * batch
-    n_candidates = min(4 * k, d_sae)
-    candidates, _ = top_k_of(r, jnp.zeros((d_sae,), r.dtype), n_candidates, relu=False)
+    tau: jax.Array  # [] the (k·batch)-th largest entry, exactly
+    overflow: jax.Array  # [batch] bool: rows whose kept entries may not all be among their candidates
+    rows: jax.Array  # [max_rows] the overflowing rows first (then any others: see `valid`)
+    valid: jax.Array  # [max_rows] bool: rows[i] overflows
+    few: jax.Array  # [] bool: at most max_rows rows overflow (they can be taken in full)
+
+
+def select(candidates: jax.Array, k: int, d_sae: int, full_rows, everything) -> Selection:
+    """τ from each row's top candidates [batch, c] (descending). A row whose last candidate reaches τ may
+    hold more of the batch's top entries than it offered ("overflows"): up to batch/32 such rows join the
+    pool in full (full_rows(rows) -> [max_rows, d_sae]; their candidates dropped) and τ is recomputed;
+    beyond that everything() gives it from the whole array. A row not overflowing at τ cannot overflow at
+    the recomputed τ' ≥ τ, so each is exact."""
+    batch, n_candidates = candidates.shape
+    n, max_rows = k * batch, max(1, batch // 32)
     tau = kth_largest_nonnegative(candidates, n)
-    if n_candidates == d_sae:
-        return tau
     last = candidates[:, -1]
-    overflow = (last >= tau) & (last > 0)
+    overflow = (last >= tau) & (last > 0) & (n_candidates < d_sae)
     n_overflow = jnp.sum(overflow)
-    max_rows = max(1, batch // 32)
+    _, rows = jax.lax.top_k(overflow.astype(jnp.float32), max_rows)  # the overflowing rows first
+    valid = overflow[rows]
 
     def with_full_rows():
-        _, rows = jax.lax.top_k(overflow.astype(jnp.float32), max_rows)  # the overflowing rows first
-        valid = overflow[rows]
         pool = jnp.concatenate(
             [
                 jnp.where(overflow[:, None], 0.0, candidates).reshape(-1),
-                jnp.where(valid[:, None], r[rows], 0.0).reshape(-1),
+                jnp.where(valid[:, None], full_rows(rows), 0.0).reshape(-1),
             ]
         )
         return kth_largest_nonnegative(pool, n)
 
     branch = jnp.where(n_overflow == 0, 0, jnp.where(n_overflow <= max_rows, 1, 2))
-    return jax.lax.switch(branch, [lambda: tau, with_full_rows, lambda: kth_largest_nonnegative(r, n)])
+    tau = jax.lax.switch(branch, [lambda: tau, with_full_rows, everything])
+    return Selection(tau, overflow, rows, valid, n_overflow <= max_rows)
+
+
+def batch_threshold(r: jax.Array, k: int) -> jax.Array:
+    """τ: the (k·batch)-th largest entry of r: [batch, d_sae] (non-negative), exactly (see `select`)."""
+    batch, d_sae = r.shape
+    candidates, _ = top_k_of(r, jnp.zeros((d_sae,), r.dtype), min(4 * k, d_sae), relu=False)
+    return select(candidates, k, d_sae, lambda rows: r[rows], lambda: kth_largest_nonnegative(r, k * batch)).tau
+
+
+SPARSE, SPARSE_AND_ROWS, DENSE = 0, 1, 2  # BatchTopK's step paths (`BatchTopK.route`)
 
 
 def update_threshold(threshold: jax.Array, tau: jax.Array, decay: float) -> jax.Array:
@@ -131,31 +155,95 @@ class BatchTopK(UnitNormDecoder):
         r = jax.nn.relu(xw + encoder_bias(params, self.applies_pre_bias))
         tau = batch_threshold(jax.lax.stop_gradient(r), self.cfg.k)
         f = r * ((r >= tau) & (r > 0))
-        # θ tracks the smallest kept activation: τ itself, except when fewer than k·batch entries are
-        # positive (τ = 0, all positives kept), then the smallest positive one (0 if none), as in
-        # dictionary_learning's BatchTopK trainer.
-        smallest = jnp.min(jnp.where(f > 0, jax.lax.stop_gradient(f), jnp.inf))
+        return f, jax.lax.stop_gradient(xw), {**buffers, "threshold": self._threshold(buffers, f)}
+
+    def _threshold(self, buffers, f):
+        """θ tracks the smallest kept activation: τ itself, except when fewer than k·batch entries are
+        positive (τ = 0, all positives kept), then the smallest positive one (0 if none), as in
+        dictionary_learning's BatchTopK trainer."""
+        return self._update(buffers, _smallest_positive(f))
+
+    def _update(self, buffers, smallest):
         kept_min = jnp.where(jnp.isfinite(smallest), smallest, 0.0)
-        threshold = update_threshold(buffers["threshold"], kept_min, self.cfg.threshold_ema_decay)
-        return f, jax.lax.stop_gradient(xw), {**buffers, "threshold": threshold}
+        return update_threshold(buffers["threshold"], kept_min, self.cfg.threshold_ema_decay)
 
-    def forward(self, params, buffers, x, y, dead, sparsity_coefficient) -> Forward:
-        f, xw, buffers = self.batch_code(params, buffers, x)
-        x_hat = self.decode(params, f)
-        return dense_topk_family_loss(self, params, buffers, x, y, x_hat, xw, f, dead, {})
+    paths = 3  # SPARSE, SPARSE_AND_ROWS, DENSE
+
+    def route(self, params, buffers, x):
+        return self._plan(params, x)
+
+    def _plan(self, params, x):
+        """(the path: SPARSE where every row's kept entries are among its 4k candidates, SPARSE_AND_ROWS where
+        at most batch/32 rows overflow them (taken in full), else DENSE; (x W_enc, the candidates' values and
+        indices [batch, 4k], their `Selection`)), all without gradient."""
+        xw = jax.lax.stop_gradient(x @ params["W_enc"])  # the sparse step's one dense matmul
+        bias = jax.lax.stop_gradient(encoder_bias(params, self.applies_pre_bias))
+        candidates, idx = top_k_of(xw, bias, min(4 * self.cfg.k, self.d_sae))  # ReLU'd, descending
+        full_rows = lambda rows: jax.nn.relu(xw[rows] + bias)
+        everything = lambda: kth_largest_nonnegative(jax.nn.relu(xw + bias), self.cfg.k * x.shape[0])
+        chosen = select(candidates, self.cfg.k, self.d_sae, full_rows, everything)
+        path = jnp.where(~jnp.any(chosen.overflow), SPARSE, jnp.where(chosen.few, SPARSE_AND_ROWS, DENSE))
+        return path.astype(jnp.int32), (xw, candidates, idx, chosen)
+
+    def forward(self, params, buffers, x, y, dead, sparsity_coefficient, route=None) -> Forward:
+        if route is None:  # outside the train step: choose here
+            path, plan = self._plan(params, x)
+            paths = [partial(self._forward, params, buffers, x, y, dead, plan, i) for i in range(self.paths)]
+            return jax.lax.switch(path, paths)
+        path, plan = route
+        return self._forward(params, buffers, x, y, dead, plan, path)
+
+    def _forward(self, params, buffers, x, y, dead, plan, path: int) -> Forward:
+        xw, candidates, idx, chosen = plan
+        if path == DENSE:
+            f, _, buffers = self.batch_code(params, buffers, x)
+            x_hat, terms = self.decode_dense(params, f, y)
+            counts = jnp.sum(f > 0, axis=0, dtype=jnp.int32)
+            return topk_family_loss(self, params, buffers, x, y, x_hat, xw, dead, terms, counts, jnp.sum(f > 0))
+        # rows within their candidates: (values, indices) with index −1 for an empty slot (the kernels skip it)
+        kept = (candidates >= chosen.tau) & (candidates > 0) & ~chosen.overflow[:, None]
+        idx_kept = jnp.where(kept, idx, -1)
+        vals = jnp.where(kept, jax.nn.relu(selected_preacts(params, x, xw, idx_kept, self.applies_pre_bias)), 0.0)
+        rows, f_rows = chosen.rows[:0], jnp.zeros((0, self.d_sae), vals.dtype)
+        if path == SPARSE_AND_ROWS:  # the few overflowing rows in full: [batch/32, d_sae], encoded and decoded densely
+            rows = chosen.rows
+            r = jax.nn.relu(x[rows] @ params["W_enc"] + encoder_bias(params, self.applies_pre_bias))
+            f_rows = jnp.where(chosen.valid[:, None] & (r >= chosen.tau) & (r > 0), r, 0.0)
+        x_hat, terms = self.decode_code(params, vals, idx_kept, (rows, f_rows), y)
+        smallest = jnp.minimum(_smallest_positive(vals), _smallest_positive(f_rows))
+        buffers = {**buffers, "threshold": self._update(buffers, smallest)}
+        counts = fire_counts_from_indices(vals, idx_kept, self.d_sae) + jnp.sum(f_rows > 0, axis=0, dtype=jnp.int32)
+        n_active = jnp.sum(vals > 0) + jnp.sum(f_rows > 0)
+        return topk_family_loss(self, params, buffers, x, y, x_hat, xw, dead, terms, counts, n_active)
+
+    def decode_code(self, params, vals, idx, dense_rows, y):
+        """(x̂, extra loss terms against the target y) of a sparse code: vals, idx [batch, slots] (idx −1: an
+        empty slot), and dense_rows = (rows [m], f [m, d_sae]) the code of rows given in full (zeros in
+        `vals` there; a row may repeat with f zero)."""
+        rows, f_rows = dense_rows
+        x_hat = decode_sparse(params, vals, idx)
+        return (x_hat.at[rows].add(f_rows @ params["W_dec"]) if len(rows) else x_hat), {}
+
+    def decode_dense(self, params, f, y):
+        """(x̂, extra loss terms) of a dense code f [batch, d_sae]: what `decode_code` gives, densely."""
+        return self.decode(params, f), {}
 
 
-def dense_topk_family_loss(sae, params, buffers, x, y, x_hat, xw, f, dead, extra_terms) -> Forward:
-    """‖y − ŷ‖² (+ extra terms) + α·AuxK for a dense code f: [batch, d_sae]; xw = x W_enc (no gradient)."""
+def _smallest_positive(f: jax.Array) -> jax.Array:
+    return jnp.min(jnp.where(f > 0, jax.lax.stop_gradient(f), jnp.inf), initial=jnp.inf)
+
+
+def topk_family_loss(sae, params, buffers, x, y, x_hat, xw, dead, extra_terms, fire_counts, n_active) -> Forward:
+    """‖y − ŷ‖² (+ extra terms) + α·AuxK; xw = x W_enc (no gradient); n_active: the code's firing entries
+    in the batch (L0 is their mean per row)."""
     mse = squared_error(y, x_hat)
     aux = auxk_loss(params, x, y, x_hat, xw, dead, sae.cfg.k_aux or sae.d_out // 2, sae.applies_pre_bias)
     loss = sum(extra_terms.values(), mse) + sae.cfg.aux_coefficient * aux
-    active = f > 0
     return Forward(
         loss=loss,
         x_hat=x_hat,
-        fire_counts=jnp.sum(active, axis=0, dtype=jnp.int32),
-        l0=jnp.mean(jnp.sum(active, axis=-1)),
+        fire_counts=fire_counts,
+        l0=n_active / x.shape[0],
         terms={"mse_loss": mse, "auxk_loss": aux, **extra_terms},
         buffers=buffers,
     )

@@ -6,8 +6,10 @@ m₁ < m₂ < … < m_G = d_sae, each of which must reconstruct x on its own:
 
   loss = Σ_g ‖x − (f_{:m_g} W_dec,{:m_g} + b_dec)‖² + α L_aux
 
-The prefix reconstructions are running sums of the groups' contributions, so the decoder costs one
-dense matmul in all. Early latents learn general features, later ones refinements.
+The prefix reconstructions are running sums of the groups' contributions: on the sparse path (see
+`batchtopk`) each group's is a gather-sum over its own active latents, so the decoder costs one
+gather-sum over the code in all (one dense matmul on the dense path). Early latents learn general
+features, later ones refinements.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from sae.architectures.base import Forward, register, squared_error
-from sae.architectures.batchtopk import BatchTopK, BatchTopKConfig, dense_topk_family_loss
+from sae.architectures.base import gather_sum, register, squared_error
+from sae.architectures.batchtopk import BatchTopK, BatchTopKConfig
 from sae.errors import require
 
 
@@ -47,15 +49,29 @@ class Matryoshka(BatchTopK):
     name = "matryoshka"
     config = MatryoshkaConfig
 
-    def forward(self, params, buffers, x, y, dead, sparsity_coefficient) -> Forward:
-        f, xw, buffers = self.batch_code(params, buffers, x)
+    def _nested(self, params, y, group_decode):
+        """x̂ of the whole dictionary and the smaller prefixes' summed loss; group_decode(start, end): the
+        contribution of latents start..end − 1."""
         x_hat = params["b_dec"]
         prefix_losses = []
         start = 0
         for end in prefix_sizes(self.cfg.prefixes, self.d_sae):
-            x_hat = x_hat + f[:, start:end] @ params["W_dec"][start:end]
+            x_hat = x_hat + group_decode(start, end)
             prefix_losses.append(squared_error(y, x_hat))
             start = end
         # The full-dictionary term is the usual mse_loss; the smaller prefixes add their own.
-        nested = {"prefix_loss": sum(prefix_losses[:-1], jnp.zeros(()))}
-        return dense_topk_family_loss(self, params, buffers, x, y, x_hat, xw, f, dead, nested)
+        return x_hat, {"prefix_loss": sum(prefix_losses[:-1], jnp.zeros(()))}
+
+    def decode_code(self, params, vals, idx, dense_rows, y):
+        rows, f_rows = dense_rows
+
+        def group(start, end):  # the group's own decoder rows, so each backward scatters into only those
+            mine = (idx >= start) & (idx < end)
+            w = params["W_dec"][start:end]
+            part = gather_sum(jnp.where(mine, vals, 0.0), w, jnp.where(mine, idx - start, -1))
+            return part.at[rows].add(f_rows[:, start:end] @ w) if len(rows) else part
+
+        return self._nested(params, y, group)
+
+    def decode_dense(self, params, f, y):
+        return self._nested(params, y, lambda start, end: f[:, start:end] @ params["W_dec"][start:end])

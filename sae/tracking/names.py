@@ -34,6 +34,7 @@ OWN_NAMES: dict[str, str] = {
     "fvu": "metrics/fvu",
     "dead_fraction": "sparsity/dead_fraction",
     "tokens_per_s": "metrics/tokens_per_s",
+    "step_path": "details/step_path",  # which path the step took, where a family has several (`SAE.route`)
 }
 WANDB_NAMES: dict[str, str] = {**SAELENS_NAMES, **OWN_NAMES}
 

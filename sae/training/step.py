@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -95,14 +96,26 @@ def pure_train_step(
         coefficient = base_coefficient * warmup(state.step)
         dead = state.tokens_since_fired >= dead_tokens
 
-        def loss_fn(params):
+        def loss_fn(params, route=None):
             p, xc = cast(params), x.astype(compute)
             skip = sae.skip(p, xc)
             target = xc if y is x else (y.astype(compute) - skip if sae.cfg.skip else y.astype(compute))
-            out = sae.forward(p, state.buffers, xc, target, dead, coefficient)
+            path = {} if route is None else {"route": route}
+            out = sae.forward(p, state.buffers, xc, target, dead, coefficient, **path)
             return out.loss.astype(jnp.float32), (out, skip)
 
-        (loss, (out, skip)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        route = sae.route(cast(state.params), state.buffers, x.astype(compute))
+        path_metrics = {}
+        if route is None:
+            (loss, (out, skip)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        else:  # e.g. a sparse path where it is exact, else a dense one: only the chosen one runs
+            choice, plan = route
+
+            def path(i: int):
+                return lambda params: jax.value_and_grad(partial(loss_fn, route=(i, plan)), has_aux=True)(params)
+
+            (loss, (out, skip)), grads = jax.lax.switch(choice, [path(i) for i in range(sae.paths)], state.params)
+            path_metrics = {"step_path": choice.astype(f32)}
         grads = sae.project_grads(state.params, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = sae.post_update(optax.apply_updates(state.params, updates))
@@ -117,6 +130,7 @@ def pure_train_step(
             "dead_fraction": jnp.mean(since >= dead_tokens),
             "lr": schedule(state.step),
             "sparsity_coefficient": coefficient,
+            **path_metrics,
         }
         return new_state, metrics
 

@@ -354,6 +354,55 @@ def test_batchtopk_keeps_top_k_batch_entries(name):
         check_forward(name, out, np_forward(name, sae.cfg, params, x, dead_mask(16), 0.0))
 
 
+@pytest.mark.parametrize("name", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("heavy_rows", [(), (0,), (0, 1)])
+def test_batchtopk_sparse_step_equals_dense(name, heavy_rows):
+    """The step's loss, terms and every gradient equal the dense path's (f = r·1[r ≥ τ] as a [batch, d_sae]
+    array, decoded by matmuls): on the sparse path, with one row overflowing its candidates (taken in
+    full beside the sparse rows: batch/32 = 1 such row fits) and with two (the dense path)."""
+    sae, _, _ = sae_and_fns(name)
+    params = perturbed_params(sae, 5)
+    x = np.asarray(inputs(5)).copy()
+    x[list(heavy_rows)] *= 50.0
+    r = relu(np_preacts(np64(params), x.astype(np.float64), True))
+    tau = np.sort(r.ravel())[-K * B]
+    fourth = -np.sort(-r, axis=1)[:, 4 * K - 1]  # each row's last candidate
+    assert (fourth >= tau).any() == bool(heavy_rows)  # which path the step takes
+    sparse_out, dense_out, sparse_g, dense_g = _batchtopk_paths(name)(params, jnp.asarray(x), dead_mask(16))
+    for term in dense_out.terms:
+        np.testing.assert_allclose(sparse_out.terms[term], dense_out.terms[term], **TOL, err_msg=term)
+    np.testing.assert_array_equal(sparse_out.fire_counts, dense_out.fire_counts)
+    np.testing.assert_allclose(sparse_out.buffers["threshold"], dense_out.buffers["threshold"], **TOL)
+    assert set(sparse_g) == set(dense_g) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for p in dense_g:
+        scale = np.abs(np.asarray(dense_g[p])).max()  # a heavy row's terms dwarf the rest: rounding scales
+        assert scale > 0
+        np.testing.assert_allclose(sparse_g[p], dense_g[p], rtol=1e-5, atol=1e-6 * max(10.0, scale), err_msg=p)
+
+
+@functools.cache
+def _batchtopk_paths(name: str):
+    """Jitted (forward, dense-path forward, their gradients): the dense path built from the family's parts."""
+    from sae.architectures.batchtopk import topk_family_loss
+
+    sae, _, _ = sae_and_fns(name)
+
+    def dense(params, x, dead):
+        f, xw, buffers = sae.batch_code(params, sae.init_buffers(), x)
+        x_hat, terms = sae.decode_dense(params, f, x)
+        counts = jnp.sum(f > 0, axis=0, dtype=jnp.int32)
+        return topk_family_loss(sae, params, buffers, x, x, x_hat, xw, dead, terms, counts, jnp.sum(f > 0))
+
+    def sparse(params, x, dead):
+        return sae.forward(params, sae.init_buffers(), x, x, dead, jnp.float32(0))
+
+    def both(params, x, dead):
+        grads = [jax.grad(lambda p, fn=fn: fn(p, x, dead).loss)(params) for fn in (sparse, dense)]
+        return sparse(params, x, dead), dense(params, x, dead), *grads
+
+    return jax.jit(both)
+
+
 def test_batchtopk_threshold_buffer():
     """The inference threshold: the first batch (θ < 0, unset) sets θ = smallest kept activation
     (= τ_batch); later batches update θ ← decay·θ + (1 − decay)·τ; with fewer than k·batch positive
