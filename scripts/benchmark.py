@@ -6,6 +6,9 @@ Prints one JSON line per architecture: arch, tokens_per_s, step_s (median), matm
 one float32 [batch, d_in] × [d_in, d_sae] matmul, the floor of any step) and their ratio, and the bytes
 of params + optimizer state on one device. `--mesh 4x2` shards the step over a data × model mesh;
 `--instances 4` also times a one-pass sweep of 4 SAEs (sweep_speedup: 4 sequential steps ÷ one sweep step).
+`--l0 32` stands in for a trained state of the penalty families (relu, relu_april, jumprelu, gated): their
+encoder bias (JumpReLU: its threshold) is shifted so that about 32 latents per token fire on the batch, where
+at initialisation about half do; the line then also gives the step's measured `l0`.
 """
 
 from __future__ import annotations
@@ -70,8 +73,29 @@ def sweep_runner(sae, params, tx, schedule, steps: int, x, instances: int):
     return run
 
 
+def sparse_state(sae, params, x, l0: float):
+    """params with the code made about l0 active per token on x: the encoder bias (b_enc, Gated's b_gate) less
+    the batch's (1 − l0 / d_sae) quantile of the pre-activations, or JumpReLU's threshold at that quantile."""
+    z = x @ params["W_enc"] + (params["b_gate"] if "b_gate" in params else params["b_enc"])
+    if sae.applies_pre_bias:
+        z = z - params["b_dec"] @ params["W_enc"]
+    t = jnp.quantile(z, 1.0 - l0 / sae.d_sae)
+    if "threshold" in params:
+        return {**params, "threshold": jnp.full_like(params["threshold"], jnp.maximum(t, 0.0))}
+    name = "b_gate" if "b_gate" in params else "b_enc"
+    return {**params, name: params[name] - t}
+
+
 def benchmark(
-    arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, mesh: str | None = None, instances: int = 1
+    arch: str,
+    d_in: int,
+    d_sae: int,
+    batch: int,
+    k: int,
+    steps: int,
+    mesh: str | None = None,
+    instances: int = 1,
+    l0: float | None = None,
 ) -> dict:
     cfg = FAMILIES[arch].config(d_sae=d_sae)
     if isinstance(cfg, TopKConfig):
@@ -80,6 +104,8 @@ def benchmark(
     key_x, key_p = jax.random.split(jax.random.PRNGKey(0))
     x = jax.random.normal(key_x, (batch, d_in))
     params = sae.init_params(key_p, jnp.zeros((d_in,)))
+    if l0 is not None and sae.sparsity is not None:
+        params = sparse_state(sae, params, x, l0)
     tx, schedule = make_optimizer(OptimConfig(), 1e-4, steps + 1)
     state = init_state(sae, params, tx, 1.0)
     shardings = None
@@ -96,9 +122,12 @@ def benchmark(
     state_bytes = per_device_bytes(state)
     step = make_train_step(sae, tx, schedule, steps + 1, 0.0, 10**9, shardings)
 
+    measured = {}
+
     def run_step():
         nonlocal state
         state, metrics = step(state, x)
+        measured.update(metrics)
         return metrics["loss"]
 
     w_enc = jax.random.normal(key_p, (d_in, d_sae))
@@ -129,6 +158,8 @@ def benchmark(
         "device": str(jax.devices()[0].platform),
         "mesh": mesh or "1x1",
         "state_bytes_per_device": state_bytes,
+        "l0": float(measured["l0"]),
+        **({"step_path": int(measured["step_path"])} if "step_path" in measured else {}),
     }
 
 
@@ -151,6 +182,7 @@ def main() -> None:
         default=1,
         help="also time a one-pass sweep of this many SAEs against as many sequential steps",
     )
+    parser.add_argument("--l0", type=float, help="penalty families: shift the encoder so about this many fire")
     args = parser.parse_args()
     per_layer = [name for name, family in FAMILIES.items() if not family.cross_layer]  # CLTs: benchmark_clt.py
     archs = per_layer if args.arch == "all" else args.arch.split(",")
@@ -160,7 +192,9 @@ def main() -> None:
     for arch in archs:
         print(
             json.dumps(
-                benchmark(arch, args.d_in, args.d_sae, args.batch, args.k, args.steps, args.mesh, args.instances)
+                benchmark(
+                    arch, args.d_in, args.d_sae, args.batch, args.k, args.steps, args.mesh, args.instances, args.l0
+                )
             ),
             flush=True,
         )

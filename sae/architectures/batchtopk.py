@@ -36,7 +36,7 @@ from sae.architectures.base import (
     tied_init,
     topk_family_lr,
 )
-from sae.architectures.sparse import fire_counts_from_indices, top_k_of
+from sae.architectures.sparse import fire_counts_from_indices, matmul_from, top_k_of
 from sae.architectures.topk import TopKConfig
 from sae.errors import require
 
@@ -149,9 +149,10 @@ class BatchTopK(UnitNormDecoder):
     def default_lr(self) -> float:
         return topk_family_lr(self.d_sae)
 
-    def batch_code(self, params, buffers, x):
-        """(f: [batch, d_sae] with k·batch active entries, x W_enc without gradient, updated buffers)."""
-        xw = x @ params["W_enc"]
+    def batch_code(self, params, buffers, x, xw=None):
+        """(f: [batch, d_sae] with k·batch active entries, x W_enc without gradient, updated buffers); xw: x W_enc
+        already computed without gradient (it gets a matmul's gradient here), or None."""
+        xw = x @ params["W_enc"] if xw is None else matmul_from(xw, x, params["W_enc"])
         r = jax.nn.relu(xw + encoder_bias(params, self.applies_pre_bias))
         tau = batch_threshold(jax.lax.stop_gradient(r), self.cfg.k)
         f = r * ((r >= tau) & (r > 0))
@@ -196,7 +197,7 @@ class BatchTopK(UnitNormDecoder):
     def _forward(self, params, buffers, x, y, dead, plan, path: int) -> Forward:
         xw, candidates, idx, chosen = plan
         if path == DENSE:
-            f, _, buffers = self.batch_code(params, buffers, x)
+            f, _, buffers = self.batch_code(params, buffers, x, xw)
             x_hat, terms = self.decode_dense(params, f, y)
             counts = jnp.sum(f > 0, axis=0, dtype=jnp.int32)
             return topk_family_loss(self, params, buffers, x, y, x_hat, xw, dead, terms, counts, jnp.sum(f > 0))

@@ -6,7 +6,8 @@ dictionary_learning's StandardTrainerAprilUpdate).
 
 Init: W_dec rows random with norm 0.1, W_enc = W_decᵀ, biases 0. The recipe's other parts live in the
 trainer and config: inputs scaled so E‖x‖ = √d_in (`sae.normalize_activations`), λ warmed up over the
-first 5%, lr decayed linearly to 0 over the last 20%, gradient norm clipped at 1.
+first 5%, lr decayed linearly to 0 over the last 20%, gradient norm clipped at 1. The step is sparse once
+the code is, as ReLU's (relu.py, `SparseReLUCode`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sae.architectures.base import SAE, Forward, Params, register, tied_init
-from sae.architectures.relu import ReLUConfig, l1_loss
+from sae.architectures.base import SAE, Params, register, tied_init
+from sae.architectures.relu import ReLUConfig, SparseReLUCode
 
 
 @dataclasses.dataclass
@@ -28,7 +29,7 @@ class ReLUAprilConfig(ReLUConfig):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class ReLUApril(SAE):
+class ReLUApril(SparseReLUCode, SAE):
     name = "relu_april"
     config = ReLUAprilConfig
     saelens = "standard"
@@ -39,8 +40,8 @@ class ReLUApril(SAE):
     def init_params(self, key: jax.Array, b_dec: jax.Array) -> Params:
         return tied_init(key, self.d_sae, self.d_in, jnp.zeros_like(b_dec), row_norm=0.1)
 
-    def forward(self, params, buffers, x, y, dead, sparsity_coefficient) -> Forward:
-        f = self.encode(params, x, buffers)
-        x_hat = self.decode(params, f)
-        penalty = f @ jnp.linalg.norm(params["W_dec"], axis=-1)
-        return l1_loss(y, x_hat, f, penalty, sparsity_coefficient, buffers)
+    def penalty(self, params, f):
+        return f @ jnp.linalg.norm(params["W_dec"], axis=-1)
+
+    def sparse_penalty(self, params, vals, idx):
+        return jnp.sum(vals * jnp.linalg.norm(params["W_dec"], axis=-1)[idx], axis=-1)

@@ -86,6 +86,25 @@ take_with_sparse_grad.defvjp(_take_fwd, _take_bwd)
 
 
 @jax.custom_vjp
+def matmul_from(xw: jax.Array, x: jax.Array, w: jax.Array) -> jax.Array:
+    """x w, given as xw (computed once, without gradient, for a step's route): the gradient reaches x and w
+    as a matmul's would, so a dense path reuses the route's product instead of computing it again."""
+    return xw
+
+
+def _matmul_from_fwd(xw, x, w):
+    return xw, (x, w)
+
+
+def _matmul_from_bwd(res, g):
+    x, w = res
+    return None, g @ w.T, x.T @ g
+
+
+matmul_from.defvjp(_matmul_from_fwd, _matmul_from_bwd)
+
+
+@jax.custom_vjp
 def gather_sum(vals: jax.Array, w_rows: jax.Array, idx: jax.Array) -> jax.Array:
     """out[b] = Σ_j vals[b, j] · w_rows[idx[b, j]]. vals, idx: [batch, k]; w_rows: [n, d]."""
     return _gather_sum(vals, w_rows, idx)

@@ -262,12 +262,13 @@ void top_k_row(const float* __restrict z, const float* __restrict bias, int64_t 
   const int64_t above = cand.above;
   if (above <= 128) {
     rank_into(value, index, above, k, values, indices);
-  } else {
+  } else {  // (fewer than k of them when k > 128: all are ranked)
+    const int64_t m = std::min(k, above);
     std::vector<Entry> entries(above);
     for (int64_t c = 0; c < above; ++c) entries[c] = {value[c], index[c]};
-    std::nth_element(entries.begin(), entries.begin() + k - 1, entries.end(), Better());
-    std::sort(entries.begin(), entries.begin() + k, Better());
-    for (int64_t j = 0; j < k; ++j) {
+    std::nth_element(entries.begin(), entries.begin() + m - 1, entries.end(), Better());
+    std::sort(entries.begin(), entries.begin() + m, Better());
+    for (int64_t j = 0; j < m; ++j) {
       values[j] = entries[j].value;
       indices[j] = entries[j].index;
     }

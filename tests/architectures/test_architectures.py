@@ -6,6 +6,7 @@ NumPy references work in float64 on the same float32 inputs; the JAX code runs i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -734,3 +735,48 @@ def test_encode_decode_take_any_leading_dims_and_name_the_expected_width(name):
         sae.encode(params, x.astype(jnp.int32), buffers)
     with pytest.raises(DataError, match=re.escape(f"decode: f has shape (32, 5); expected (..., d_sae={D_SAE})")):
         sae.decode(params, f[:, :5])
+
+
+SHIFTS = {"relu": (6.0, 3.0, 0.0), "relu_april": (4.0, 2.0, -3.0)}  # b_enc shifts giving paths 0, 1, 2
+
+
+@pytest.mark.parametrize("name", ["relu", "relu_april"])
+@pytest.mark.parametrize("want", [0, 1, 2])
+def test_relu_sparse_paths_equal_dense(name, want):
+    """ReLU codes step sparsely once they are sparse: with b_enc shifted so that the widest row holds under
+    64, under 256 or over 256 of 512 latents, the route picks capacity 64, 256 or the dense path, and each
+    path that can hold the code gives the dense path's loss, terms and every gradient."""
+    sae = make_sae(dataclasses.replace(make_cfg(name), d_sae=512), D_IN)
+    params = perturbed_params(sae, 7)
+    params = {**params, "b_enc": params["b_enc"] - SHIFTS[name][want]}
+    x = inputs(7) * 2.0
+    widest = (np_preacts(np64(params), np.asarray(x, np.float64), sae.applies_pre_bias) > 0).sum(1).max()
+    assert (0 if widest < 64 else 1 if widest < 256 else 2) == want
+    path, outs, grads = _relu_paths(name)(params, x)
+    assert int(path) == want
+    dense, dense_g = outs[-1], grads[-1]
+    for out, g in zip(outs[want:], grads[want:]):  # every path from the chosen one on holds the code
+        for term in dense.terms:
+            np.testing.assert_allclose(out.terms[term], dense.terms[term], **TOL, err_msg=term)
+        np.testing.assert_allclose(out.x_hat, dense.x_hat, **TOL)
+        np.testing.assert_allclose(out.l0, dense.l0, **TOL)
+        np.testing.assert_array_equal(out.fire_counts, dense.fire_counts)
+        for p in dense_g:
+            np.testing.assert_allclose(g[p], dense_g[p], **TOL, err_msg=p)
+
+
+@functools.cache
+def _relu_paths(name: str):
+    """Jitted (the chosen path, every path's forward from the chosen one on, their gradients)."""
+    sae = make_sae(dataclasses.replace(make_cfg(name), d_sae=512), D_IN)
+
+    def run(params, x):
+        path, plan = sae.route(params, {}, x)
+        outs, grads = [], []
+        for i in range(sae.paths):
+            fn = lambda p, i=i: sae.forward(p, {}, x, x, jnp.zeros(512, bool), jnp.float32(LAM), route=(i, plan))
+            outs.append(fn(params))
+            grads.append(jax.grad(lambda p, fn=fn: fn(p).loss)(params))
+        return path, outs, grads
+
+    return jax.jit(run)

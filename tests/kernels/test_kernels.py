@@ -37,11 +37,12 @@ def rows_with_ties(rng, batch, n):
     return z
 
 
-@pytest.mark.parametrize("n,k", [(1024, 8), (1024, 32), (256, 100), (100, 7), (48, 48), (8192, 256)])
+@pytest.mark.parametrize("n,k", [(1024, 8), (1024, 32), (256, 100), (100, 7), (48, 48), (8192, 256), (512, 256)])
 @pytest.mark.parametrize("relu", [True, False])
 def test_top_k_equals_lax_top_k(n, k, relu):
     """Values and indices exactly equal lax.top_k's (ties to the lower index), for the blocked path
-    (n/groups ≥ 2k) and the one-block fallback, with a −∞-masked bias (AuxK's dead-latent selection)."""
+    (n/groups ≥ 2k) and the one-block fallback, with a −∞-masked bias (AuxK's dead-latent selection); (512, 256)
+    has rows with more than 128 but fewer than k entries above the block threshold."""
     rng = np.random.default_rng(n + k)
     z = rows_with_ties(rng, 16, n)
     bias = rng.standard_normal(n).astype(np.float32) * 0.1
