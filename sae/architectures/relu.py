@@ -7,16 +7,14 @@ Decoder rows are kept at unit norm: the gradient component parallel to each row 
 the update, and rows are renormalised after it. b_dec starts at the geometric median of a sample;
 W_enc = W_decᵀ at init.
 
-The step is sparse once the code is (`SparseReLUCode`): each row's active latents are the positive ones
-among its top C pre-activations, C the smallest of CAPACITIES above the batch's widest row; decoded by a
-gather-sum, the encoder's gradient scattered into their columns, the penalty on them alone. A batch with a
-row wider than every capacity (early in training, when codes are dense) steps densely. Every path is exact.
+The step is sparse once the code is (`ReLUCode`, capacity.py): each row's active latents in at most C
+slots, decoded by a gather-sum, the encoder's gradient scattered into their columns, the penalty on them
+alone; a batch with a row wider than every capacity (early in training) steps densely. Every path is exact.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +31,9 @@ from sae.architectures.base import (
     squared_error,
     tied_init,
 )
-from sae.architectures.sparse import fire_counts_from_indices, matmul_from, top_k_of
+from sae.architectures.capacity import CapacityRoute
+from sae.architectures.sparse import fire_counts_from_indices, matmul_from
 from sae.errors import require
-
-CAPACITIES = (64, 256)  # active latents per row the sparse paths hold (each path compiles once)
 
 
 @dataclasses.dataclass
@@ -49,77 +46,31 @@ class ReLUConfig(SAEConfig):
         require(self.l1_coefficient >= 0, f"sae.l1_coefficient={self.l1_coefficient} must be ≥ 0")
 
 
-class SparseReLUCode:
-    """The sparse step of a code f = ReLU(z) with an L1-type penalty (ReLU, ReLUApril): paths 0 … n − 1 hold
-    CAPACITIES[i] latents per row (those below d_sae), path n is dense. A family gives `penalty(params, f)`
-    for a dense code and `sparse_penalty(params, vals, idx)` for (values, indices) [batch, C]."""
+class ReLUCode(CapacityRoute):
+    """The step of a code f = ReLU(z) with an L1-type penalty (ReLU, ReLUApril), sparse once the code is
+    (capacity.py): a slot is an active latent. A family gives `penalty(params, f)` for a dense code and
+    `sparse_penalty(params, vals, idx)` for (values, indices) [batch, C]."""
 
-    def capacities(self) -> tuple[int, ...]:
-        return tuple(c for c in CAPACITIES if c < self.d_sae)
+    def slot_bias(self, params):
+        return encoder_bias(params, self.applies_pre_bias)
 
-    @property
-    def paths(self) -> int:
-        return len(self.capacities()) + 1
+    def dense_forward(self, params, buffers, x, y, coefficient, xw) -> Forward:
+        f = jax.nn.relu(matmul_from(xw, x, params["W_enc"]) + encoder_bias(params, self.applies_pre_bias))
+        x_hat = self.decode(params, f)
+        active = f > 0
+        counts = jnp.sum(active, axis=0, dtype=jnp.int32)
+        return l1_loss(y, x_hat, self.penalty(params, f), coefficient, buffers, counts, jnp.sum(active))
 
-    def route(self, params, buffers, x):
-        return self._plan(params, x)
-
-    def _plan(self, params, x):
-        """(the first path whose capacity holds the batch's widest row, else the dense one; (x W_enc, that
-        path's top C ReLU'd pre-activations and their indices, padded to [batch, C_max] with index −1)),
-        without gradient. The dense path skips the top-k."""
-        caps = self.capacities()
-        xw = jax.lax.stop_gradient(x @ params["W_enc"])  # the sparse step's one dense matmul
-        if not caps:
-            return jnp.int32(0), (xw, None, None)
-        bias = jax.lax.stop_gradient(encoder_bias(params, self.applies_pre_bias))
-        widest = jnp.max(jnp.sum(xw + bias > 0, axis=-1))
-        path = jnp.sum(jnp.asarray(caps) < widest).astype(jnp.int32)  # the first capacity ≥ it; len(caps): dense
-
-        def top(c):
-            def fn():
-                vals, idx = top_k_of(xw, bias, c)
-                pad = ((0, 0), (0, caps[-1] - c))
-                return jnp.pad(vals, pad), jnp.pad(idx, pad, constant_values=-1)
-
-            return fn
-
-        empty = lambda: (jnp.zeros((x.shape[0], caps[-1]), xw.dtype), jnp.full((x.shape[0], caps[-1]), -1, jnp.int32))
-        vals, idx = jax.lax.switch(path, [*(top(c) for c in caps), empty])
-        return path, (xw, vals, idx)
-
-    def forward(self, params, buffers, x, y, dead, sparsity_coefficient, route=None) -> Forward:
-        if route is None:  # outside the train step: choose here
-            path, plan = self._plan(params, x)
-            paths = [
-                partial(self._forward, params, buffers, x, y, sparsity_coefficient, plan, i) for i in range(self.paths)
-            ]
-            return jax.lax.switch(path, paths)
-        path, plan = route
-        return self._forward(params, buffers, x, y, sparsity_coefficient, plan, path)
-
-    def _forward(self, params, buffers, x, y, coefficient, plan, path: int) -> Forward:
-        caps = self.capacities()
-        xw = plan[0]
-        if path == len(caps):  # the route's x W_enc, with a matmul's gradient
-            f = jax.nn.relu(matmul_from(xw, x, params["W_enc"]) + encoder_bias(params, self.applies_pre_bias))
-            x_hat = self.decode(params, f)
-            active = f > 0
-            counts = jnp.sum(active, axis=0, dtype=jnp.int32)
-            return l1_loss(y, x_hat, self.penalty(params, f), coefficient, buffers, counts, jnp.sum(active))
-        xw, vals, idx = plan
-        kept = vals[:, : caps[path]] > 0
-        idx = jnp.where(kept, idx[:, : caps[path]], -1)  # −1: an empty slot, skipped by the kernels
-        v = jnp.where(kept, jax.nn.relu(selected_preacts(params, x, xw, idx, self.applies_pre_bias)), 0.0)
+    def sparse_forward(self, params, buffers, x, y, coefficient, xw, idx) -> Forward:
+        v = jnp.where(idx >= 0, jax.nn.relu(selected_preacts(params, x, xw, idx, self.applies_pre_bias)), 0.0)
         x_hat = decode_sparse(params, v, idx)
         counts = fire_counts_from_indices(v, idx, self.d_sae)
-        penalty = self.sparse_penalty(params, v, idx)
-        return l1_loss(y, x_hat, penalty, coefficient, buffers, counts, jnp.sum(v > 0))
+        return l1_loss(y, x_hat, self.sparse_penalty(params, v, idx), coefficient, buffers, counts, jnp.sum(v > 0))
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class ReLU(SparseReLUCode, UnitNormDecoder):
+class ReLU(ReLUCode, UnitNormDecoder):
     name = "relu"
     config = ReLUConfig
     saelens = "standard"

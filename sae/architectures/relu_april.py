@@ -7,7 +7,7 @@ dictionary_learning's StandardTrainerAprilUpdate).
 Init: W_dec rows random with norm 0.1, W_enc = W_decᵀ, biases 0. The recipe's other parts live in the
 trainer and config: inputs scaled so E‖x‖ = √d_in (`sae.normalize_activations`), λ warmed up over the
 first 5%, lr decayed linearly to 0 over the last 20%, gradient norm clipped at 1. The step is sparse once
-the code is, as ReLU's (relu.py, `SparseReLUCode`).
+the code is, as ReLU's (relu.py, `ReLUCode`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sae.architectures.base import SAE, Params, register, tied_init
-from sae.architectures.relu import ReLUConfig, SparseReLUCode
+from sae.architectures.relu import ReLUCode, ReLUConfig
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ class ReLUAprilConfig(ReLUConfig):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class ReLUApril(SparseReLUCode, SAE):
+class ReLUApril(ReLUCode, SAE):
     name = "relu_april"
     config = ReLUAprilConfig
     saelens = "standard"

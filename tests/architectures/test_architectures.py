@@ -737,22 +737,25 @@ def test_encode_decode_take_any_leading_dims_and_name_the_expected_width(name):
         sae.decode(params, f[:, :5])
 
 
-SHIFTS = {"relu": (6.0, 3.0, 0.0), "relu_april": (4.0, 2.0, -3.0)}  # b_enc shifts giving paths 0, 1, 2
+SHIFTS = {"relu": (6.0, 3.0, 0.0), "relu_april": (4.0, 2.0, -3.0), "jumprelu": (5.0, 2.0, -1.0)}  # paths 0, 1, 2
 
 
-@pytest.mark.parametrize("name", ["relu", "relu_april"])
+@pytest.mark.parametrize("name", ["relu", "relu_april", "jumprelu"])
 @pytest.mark.parametrize("want", [0, 1, 2])
-def test_relu_sparse_paths_equal_dense(name, want):
-    """ReLU codes step sparsely once they are sparse: with b_enc shifted so that the widest row holds under
-    64, under 256 or over 256 of 512 latents, the route picks capacity 64, 256 or the dense path, and each
-    path that can hold the code gives the dense path's loss, terms and every gradient."""
+def test_capacity_paths_equal_dense(name, want):
+    """ReLU and JumpReLU codes step sparsely once they are sparse: with b_enc shifted so that the widest row
+    holds under 64, under 256 or over 256 of 512 slots (ReLU: active latents; JumpReLU: z > θ − ε/2, active
+    or in the window where θ's pseudo-gradient reaches), the route picks capacity 64, 256 or the dense path,
+    and each path that can hold the code gives the dense path's loss, terms and every gradient (θ's too)."""
     sae = make_sae(dataclasses.replace(make_cfg(name), d_sae=512), D_IN)
     params = perturbed_params(sae, 7)
     params = {**params, "b_enc": params["b_enc"] - SHIFTS[name][want]}
     x = inputs(7) * 2.0
-    widest = (np_preacts(np64(params), np.asarray(x, np.float64), sae.applies_pre_bias) > 0).sum(1).max()
+    z = np_preacts(np64(params), np.asarray(x, np.float64), sae.applies_pre_bias)
+    floor = np.asarray(params["threshold"]) - BANDWIDTH / 2 if name == "jumprelu" else 0.0
+    widest = (z > floor).sum(1).max()
     assert (0 if widest < 64 else 1 if widest < 256 else 2) == want
-    path, outs, grads = _relu_paths(name)(params, x)
+    path, outs, grads = _capacity_paths(name)(params, x)
     assert int(path) == want
     dense, dense_g = outs[-1], grads[-1]
     for out, g in zip(outs[want:], grads[want:]):  # every path from the chosen one on holds the code
@@ -766,7 +769,7 @@ def test_relu_sparse_paths_equal_dense(name, want):
 
 
 @functools.cache
-def _relu_paths(name: str):
+def _capacity_paths(name: str):
     """Jitted (the chosen path, every path's forward from the chosen one on, their gradients)."""
     sae = make_sae(dataclasses.replace(make_cfg(name), d_sae=512), D_IN)
 
