@@ -737,21 +737,32 @@ def test_encode_decode_take_any_leading_dims_and_name_the_expected_width(name):
         sae.decode(params, f[:, :5])
 
 
-SHIFTS = {"relu": (6.0, 3.0, 0.0), "relu_april": (4.0, 2.0, -3.0), "jumprelu": (5.0, 2.0, -1.0)}  # paths 0, 1, 2
+# the encoder-bias shifts giving paths 0, 1, 2 (capacity 64, 256, dense) on inputs(7) · 2
+SHIFTS = {
+    "relu": (6.0, 3.0, 0.0),
+    "relu_april": (4.0, 2.0, -3.0),
+    "jumprelu": (5.0, 2.0, -1.0),
+    "gated": (6.0, 3.0, 0.0),
+}
 
 
-@pytest.mark.parametrize("name", ["relu", "relu_april", "jumprelu"])
+@pytest.mark.parametrize("name", ["relu", "relu_april", "jumprelu", "gated"])
 @pytest.mark.parametrize("want", [0, 1, 2])
 def test_capacity_paths_equal_dense(name, want):
-    """ReLU and JumpReLU codes step sparsely once they are sparse: with b_enc shifted so that the widest row
-    holds under 64, under 256 or over 256 of 512 slots (ReLU: active latents; JumpReLU: z > θ − ε/2, active
-    or in the window where θ's pseudo-gradient reaches), the route picks capacity 64, 256 or the dense path,
-    and each path that can hold the code gives the dense path's loss, terms and every gradient (θ's too)."""
+    """ReLU, JumpReLU and Gated codes step sparsely once they are sparse: with the encoder bias shifted so that
+    the widest row holds under 64, under 256 or over 256 of 512 slots (ReLU: active latents; JumpReLU:
+    z > θ − ε/2, active or in the window where θ's pseudo-gradient reaches; Gated: open gates), the route
+    picks capacity 64, 256 or the dense path, and each path that can hold the code gives the dense path's
+    loss, terms and every gradient (θ's, r_mag's and the gate's too)."""
     sae = make_sae(dataclasses.replace(make_cfg(name), d_sae=512), D_IN)
     params = perturbed_params(sae, 7)
-    params = {**params, "b_enc": params["b_enc"] - SHIFTS[name][want]}
+    bias = "b_gate" if name == "gated" else "b_enc"  # SHIFTS[name][i]: the shift giving path i
+    params = {**params, bias: params[bias] - SHIFTS[name][want]}
     x = inputs(7) * 2.0
-    z = np_preacts(np64(params), np.asarray(x, np.float64), sae.applies_pre_bias)
+    if name == "gated":
+        z = np_gated_parts(np64(params), np.asarray(x, np.float64))[0]
+    else:
+        z = np_preacts(np64(params), np.asarray(x, np.float64), sae.applies_pre_bias)
     floor = np.asarray(params["threshold"]) - BANDWIDTH / 2 if name == "jumprelu" else 0.0
     widest = (z > floor).sum(1).max()
     assert (0 if widest < 64 else 1 if widest < 256 else 2) == want
