@@ -50,12 +50,12 @@ def _number(args: dict, key: str, kind=float):
 
 def model_source(tc) -> tuple[Path, list[int]]:
     """(the model directory, the template's prefix tokens) of the store the transcoders were trained on."""
-    from sae.circuits.transcoders import _sae_dir
+    from sae.circuits.transcoders import sae_dir
     from sae.data.store import Store
     from sae.inspect.dictionary import load_dictionary, run_config
 
     hint = "give the model's directory with lm=LM_DIR"
-    data = (run_config(load_dictionary(_sae_dir(Path(tc.names[0])))).get("data")) or {}
+    data = (run_config(load_dictionary(sae_dir(Path(tc.names[0])))).get("data")) or {}
     if not data.get("path"):
         raise DataError(f"clt={tc.names[0]}: its config records no activation store to find the model by; {hint}")
     path = Path(data["path"])
@@ -93,12 +93,11 @@ def graph_of(model, tokenizer, tc, prompt: str, prefix: list[int], out: Path, op
         "edge_threshold": pruned.edge_threshold,
         "top_logit": tokenizer.decode([int(graph.logit_tokens[0])]),
         "top_prob": float(graph.logit_probs[0]),
-        "seconds": {"attribution": attributed, "total": time.perf_counter() - start},
+        "seconds": {"attribution": attributed, "total": time.perf_counter() - start},  # attribute + prune + scores
     }
     strings = [tokenizer.decode([int(t)]) for t in [*graph.prompt_tokens, *graph.logit_tokens]]
     extra = {"scores": result, "feature_browsers": feature_browsers(tc.names, out)}
     data = graph_json(graph, pruned, strings, prompt, out.name, scan, extra)
-    result["seconds"]["total"] = time.perf_counter() - start
     write_graph(out, data, result)
     return result
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sae.errors import DataError
 from sae.inspect.dictionary import CLTFeatures, is_transcoder, load_dictionary
@@ -122,7 +121,7 @@ def load_transcoders(runs: str | Path | list) -> Transcoders:
     DataError naming the run that is not a transcoder, whose layer or sites do not line up, or whose rule
     attribution cannot linearise (gated)."""
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
-    loaded = [(str(run), load_dictionary(_sae_dir(Path(run)))) for run in runs]
+    loaded = [(str(run), load_dictionary(sae_dir(Path(run)))) for run in runs]
     if len(loaded) == 1 and isinstance(loaded[0][1], CLTFeatures):
         return _from_clt(*loaded[0])
     for name, d in loaded:
@@ -133,7 +132,8 @@ def load_transcoders(runs: str | Path | list) -> Transcoders:
     return _from_layers(loaded)
 
 
-def _sae_dir(run: Path) -> Path:
+def sae_dir(run: Path) -> Path:
+    """RUN/sae where a run holds one (sae-train output), else RUN itself (an exported dictionary)."""
     return run / "sae" if (run / "sae").is_dir() else run
 
 
@@ -201,11 +201,6 @@ def _from_layers(loaded: list) -> Transcoders:
         output_sites=tuple(y for _, y in sites),
         names=tuple(names),
     )
-
-
-def feature_ids(active: np.ndarray, n_features: int) -> np.ndarray:
-    """(layer, position, feature) rows [n, 3] -> layer-major ids ℓ·F + i, the numbering sae-inspect uses."""
-    return active[:, 0] * n_features + active[:, 2]
 
 
 def random_transcoders(
