@@ -10,7 +10,9 @@ of random unit rows, b_enc 0) exported as `sae-train` would, with `data=cached` 
 runs `inspect_run` on all rows and prints ONE JSON object: machine (cpu_count, load_avg_before), config, rows,
 stats_s (the streamed jitted pass, compilation included), context_s (the second pass encoding the example
 contexts; absent with --no-tokens), total_s (stats through neighbours, plots and the browser files),
-rows_per_s (rows / stats_s), site_bytes."""
+rows_per_s (rows / stats_s), site_bytes, and, timed on one batch held in memory in the same run (best of
+--reps, after compilation): step_rows_per_s (the statistics step alone) against train_forward_rows_per_s (the
+TopK training forward: encode, decode and loss) and the step's time over the forward's, step_over_forward."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sae.architectures import make_sae
@@ -30,6 +33,8 @@ from sae.architectures.topk import TopKConfig
 from sae.data.store import Store, StoreWriter
 from sae.export import export_sae
 from sae.inspect import inspect_run
+from sae.inspect.dictionary import load_dictionary
+from sae.inspect.stats import float_bins, init_state, make_step
 
 
 def make_store(path: Path, rows: int, d_in: int, seq: int, vocab: int, tokens: bool, chunk: int = 65536) -> None:
@@ -58,6 +63,44 @@ def make_run(path: Path, store: Path, d_in: int, d_sae: int, k: int) -> None:
     )
 
 
+def best_seconds(fns: list, reps: int) -> list[float]:
+    """The fastest of `reps` calls of each fn (jitted; blocked on), after one warm-up call each, the calls
+    interleaved so that both see the same load."""
+    for fn in fns:
+        jax.block_until_ready(fn())
+    best = [float("inf")] * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
+def step_against_forward(run: Path, d_in: int, d_sae: int, k: int, batch: int, reps: int) -> dict:
+    """Rows/s of the statistics step and of the TopK training forward on one in-memory batch."""
+    sae = load_dictionary(run / "sae")
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, d_in), dtype=np.float32))
+    _, _, n_bins, _ = float_bins(4, 2.0**-14, 2.0**10)
+    step = make_step(sae, batch, 4, 2.0**-14, 2.0**10, 16, 16, 4, 0)
+    state = [init_state(d_sae, n_bins, 16, 16)]
+
+    def stats():
+        state[0], floor = step(sae.params, state[0], x, jnp.int32(0), jnp.int32(batch))
+        return floor
+
+    model = make_sae(TopKConfig(d_sae=d_sae, k=k), d_in)
+    params = {name: sae.params[name] for name in model.init_params(jax.random.PRNGKey(0), np.zeros(d_in, np.float32))}
+    dead = jnp.zeros(d_sae, bool)
+    forward = jax.jit(lambda p, x: model.forward(p, {}, x, x, dead, jnp.float32(0.0)).loss)
+    step_s, forward_s = best_seconds([stats, lambda: forward(params, x)], reps)
+    return {
+        "step_rows_per_s": round(batch / step_s),
+        "train_forward_rows_per_s": round(batch / forward_s),
+        "step_over_forward": round(step_s / forward_s, 3),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -68,6 +111,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=50_000)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--no-tokens", action="store_true")
+    p.add_argument("--reps", type=int, default=5, help="timed calls of the in-memory step and forward")
     p.add_argument("--dir", default=None, help="where the store and run go, kept (default: a temporary directory)")
     args = p.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-inspect-"))
@@ -93,6 +137,7 @@ def main() -> None:
         "site_bytes": sum(f.stat().st_size for f in site.rglob("*.js")) + (site / "index.html").stat().st_size,
         "dead": len(insp.dead),
         "mean_l0": float((insp.l0[0] * insp.l0[1]).sum() / insp.n_rows),
+        **step_against_forward(run, args.d_in, args.d_sae, args.k, args.batch, args.reps),
     }
     print(json.dumps(result))
     if args.dir is None:

@@ -71,3 +71,15 @@ def test_benchmark_attribution_prints_one_json_line_per_length():
     assert line["median_over_first"] == 1.0
     assert isinstance(line["backend"], str) and len(line["devices"]) >= 1
     assert line["loadavg"] is None or len(line["loadavg"]) == 3
+
+
+@pytest.mark.slow
+def test_benchmark_inspect_reports_the_step_against_the_training_forward():
+    args = ["--rows", "2048", "--d-in", "16", "--d-sae", "64", "--k", "4", "--batch", "512", "--no-tokens"]
+    script = str(Path(ROOT) / "scripts" / "benchmark_inspect.py")
+    out = subprocess.run([sys.executable, script, *args, "--reps", "2"], capture_output=True, text=True, check=True)
+    (line,) = [json.loads(text) for text in out.stdout.splitlines() if text.startswith("{")]
+    assert line["rows"] == 2048 and line["mean_l0"] == 4.0
+    assert line["step_rows_per_s"] > 0 and line["train_forward_rows_per_s"] > 0
+    ratio = line["train_forward_rows_per_s"] / line["step_rows_per_s"]
+    assert abs(line["step_over_forward"] - ratio) < 0.01 * ratio

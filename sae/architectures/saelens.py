@@ -67,12 +67,18 @@ def activate(arch: str, s: jax.Array, latent: dict[str, jax.Array], floor: jax.A
 
 def encode(arch: str, params: dict[str, jax.Array], x: jax.Array, pre_bias: bool, k: int = 0) -> jax.Array:
     """x: [batch, d_in] -> f: [batch, d_sae] by the architecture's rule (k: TopK's k)."""
+    if arch == "topk":
+        vals, idx = topk_code(params, x, pre_bias, k)
+        return scatter_dense(vals, idx, params["W_enc"].shape[-1])
     xw = x @ params["W_enc"]
     b_dec_w = params["b_dec"] @ params["W_enc"] if pre_bias else 0.0
     if arch == "gated":
         return activate(arch, xw - b_dec_w, params)
-    bias = params["b_enc"] - b_dec_w  # the pre-bias folded into b_enc: [d_sae]
-    if arch == "topk":
-        vals, idx = top_k_of(xw, bias, k)
-        return scatter_dense(vals, idx, xw.shape[-1])
-    return activate(arch, xw, {**params, "b_enc": bias})
+    return activate(arch, xw, {**params, "b_enc": params["b_enc"] - b_dec_w})  # the pre-bias folded into b_enc
+
+
+def topk_code(params: dict[str, jax.Array], x: jax.Array, pre_bias: bool, k: int) -> tuple[jax.Array, jax.Array]:
+    """The TopK rule's code without its zeros: x [batch, d_in] -> (values descending, latent indices)
+    [batch, k], by the CPU top-k kernel where it runs (one read of x W_enc)."""
+    b_dec_w = params["b_dec"] @ params["W_enc"] if pre_bias else 0.0
+    return top_k_of(x @ params["W_enc"], params["b_enc"] - b_dec_w, k)

@@ -28,7 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae.inspect.dictionary import Dictionary, topk_layers
+from sae.architectures import saelens
+from sae.architectures.capacity import CAPACITIES
+from sae.architectures.sparse import top_k_of
+from sae.inspect.dictionary import CLTFeatures, Dictionary, topk_layers
 
 
 class StatsState(NamedTuple):
@@ -127,6 +130,28 @@ def row_floor(f: jax.Array, layers: int, k: int) -> jax.Array:
     return jnp.where(jnp.sum(active, axis=-1) >= k, jnp.min(jnp.where(active, by_layer, jnp.inf), axis=-1), 0.0)
 
 
+def per_feature_top(score: jax.Array, feat: jax.Array, payloads: tuple, d_sae: int, k: int, fills: tuple):
+    """Each feature's k highest-scoring entries of a sparse list: score, feat, payloads [E] (feat = d_sae: no
+    feature; scores > −∞) -> (score [d_sae, k], *payloads [d_sae, k]), highest first, ties to the earlier
+    entry; slots past a feature's count hold `fills` (score's first). k rounds of a scatter-max (each
+    feature's best remaining score) and a scatter-min (the first entry holding it, then taken): O(k·E), about
+    a third of a sort of the E entries on a CPU."""
+    n = score.shape[0]
+    entry = jnp.arange(n, dtype=jnp.int32)
+    inside, safe = feat < d_sae, jnp.minimum(feat, d_sae - 1)
+
+    def take_best(s, _):
+        best = jnp.full(d_sae, -jnp.inf, s.dtype).at[feat].max(s, mode="drop")
+        holds = inside & (s == best[safe]) & (s > -jnp.inf)
+        first = jnp.full(d_sae, n, jnp.int32).at[feat].min(jnp.where(holds, entry, n), mode="drop")  # n: none
+        found, at = first < n, jnp.minimum(first, n - 1)
+        picked = [best, *(p[at] for p in payloads)]
+        return s.at[first].set(-jnp.inf, mode="drop"), tuple(jnp.where(found, a, f) for a, f in zip(picked, fills))
+
+    _, top = jax.lax.scan(take_best, score, None, length=k)
+    return tuple(t.T for t in top)
+
+
 def make_step(
     sae: Dictionary,
     batch_size: int,
@@ -137,39 +162,72 @@ def make_step(
     n_random: int,
     random_stride: int,
     seed: int,
+    capacities: tuple[int, ...] = CAPACITIES,
 ) -> Callable:
     """step(params, state, x [batch_size, d_in], first_row, n_valid) -> (state, floor [batch_size, layers]),
     jitted with the state donated (a CLT's x [batch_size, L, d_in]). floor: each row's smallest active value
     per layer when the layer has k active latents (TopK), else 0, so that latent j is active on the row iff its
-    pre-activation reaches its layer's floor (see examples.py); an SAE has one layer."""
+    pre-activation reaches its layer's floor (see examples.py); an SAE has one layer.
+
+    The statistics are folded from the sparse code, (values, latents) [batch_size, C] (`fold_sparse`): a TopK
+    SAE's is its top-k (the CPU kernel, never the dense f); another dictionary's f is compacted into the first
+    of `capacities` that holds its widest row (a top-C), and a batch no capacity holds is folded from f itself
+    (`fold_dense`). Both folds give the same state (tests/inspect)."""
     shift, first_code, n_bins, _ = float_bins(bins_per_octave, hist_min, hist_max)
     d_sae = sae.d_sae
     layers, k = topk_layers(sae)
     n_sampled = batch_size // random_stride
     top_group, random_group = group_size(batch_size, top_k), group_size(n_sampled, n_random)
+    topk_sae = not isinstance(sae, CLTFeatures) and sae.rule == "topk"
+    caps = tuple(c for c in capacities if c < d_sae)
 
-    @partial(jax.jit, donate_argnums=1)
-    def step(params, state: StatsState, x: jax.Array, first_row: jax.Array, n_valid: jax.Array):
-        f = dataclasses.replace(sae, params=params).encode(x.astype(jnp.float32))  # [batch, d_sae]
-        valid = jnp.arange(batch_size) < n_valid
-        f = jnp.where(valid[:, None], f, 0.0)
+    def bin_of(v: jax.Array) -> jax.Array:
+        return jnp.clip((jax.lax.bitcast_convert_type(v, jnp.int32) >> shift) - first_code, 0, n_bins - 1)
+
+    def merge_random(state, new_priority, new_values, new_rows):
+        both_p = jnp.concatenate([state.random_priority, new_priority], axis=1)
+        keep_p, keep = jax.lax.top_k(both_p, n_random)
+        pick = lambda old, new: jnp.take_along_axis(jnp.concatenate([old, new], axis=1), keep, axis=1)
+        return keep_p, pick(state.random_values, new_values), pick(state.random_rows, new_rows)
+
+    def fold_sparse(state: StatsState, vals: jax.Array, idx: jax.Array, rows: jax.Array, valid: jax.Array):
+        """vals, idx [batch, C]: each row's active values and their latents (vals ≤ 0: an empty slot)."""
+        width = vals.shape[1]
+        active = vals > 0
+        feat = jnp.where(active, idx, d_sae).reshape(-1)  # [batch·C], d_sae: no latent
+        v = vals.reshape(-1)
+        top = per_feature_top(v, feat, (jnp.repeat(rows, width),), d_sae, top_k, (0.0, -1))
+        feat_s = feat.reshape(batch_size, width)[::random_stride].reshape(-1)
+        rows_s = jnp.repeat(rows[::random_stride], width)
+        priority = hash_priority(rows_s, feat_s, seed)
+        v_s = vals[::random_stride].reshape(-1)
+        random = per_feature_top(priority, feat_s, (v_s, rows_s), d_sae, n_random, (-1.0, 0.0, -1))
+        l0 = jnp.where(valid, jnp.sum(active, axis=1), d_sae + 1)
+        kept = _merge(state.top_values, state.top_rows, *top, top_k)
+        return StatsState(
+            fires=state.fires.at[feat].add(1, mode="drop"),
+            total=state.total.at[feat].add(v, mode="drop"),
+            max=jnp.maximum(state.max, top[0][:, 0]),
+            hist=state.hist.at[feat, bin_of(v)].add(1, mode="drop"),
+            l0_hist=state.l0_hist.at[l0].add(1, mode="drop"),
+            top_values=kept[0],
+            top_rows=kept[1],
+            **dict(zip(("random_priority", "random_values", "random_rows"), merge_random(state, *random))),
+        )
+
+    def fold_dense(state: StatsState, f: jax.Array, rows: jax.Array, valid: jax.Array):
+        """f [batch, d_sae], the dense code (zero on rows past n_valid)."""
         active = f > 0
-        code = jax.lax.bitcast_convert_type(f, jnp.int32) >> shift
-        bins = jnp.where(active, jnp.clip(code - first_code, 0, n_bins - 1), n_bins)
+        bins = jnp.where(active, bin_of(f), n_bins)
         flat = bins + (n_bins + 1) * jnp.arange(d_sae, dtype=jnp.int32)
         hist = jnp.bincount(flat.reshape(-1), length=d_sae * (n_bins + 1)).reshape(d_sae, n_bins + 1)
         l0 = jnp.where(valid, jnp.sum(active, axis=1), d_sae + 1)
-        floor = row_floor(f, layers, k)
-        rows = first_row + jnp.arange(batch_size, dtype=jnp.int32)
         top_values, at = column_top_k(f, top_k, top_group)
         top = _merge(state.top_values, state.top_rows, top_values, rows[at], top_k)
         f_s, rows_s = f[::random_stride], rows[::random_stride]  # [batch / stride, d_sae]
         priority = jnp.where(f_s > 0, hash_priority(rows_s[:, None], jnp.arange(d_sae)[None, :], seed), -1.0)
         new_priority, at = column_top_k(priority, n_random, random_group)
-        new_values = jnp.take_along_axis(f_s.T, at, axis=1)
-        both_p = jnp.concatenate([state.random_priority, new_priority], axis=1)
-        keep_p, keep = jax.lax.top_k(both_p, n_random)
-        pick = lambda old, new: jnp.take_along_axis(jnp.concatenate([old, new], axis=1), keep, axis=1)
+        random = merge_random(state, new_priority, jnp.take_along_axis(f_s.T, at, axis=1), rows_s[at])
         # Each pass over f [batch, d_sae] costs about as much as the encoder on a CPU, so column statistics
         # come from what is computed anyway: fires from the histogram, the maximum from the top-k; the sum
         # is a matrix-vector product.
@@ -181,10 +239,32 @@ def make_step(
             l0_hist=state.l0_hist + jnp.bincount(l0, length=d_sae + 1).astype(jnp.int32),
             top_values=top[0],
             top_rows=top[1],
-            random_priority=keep_p,
-            random_values=pick(state.random_values, new_values),
-            random_rows=pick(state.random_rows, rows_s[at]),
-        ), floor
+            **dict(zip(("random_priority", "random_values", "random_rows"), random)),
+        )
+
+    def fold_compacted(c: int):
+        def fold(state, f, rows, valid):
+            vals, idx = top_k_of(f, jnp.zeros(d_sae, f.dtype), c)
+            return fold_sparse(state, vals, idx, rows, valid)
+
+        return fold
+
+    @partial(jax.jit, donate_argnums=1)
+    def step(params, state: StatsState, x: jax.Array, first_row: jax.Array, n_valid: jax.Array):
+        x = x.astype(jnp.float32)
+        valid = jnp.arange(batch_size) < n_valid
+        rows = first_row + jnp.arange(batch_size, dtype=jnp.int32)
+        if topk_sae:
+            vals, idx = saelens.topk_code(params, x, bool(sae.cfg["apply_b_dec_to_input"]), k)
+            vals = jnp.where(valid[:, None], vals, 0.0)
+            floor = jnp.where(vals[:, k - 1 :] > 0, vals[:, k - 1 :], 0.0)  # [batch, 1]: the k-th value
+            return fold_sparse(state, vals, idx, rows, valid), floor
+        f = dataclasses.replace(sae, params=params).encode(x)  # [batch, d_sae]
+        f = jnp.where(valid[:, None], f, 0.0)
+        widest = jnp.max(jnp.sum(f > 0, axis=1))
+        path = jnp.sum(jnp.asarray(caps, jnp.int32) < widest) if caps else jnp.int32(0)
+        folds = [*(fold_compacted(c) for c in caps), fold_dense]
+        return jax.lax.switch(path, folds, state, f, rows, valid), row_floor(f, layers, k)
 
     return step
 
@@ -201,17 +281,21 @@ def accumulate(
     random_stride: int = 4,
     seed: int = 0,
     progress: Callable[[int], object] | None = None,
+    capacities: tuple[int, ...] = CAPACITIES,
 ) -> dict[str, np.ndarray]:
     """Statistics of the dictionary's latents over `batches` of (first row, x [≤ batch_size, d_in]; a CLT's
     [≤ batch_size, L, d_in]) as NumPy arrays.
 
     Returns the StatsState fields plus `n_rows`, `hist_edges` and `row_floor` [n_rows, layers] (TopK's per-row
     activation floor, see make_step); unused top/random slots (features that fired on fewer rows) have row
-    −1 and value 0, and random slots are sorted by value, highest first.
+    −1 and value 0, and random slots are sorted by value, highest first. capacities: the widths a dense code
+    is compacted to (make_step); () folds every batch densely.
     """
     d_sae = sae.d_sae
     top_k, n_random = min(top_k, batch_size), min(n_random, batch_size // random_stride)
-    step = make_step(sae, batch_size, bins_per_octave, hist_min, hist_max, top_k, n_random, random_stride, seed)
+    step = make_step(
+        sae, batch_size, bins_per_octave, hist_min, hist_max, top_k, n_random, random_stride, seed, capacities
+    )
     _, _, n_bins, edges = float_bins(bins_per_octave, hist_min, hist_max)
     state = init_state(d_sae, n_bins, top_k, n_random)
     n_rows, floors = 0, []

@@ -23,7 +23,7 @@ from sae.data.synthetic import SyntheticBatches
 from sae.export import LoadedSAE, load_sae
 from sae.inspect import inspect_run, load
 from sae.inspect.examples import context_rows, latent_values
-from sae.inspect.stats import column_top_k, float_bins, group_size, hash_priority
+from sae.inspect.stats import accumulate, column_top_k, float_bins, group_size, hash_priority
 from sae.training import train
 
 SCRIPT = str(Path(ROOT) / "scripts" / "inspect_features.py")
@@ -190,6 +190,37 @@ def test_latent_values_match_full_encode(arch):
     rows, feats = np.repeat(np.arange(n), d_sae), np.tile(np.arange(d_sae), n)
     got = np.asarray(latent_values(sae)(sae.params, x[rows], feats, floor[rows]))
     np.testing.assert_allclose(got.reshape(n, d_sae), f, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated"])
+def test_sparse_folds_equal_the_dense_fold(arch):
+    """The statistics step folds a code compacted to 64 or 256 slots per row, or f itself when its widest row
+    has more (batches here take all three), and every statistic equals the fold of f alone (capacities=())."""
+    rng = np.random.default_rng(2)
+    d_in, d_sae, batch = 8, 300, 128
+    names = {"standard": ["b_enc"], "jumprelu": ["b_enc", "threshold"], "gated": ["b_gate", "r_mag", "b_mag"]}[arch]
+    params = {"W_enc": rng.normal(size=(d_in, d_sae)), "W_dec": rng.normal(size=(d_sae, d_in)), "b_dec": np.zeros(d_in)}
+    params |= {k: rng.normal(size=d_sae) * 0.1 for k in names}
+    params["W_enc"][0] = np.abs(params["W_enc"][0]) + 0.5  # x_0 ≫ 0 opens every latent
+    params["b_gate" if arch == "gated" else "b_enc"] -= 4.0
+    if arch == "jumprelu":
+        params["threshold"] = np.abs(params["threshold"])
+    cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": False}
+    sae = LoadedSAE(arch, {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, cfg)
+    # widest rows under 64, under 256, over 256 of 300 slots; a partial batch
+    x = [rng.normal(size=(n, d_in)).astype(np.float32) * s for n, s in ((batch, 0.5), (batch, 1), (batch, 1), (50, 1))]
+    x[2][:, 0] += 10.0
+    widest = [int((np.asarray(sae.encode(jnp.asarray(b))) > 0).sum(1).max()) for b in x]
+    assert widest[0] < 64 <= widest[1] < 256 <= widest[2], widest
+    batches = lambda: ((i * batch, b) for i, b in enumerate(x))
+    kw = {"top_k": 8, "n_random": 8, "random_stride": 4}
+    got, want = accumulate(sae, batches(), batch, **kw), accumulate(sae, batches(), batch, capacities=(), **kw)
+    for key in want:
+        if key == "total":
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert want["fires"].sum() > 0 and (want["top_rows"] >= 0).any() and (want["random_rows"] >= 0).any()
 
 
 def test_context_rows_respect_sequences():
