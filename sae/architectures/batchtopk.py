@@ -137,7 +137,7 @@ class BatchTopK(UnitNormDecoder):
         return tied_init(key, self.d_sae, self.d_in, b_dec)
 
     def init_buffers(self):
-        return {"threshold": jnp.array(-1.0)}
+        return {"threshold": jnp.array(-1.0, jnp.float32)}  # strongly typed, as the step returns it
 
     def inference_params(self, params, buffers):
         """r · 1[r > θ] with r = ReLU(z) is SAELens's ReLU(z) · 1[z > θ] for θ ≥ 0, and ReLU(z) for θ < 0 (the

@@ -117,8 +117,10 @@ class JumpReLU(CapacityRoute, UnitNormDecoder):
         return {**params, "threshold": jnp.full((self.d_sae,), self.cfg.threshold_init)}
 
     def slot_bias(self, params):
-        """z − (θ − ε/2) > 0: active, or within the pseudo-gradient's window below θ."""
-        return params["b_enc"] - params["threshold"] + 0.5 * self.cfg.bandwidth
+        """z − (θ − ε/2 − ε/128) > 0: active, or within the pseudo-gradient's window below θ. The window's test
+        |z − θ| / ε < ½ rounds otherwise than this sum, so the slots reach ε/128 past the window's edge: an
+        entry there may take a slot and contributes nothing, none inside is left out."""
+        return params["b_enc"] - params["threshold"] + (0.5 + 1 / 128) * self.cfg.bandwidth
 
     def dense_forward(self, params, buffers, x, y, coefficient, xw) -> Forward:
         z = matmul_from(xw, x, params["W_enc"]) + params["b_enc"]  # the route's x W_enc, a matmul's gradient
