@@ -25,8 +25,7 @@ from sae import parallel
 from sae.architectures import FAMILIES, make_sae
 from sae.architectures.topk import TopKConfig
 from sae.config import MeshConfig, OptimConfig
-from sae.training.optimizer import make_optimizer
-from sae.training.step import init_state, make_sweep_step, make_train_step, pure_train_step
+from sae.training.step import init_state, make_optimizer, make_sweep_step, make_train_step, pure_train_step
 
 
 def interleaved_medians(fns, repeats: int) -> list[float]:

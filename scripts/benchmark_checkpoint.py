@@ -26,8 +26,7 @@ from sae.architectures.topk import TopKConfig
 from sae.checkpoint import Checkpointer
 from sae.config import CheckpointConfig, OptimConfig
 from sae.training.loop import Hooks, run_steps
-from sae.training.optimizer import make_optimizer
-from sae.training.step import init_state, make_train_step
+from sae.training.step import init_state, make_optimizer, make_train_step
 
 
 def main() -> None:

@@ -20,8 +20,7 @@ from benchmark import interleaved_medians
 from sae.architectures import make_sae
 from sae.architectures.clt import CLTConfig
 from sae.config import OptimConfig
-from sae.training.optimizer import make_optimizer
-from sae.training.step import init_state, make_train_step
+from sae.training.step import init_state, make_optimizer, make_train_step
 
 
 def benchmark(n_layers: int, activation: str, d_model: int, features: int, batch: int, k: int, steps: int) -> dict:

@@ -31,8 +31,7 @@ from sae.architectures import make_sae
 from sae.architectures import FAMILIES
 from sae.architectures.topk import TopKConfig
 from sae.config import MeshConfig, OptimConfig
-from sae.training.optimizer import make_optimizer
-from sae.training.step import init_state, make_train_step
+from sae.training.step import init_state, make_optimizer, make_train_step
 from sae.parallel import make_mesh, state_shardings, batch_sharding, replicated
 
 D_IN, D_SAE, BATCH, STEPS = 16, 64, 64, 4

@@ -28,7 +28,7 @@ from sae.outputs import records_up_to, replaced_dir, write_atomic
 from sae.progress import duration, si
 from sae.training.geometric_median import geometric_median
 from sae.training.loop import Hooks, scratch_dir
-from sae.training.optimizer import make_optimizer
+from sae.training.step import make_optimizer
 
 
 class ProgressLog:

@@ -1,4 +1,4 @@
-"""The train step: one jitted, state-donating call (loss → grads → Adam, one pass → constraint)."""
+"""The train step: one jitted, state-donating call (loss → grads → optax update → constraint)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import optax
 from sae.architectures import SAE, Params
 from sae.architectures.base import pair
 from sae.architectures.sparse import latent_sharded_top_k, per_device_code
-from sae.training.optimizer import Optimizer
-from sae.training.schedules import sparsity_warmup
+from sae.config import OptimConfig
+from sae.training.schedules import lr_schedule, sparsity_warmup
 
 # Saturate the dead-latent counters here so int32 never overflows on long runs.
 _COUNTER_CAP = 2**30
@@ -38,7 +38,16 @@ class TrainState(NamedTuple):
     input_scale: jax.Array
 
 
-def init_state(sae: SAE, params: Params, tx: Optimizer, input_scale: float) -> TrainState:
+def make_optimizer(cfg: OptimConfig, lr: float, n_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Adam with the lr schedule, after global-norm clipping when cfg.grad_clip is set."""
+    schedule = lr_schedule(lr, n_steps, cfg.warmup_fraction, cfg.decay_fraction)
+    adam = optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
+    if cfg.grad_clip is None:
+        return adam, schedule
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam), schedule
+
+
+def init_state(sae: SAE, params: Params, tx: optax.GradientTransformation, input_scale: float) -> TrainState:
     return TrainState(
         params=params,
         opt_state=tx.init(params),
@@ -57,7 +66,7 @@ def fraction_of_variance_unexplained(y: jax.Array, y_hat: jax.Array) -> jax.Arra
 
 def pure_train_step(
     sae: SAE,
-    tx: Optimizer,
+    tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     n_steps: int,
     sparsity_warmup_fraction: float,
@@ -108,8 +117,8 @@ def pure_train_step(
             (loss, (out, skip)), grads = jax.lax.switch(choice, [path(i) for i in range(sae.paths)], state.params)
             path_metrics = {"step_path": choice.astype(f32)}
         grads = sae.project_grads(state.params, grads)
-        params, opt_state = tx.apply(grads, state.opt_state, state.params)
-        params = sae.post_update(params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = sae.post_update(optax.apply_updates(state.params, updates))
         since = jnp.where(out.fire_counts > 0, 0, jnp.minimum(state.tokens_since_fired + x.shape[0], _COUNTER_CAP))
         counts = state.fire_counts + out.fire_counts.astype(jnp.uint32)
         new_state = TrainState(params, opt_state, out.buffers, since, counts, state.step + 1, state.input_scale)
@@ -130,7 +139,7 @@ def pure_train_step(
 
 def make_train_step(
     sae: SAE,
-    tx: Optimizer,
+    tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     n_steps: int,
     sparsity_warmup_fraction: float,

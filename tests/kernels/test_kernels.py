@@ -19,8 +19,7 @@ from sae.architectures.batchtopk import BatchTopKConfig
 from sae.architectures.sparse import _gather_sum_bwd, _scatter_columns, gather_sum, top_k_of
 from sae.architectures.topk import TopKConfig
 from sae.config import OptimConfig
-from sae.training.optimizer import make_optimizer
-from sae.training.step import init_state, make_train_step
+from sae.training.step import init_state, make_optimizer, make_train_step
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler: the XLA ops run instead")
 

@@ -13,8 +13,7 @@ import pytest
 from sae.architectures import FAMILIES, make_sae
 from sae.architectures.batchtopk import DENSE, SPARSE, SPARSE_AND_ROWS
 from sae.config import OptimConfig
-from sae.training.optimizer import make_optimizer
-from sae.training.step import init_state, make_train_step
+from sae.training.step import init_state, make_optimizer, make_train_step
 
 D, BATCH, STEPS = 16, 128, 3
 

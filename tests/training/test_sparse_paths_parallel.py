@@ -30,8 +30,7 @@ from sae.architectures.batchtopk import SPARSE, SPARSE_AND_ROWS
 from sae.architectures.capacity import CapacityRoute
 from sae.architectures.topk import TopK
 from sae.config import MeshConfig, OptimConfig
-from sae.training.optimizer import make_optimizer
-from sae.training.step import init_state, make_sweep_step, make_train_step, pure_train_step
+from sae.training.step import init_state, make_optimizer, make_sweep_step, make_train_step, pure_train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 D_IN, D_SAE, BATCH, STEPS = 16, 512, 64, 3

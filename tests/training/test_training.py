@@ -15,9 +15,8 @@ from sae.data.synthetic import SyntheticBatches
 from sae.export import load_sae
 from sae.training import train
 from sae.training.geometric_median import geometric_median
-from sae.training.optimizer import make_optimizer
 from sae.training.schedules import lr_schedule, sparsity_warmup
-from sae.training.step import init_state, make_train_step
+from sae.training.step import init_state, make_optimizer, make_train_step
 
 # Test-sized budgets (seconds each) that the families reach MMCS ≥ 0.9 with.
 RECOVERY_RUNS = {

@@ -10,8 +10,7 @@ import pytest
 
 from sae.architectures import FAMILIES, make_sae
 from sae.config import OptimConfig
-from sae.training.optimizer import make_optimizer
-from sae.training.step import init_state, make_train_step
+from sae.training.step import init_state, make_optimizer, make_train_step
 
 D, D_OUT, STEPS, BATCH = 12, 8, 4, 64
 PER_LAYER = [name for name, family in FAMILIES.items() if not family.cross_layer]
