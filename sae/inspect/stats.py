@@ -1,7 +1,8 @@
 """Streaming feature statistics: one jitted step per batch of rows, state a fixed-size pytree.
 
-Per batch x [batch, d_in] (a CLT's [batch, L, d_in]) the dictionary's inference rule gives f [batch, d_sae]
-(sae/inspect/dictionary.py) and the step folds into the state, without keeping f:
+Per batch x [batch, d_in] (a CLT's [batch, L, d_in]) the dictionary's inference rule gives its code
+(sae/inspect/dictionary.py): a TopK SAE's top-k, another's f [batch, d_sae] compacted to a few slots per row
+where it fits (`make_step`), and the step folds it into the state, without keeping it:
 - `fires`, `total`, `max` [d_sae]: rows where f > 0, the sum of f and its maximum;
 - `hist` [d_sae, n_bins + 1]: counts of f in log-spaced bins (each octave split in `bins_per_octave`
   equal parts, read off the float32 bits, no logarithm) over about [hist_min, hist_max]; values outside
@@ -9,7 +10,8 @@ Per batch x [batch, d_in] (a CLT's [batch, L, d_in]) the dictionary's inference 
 - `l0_hist` [d_sae + 1]: rows by their number of active latents;
 - `top_values`, `top_rows` [d_sae, top_k]: each feature's top_k activations over all rows seen and
   their global row indices, kept by a merge: top_k(concat(state, top_k of this batch)), the batch's
-  top_k found exactly from a few row groups (`column_top_k`) rather than by a top_k over every row;
+  top_k found exactly from the code's entries (`per_feature_top`; from a dense f, from a few row groups:
+  `column_top_k`);
 - `random_*` [d_sae, n_random]: a uniform sample of each feature's firing positions among every
   `random_stride`-th row, by bottom-k priority sampling: each (row, feature) gets a hash priority of
   its global row and feature, and the n_random highest among firing positions are kept. The sample
