@@ -11,9 +11,10 @@ row, inspected through the compacted code) exported as `sae-train` would, with `
 runs `inspect_run` on all rows and prints ONE JSON object: machine (cpu_count, load_avg_before), config, rows,
 stats_s (the streamed jitted pass, compilation included), context_s (the second pass encoding the example
 contexts; absent with --no-tokens), total_s (stats through neighbours, plots and the browser files),
-rows_per_s (rows / stats_s), site_bytes, and, timed on one batch held in memory in the same run (best of
---reps, after compilation): step_rows_per_s (the statistics step alone) against train_forward_rows_per_s (the
-family's training forward: encode, decode and loss) and the step's time over the forward's, step_over_forward."""
+rows_per_s (rows / stats_s), site_bytes, and, timed on one batch held in memory in the same run (medians of
+--reps calls in alternation, after compilation): step_rows_per_s (the statistics step alone) against
+train_forward_rows_per_s (the family's training forward: encode, decode and loss) and the step's time over the
+forward's, step_over_forward."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from benchmark import sparse_state  # scripts/benchmark.py
+from benchmark import interleaved_medians, sparse_state  # scripts/benchmark.py
 
 from sae.architectures import FAMILIES, make_sae
 from sae.architectures.topk import TopKConfig
@@ -77,20 +78,6 @@ def make_run(path: Path, store: Path, arch: str, d_in: int, d_sae: int, k: int) 
     )
 
 
-def best_seconds(fns: list, reps: int) -> list[float]:
-    """The fastest of `reps` calls of each fn (jitted; blocked on), after one warm-up call each, the calls
-    interleaved so that both see the same load."""
-    for fn in fns:
-        jax.block_until_ready(fn())
-    best = [float("inf")] * len(fns)
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            best[i] = min(best[i], time.perf_counter() - t)
-    return best
-
-
 def step_against_forward(run: Path, store: Path, arch: str, k: int, batch: int, reps: int) -> dict:
     """Rows/s of the statistics step and of the family's training forward (encode, decode, loss: JumpReLU's
     on its sparse path where the code fits) on one batch of the store held in memory."""
@@ -110,7 +97,7 @@ def step_against_forward(run: Path, store: Path, arch: str, k: int, batch: int, 
     dead = jnp.zeros(d_sae, bool)
     coefficient = jnp.float32(model.sparsity_coefficient)
     forward = jax.jit(lambda p, x: model.forward(p, {}, x, x, dead, coefficient).loss)
-    step_s, forward_s = best_seconds([stats, lambda: forward(params, x)], reps)
+    step_s, forward_s = interleaved_medians([stats, lambda: forward(params, x)], reps)
     return {
         "step_rows_per_s": round(batch / step_s),
         "train_forward_rows_per_s": round(batch / forward_s),
